@@ -1,0 +1,42 @@
+"""mlx-safesig: LLM safety alignment with explicit safety signals (Li & Kim, ICML 2025) on MLX.
+
+    from mlx_safesig import load, generate, stream_generate, score, SafetyConfig
+    model, tokenizer = load("path/to/safety-model")
+    p = score(model, tokenizer, [{"role": "user", "content": "..."}])   # p(malicious)
+    text = generate(model, tokenizer, messages, safety=SafetyConfig(schedule="each"))
+
+The [CLS] token and head live in ``model.py``, the strategic attention masks in ``attention.py``,
+the decoding rules in ``decoding.py``, the generation loop in ``generate.py``.
+"""
+
+from ._blas import preload_openblas
+
+preload_openblas()  # before anything imports mlx: the Linux wheel's reference BLAS is slow
+
+from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor  # noqa: E402
+from .generate import (  # noqa: E402
+    GenerationResult,
+    SafetySignal,
+    generate,
+    prepare_prompt,
+    score,
+    stream_generate,
+)
+from .loading import load  # noqa: E402
+from .model import Model, ModelArgs, SafesigError  # noqa: E402
+
+__all__ = [
+    "load",
+    "generate",
+    "stream_generate",
+    "score",
+    "SafetyConfig",
+    "SafetyEvent",
+    "SafetyMonitor",
+    "SafetySignal",
+    "GenerationResult",
+    "prepare_prompt",
+    "Model",
+    "ModelArgs",
+    "SafesigError",
+]

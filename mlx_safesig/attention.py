@@ -1,0 +1,98 @@
+"""The strategic attention of the method (SPEC §3): mask building, RoPE at explicit positions, SDPA.
+
+Masks are boolean arrays, True = may attend, shaped ``[L, K]`` (queries x keys) and broadcast over
+batch and heads. The ``[CLS]`` rules in one place:
+
+* scoring (plain text): ``[CLS]`` attends to every text token and itself; nobody attends to it.
+* SFT / prompt prefill: ``[CLS]`` attends to the query span and itself; only response tokens attend
+  to it.
+* probe (generation time): a transient ``[CLS]`` row attends to a window of cache slots and itself.
+
+A row is never fully masked: ``[CLS]`` always sees itself, every other token sees itself causally.
+"""
+
+from typing import Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.base import scaled_dot_product_attention
+
+Positions = Union[int, mx.array]
+
+
+def rope_at(rope, x: mx.array, positions: Positions) -> mx.array:
+    """Apply ``rope`` to ``x`` [B, H, L, D] at ``positions``.
+
+    An int is the position of the first token, the rest follow contiguously (mx.fast.rope's fast
+    path). An array [L] or [B, L] gives every token its own position: the time axis is folded into
+    the batch so that mx.fast.rope's per-batch offset becomes a per-token position.
+    """
+    if isinstance(positions, int):
+        return rope(x, offset=positions)
+    B, H, L, D = x.shape
+    offsets = mx.broadcast_to(positions, (B, L)).reshape(B * L)
+    y = rope(x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D), offset=offsets)
+    return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+def attend(queries, keys, values, *, scale: float, mask, cache=None) -> mx.array:
+    """SDPA through ``mx.fast.scaled_dot_product_attention`` (mlx-lm's wrapper, which also handles
+    quantized KV caches). ``mask`` is None, ``"causal"`` or a bool array broadcastable to
+    [B, H, L, K]."""
+    return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
+
+
+def causal_mask(n: int, offset: int = 0) -> mx.array:
+    """[n, offset + n]: token i (at cache slot offset + i) sees slots 0..offset + i."""
+    rows = mx.arange(offset, offset + n)[:, None]
+    cols = mx.arange(offset + n)[None]
+    return rows >= cols
+
+
+def scoring_mask(n_text: int) -> mx.array:
+    """Mask for ``[CLS] t_1 .. t_n`` (pretraining-style scoring), shape [n+1, n+1].
+
+    Row 0 (``[CLS]``) sees every token and itself; column 0 is seen by nobody but ``[CLS]``.
+    """
+    return sft_mask(n_text + 1, (1, n_text + 1), response_start=n_text + 1)
+
+
+def sft_mask(length: int, query_span: tuple[int, int], response_start: int) -> mx.array:
+    """Mask for ``[CLS] <bos> <template> <query> <template> <response>`` (SFT / prompt prefill).
+
+    Shape [length, length]. ``query_span`` = (start, end) slot indices of the query tokens,
+    ``response_start`` = slot of the first response token. ``[CLS]`` (slot 0) sees the query span
+    and itself; column 0 is seen by ``[CLS]`` and response tokens only.
+    """
+    idx = mx.arange(length)
+    mask = causal_mask(length)
+    in_query = (idx >= query_span[0]) & (idx < query_span[1])
+    cls_row = in_query | (idx == 0)
+    cls_col = (idx >= response_start) | (idx == 0)
+    mask = mx.where((idx == 0)[None, :], cls_col[:, None], mask)
+    return mx.where((idx == 0)[:, None], cls_row[None, :], mask)
+
+
+def window_row(n_slots: int, window: Sequence[int]) -> mx.array:
+    """Bool row [n_slots + 1]: a probe at slot ``n_slots`` sees the cache slots in ``window`` and
+    itself."""
+    row = np.zeros(n_slots + 1, dtype=bool)
+    row[np.asarray(window, dtype=np.int64)] = True
+    row[n_slots] = True
+    return mx.array(row)
+
+
+def decode_probe_mask(n_slots: int, window: Sequence[int]) -> mx.array:
+    """Mask [2, n_slots + 2] for the fused step ``[token, [CLS]]`` appended after ``n_slots`` cached
+    slots: the token sees every earlier slot and itself (not the probe); the probe sees ``window``
+    and itself."""
+    token_row = mx.arange(n_slots + 2) <= n_slots
+    probe_row = window_row(n_slots + 1, window)
+    return mx.stack([token_row, probe_row])
+
+
+def probe_positions(token_position: Optional[int], probe_position: int) -> mx.array:
+    """Per-token positions for a probe step: ``[probe]`` or ``[token, probe]``."""
+    if token_position is None:
+        return mx.array([probe_position])
+    return mx.array([token_position, probe_position])

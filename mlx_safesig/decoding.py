@@ -1,0 +1,180 @@
+"""Strategic decoding (SPEC §3-4): when to re-check, what a probe sees, when to insert the refusal.
+
+Pure Python, no arrays: ``SafetyMonitor`` is fed probe probabilities and answers with windows and
+decisions, so it can be tested with a scripted head. Indices are *response* indices: 0 is the first
+response token (attacker/app prefill first, then generated tokens).
+
+Rules (r1, r2, r3 and tau from ``SafetyConfig``):
+1. first verdict malicious: a probe sees the query and the first r1 response tokens;
+2. first verdict benign: a probe sees the latest r2 response tokens;
+3. a benign->malicious flip at response index S: probes see [S - r2 + 1, S + r3] (the r2 tokens up
+   to S and the r3 after it); a benign verdict there drops back to rule 2;
+4. special tokens (PAD, BOS, template) are never in a window.
+The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
+malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
+
+Schedules (which response indices get a probe; in rule 3 every index is probed so that tau
+consecutive verdicts arrive without delay):
+- ``each``: every index;  ``first``: none (the query verdict only);  ``periodic:N``: every N-th;
+- ``annealing``: dense early, sparse later -- index t is probed when t % k(t) == 0, where k doubles
+  from 1 to 16 as the response grows: every token for t < 31, every 2nd up to 94, every 4th up to
+  222, every 8th up to 478, every 16th after (``annealing_interval``). Prefill attacks and harmful
+  openings are decided in the first tokens, so the checks are spent there.
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+REFUSAL_PREFIX = "\nSorry, I can't fulfill your request because"
+SCHEDULES = ("each", "first", "periodic:N", "annealing")
+
+
+@dataclass
+class SafetyConfig:
+    """Safety-aware sampling settings. ``None`` fields take the model's ``safesig`` config values
+    (paper defaults: threshold 0.5, tau 3, r1 = r2 = r3 = 10, the refusal prefix above)."""
+
+    enabled: bool = True
+    threshold: Optional[float] = None
+    tau: Optional[int] = None
+    r1: Optional[int] = None
+    r2: Optional[int] = None
+    r3: Optional[int] = None
+    schedule: str = "annealing"
+    refusal_prefix: Optional[str] = None
+    rollback: bool = False
+
+    def __post_init__(self):
+        parse_schedule(self.schedule)
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}.")
+        for name in ("tau", "r1", "r2", "r3"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    def resolved(self, model_defaults: dict) -> "SafetyConfig":
+        """A copy with every ``None`` filled from the model's ``safesig`` block."""
+        values = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for k in ("threshold", "tau", "r1", "r2", "r3", "refusal_prefix"):
+            if values[k] is None:
+                values[k] = model_defaults.get(k)
+        if values["refusal_prefix"] is None:
+            values["refusal_prefix"] = REFUSAL_PREFIX
+        return SafetyConfig(**values)
+
+
+def parse_schedule(schedule: str):
+    """``"each" | "first" | "annealing"`` -> itself; ``"periodic:N"`` -> ("periodic", N)."""
+    if schedule in ("each", "first", "annealing"):
+        return schedule
+    if schedule.startswith("periodic:"):
+        n = schedule.split(":", 1)[1]
+        if n.isdigit() and int(n) >= 1:
+            return ("periodic", int(n))
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}.")
+
+
+def annealing_interval(t: int) -> int:
+    """Probe interval at response index t: 1 while t + 1 < 32, then 2, 4, 8, 16 from
+    t + 1 >= 32 * (2k - 1) on."""
+    k = 1
+    while k < 16 and (t + 1) >= 32 * (2 * k - 1):
+        k *= 2
+    return k
+
+
+def scheduled(schedule: str, t: int) -> bool:
+    """Does the schedule ask for a probe after response index ``t``?"""
+    s = parse_schedule(schedule)
+    if s == "each":
+        return True
+    if s == "first":
+        return False
+    if s == "annealing":
+        return t % annealing_interval(t) == 0
+    return t % s[1] == s[1] - 1
+
+
+@dataclass
+class SafetyEvent:
+    """Something a UI can show. kind: ``probe`` | ``flip`` | ``flip-cleared`` |
+    ``refusal-inserted`` | ``retracted``; ``step`` is a response index."""
+
+    kind: str
+    step: int
+    p: Optional[float] = None
+    text: Optional[str] = None
+
+
+@dataclass
+class Decision:
+    insert: bool = False
+    rollback_to: Optional[int] = None  # keep response tokens [0, rollback_to) before inserting
+    events: List[SafetyEvent] = field(default_factory=list)
+
+
+class SafetyMonitor:
+    """Rules 1-4, tau and the single insertion, over response indices."""
+
+    def __init__(self, config: SafetyConfig, n_prefill: int = 0):
+        self.config = config
+        self.n_prefill = n_prefill
+        self.query_malicious: Optional[bool] = None
+        self.flip_step: Optional[int] = None
+        self.streak = 0
+        self.inserted = False
+        self.latest_p: Optional[float] = None
+        self.query_p: Optional[float] = None
+
+    def is_malicious(self, p: float) -> bool:
+        return p >= self.config.threshold
+
+    def start(self, p0: float) -> Decision:
+        """The query verdict (the ``[CLS]`` over the query span at prefill)."""
+        self.latest_p = self.query_p = p0
+        self.query_malicious = self.is_malicious(p0)
+        events = [SafetyEvent("probe", -1, p0)]
+        if self.query_malicious:
+            self.inserted = True
+            events.append(SafetyEvent("refusal-inserted", self.n_prefill, p0))
+        return Decision(insert=self.query_malicious, events=events)
+
+    def wants_probe(self, t: int) -> bool:
+        return self.flip_step is not None or scheduled(self.config.schedule, t)
+
+    def window(self, t: int, special: Sequence[bool]) -> tuple[bool, List[int]]:
+        """What a probe after response index ``t`` attends to: (include the query span?,
+        response indices). ``special[i]`` marks response tokens rule 4 skips."""
+        c = self.config
+        if self.query_malicious:
+            include_query, lo, hi = True, 0, min(t, c.r1 - 1)
+        elif self.flip_step is not None:
+            include_query, lo, hi = False, self.flip_step - c.r2 + 1, min(t, self.flip_step + c.r3)
+        else:
+            include_query, lo, hi = False, t - c.r2 + 1, t
+        return include_query, [i for i in range(max(lo, 0), hi + 1) if not special[i]]
+
+    def observe(self, t: int, p: float) -> Decision:
+        """A probe after response index ``t`` said ``p``."""
+        self.latest_p = p
+        d = Decision(events=[SafetyEvent("probe", t, p)])
+        if self.inserted:
+            return d
+        if not self.is_malicious(p):
+            if self.flip_step is not None:
+                d.events.append(SafetyEvent("flip-cleared", t, p))
+            self.flip_step, self.streak = None, 0
+            return d
+        if self.flip_step is None:
+            self.flip_step = t
+            d.events.append(SafetyEvent("flip", t, p))
+        self.streak += 1
+        if self.streak >= self.config.tau:
+            self.inserted = True
+            d.insert = True
+            if self.config.rollback:
+                d.rollback_to = max(self.flip_step, self.n_prefill)
+            at = t + 1 if d.rollback_to is None else d.rollback_to
+            d.events.append(SafetyEvent("refusal-inserted", at, p))
+        return d

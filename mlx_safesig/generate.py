@@ -1,0 +1,505 @@
+"""Safety-aware generation: prompt preparation, the query verdict, the probe loop, streaming.
+
+Cache layout during generation (slot = index in the KV cache, pos = RoPE position)::
+
+    slots 0 .. n-1   the prompt (BOS, template, query, template)   pos 1 .. n    plain causal
+    slot  n          [CLS], attends to the query span and itself  pos 0         kept: the verdict
+    slots n+1 ..     response tokens (prefill, generated, refusal) pos = slot    attend all, [CLS] too
+
+This is the strategic prefill mask of SPEC §3 (``attention.sft_mask``) evaluated in three plain
+steps: nobody in the prompt attends to ``[CLS]`` so the prompt runs at mlx-lm's causal speed, and the
+order of slots in a KV cache does not matter to attention, only masks and positions do. Probes at
+generation time are transient: fused with the next decode token as ``[token, [CLS]]`` and their
+slot trimmed right after.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from .attention import decode_probe_mask, window_row
+from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor
+from .model import Model, SafesigError
+
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+PREFILL_STEP = 2048
+
+
+@dataclass
+class PreparedPrompt:
+    """Prompt token ids and the query span [start, end) within them (SPEC §3: the tokens the
+    ``[CLS]`` judges: no BOS, no template)."""
+
+    ids: List[int]
+    query_span: tuple
+
+
+@dataclass
+class SafetySignal:
+    """What generation knows about safety after a token: ``p`` is the latest p(malicious),
+    ``query_p`` the query verdict, ``flagged`` whether the query was judged malicious,
+    ``inserted`` whether the refusal was inserted so far, ``events`` what happened at this step."""
+
+    p: Optional[float] = None
+    query_p: Optional[float] = None
+    flagged: bool = False
+    inserted: bool = False
+    events: List[SafetyEvent] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """One streamed step. ``text`` is the new text (may be empty); ``token`` is None for an event-only
+    step (a retraction); ``refusal`` marks tokens of the inserted refusal prefix."""
+
+    text: str
+    token: Optional[int]
+    logprobs: Optional[mx.array]
+    safety: SafetySignal
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    refusal: bool = False
+    finish_reason: Optional[str] = None
+
+
+def _wrap(tokenizer) -> TokenizerWrapper:
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
+
+
+def _special_ids(tokenizer) -> set:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return ids
+
+
+def _content_span(tokenizer, messages) -> tuple[str, int, int]:
+    """Render the chat template and locate the last user message's content in it (chars).
+
+    The content is found by rendering the template a second time with a marker in its place, so
+    any template works and nothing depends on token counts."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise SafesigError(
+            "the tokenizer has no chat template; pass the prompt as a string or token ids."
+        )
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise SafesigError("the chat messages contain no user message to judge.")
+    last = users[-1]
+    content = messages[last].get("content") or ""
+    marker = "\u2063SAFESIG_QUERY\u2063"
+    marked = [dict(m, content=marker) if i == last else m for i, m in enumerate(messages)]
+
+    def render(msgs):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    text, template = render(messages), render(marked)
+    start = template.find(marker)
+    end_in_template = len(template) - (start + len(marker))
+    if start >= 0 and text[:start] == template[:start]:
+        return text, start, len(text) - end_in_template
+    start = text.rfind(content.strip())  # the template rewrote the content (e.g. strip())
+    return text, max(start, 0), max(start, 0) + len(content.strip())
+
+
+def _token_span(tokenizer, text: str, start: int, end: int) -> tuple[List[int], int, int]:
+    """Tokenize ``text`` (template already rendered: no extra special tokens) and return the ids and
+    the token span covering chars [start, end)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    head = tokenizer.encode(text[:start], add_special_tokens=False)
+    upto = tokenizer.encode(text[:end], add_special_tokens=False)
+    # shared prefix lengths are robust to merges at the boundaries
+    q0 = _common_prefix(ids, head)
+    q1 = _common_prefix(ids, upto)
+    if q1 < len(upto):  # the last query token merged with what follows: keep it in the span
+        q1 += 1
+    return ids, q0, max(q1, q0)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _strip_special(ids: Sequence[int], special: set, start: int, end: int) -> tuple[int, int]:
+    while start < end and ids[start] in special:
+        start += 1
+    while end > start and ids[end - 1] in special:
+        end -= 1
+    return start, end
+
+
+def prepare_prompt(tokenizer, prompt: Prompt) -> PreparedPrompt:
+    """Prompt (string, token ids or chat messages) -> ids and query span.
+
+    A string is raw text (no chat template; BOS if the tokenizer adds one); token ids are used as
+    given; chat messages go through the tokenizer's chat template and the query span is the last
+    user message's content."""
+    tokenizer = _wrap(tokenizer)
+    special = _special_ids(tokenizer)
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+        span = (0, len(ids))
+    elif len(prompt) and isinstance(prompt[0], dict):
+        text, start, end = _content_span(tokenizer, list(prompt))
+        ids, q0, q1 = _token_span(tokenizer, text, start, end)
+        span = (q0, q1)
+    else:
+        ids = [int(t) for t in prompt]
+        span = (0, len(ids))
+    span = _strip_special(ids, special, *span)
+    if span[0] == span[1]:
+        raise SafesigError("the prompt is empty: there is no text for the model to judge.")
+    return PreparedPrompt(ids, span)
+
+
+def _check_context(model: Model, n: int, max_tokens: int):
+    limit = model.args.max_position_embeddings
+    if limit and n + 1 >= limit:
+        raise SafesigError(
+            f"the prompt has {n} tokens but the model's context is {limit} tokens."
+        )
+
+
+def prefill_prompt(model: Model, ids: Sequence[int], cache, start_position: int = 1) -> mx.array:
+    """Run the prompt causally at positions ``start_position ..`` in chunks; returns the final-norm
+    hidden state [D] of its last token."""
+    done = 0
+    tokens = mx.array(ids)
+    while True:
+        chunk = tokens[done : done + PREFILL_STEP]
+        h = model.hidden(chunk[None], cache, positions=start_position + done)
+        done += chunk.size
+        if done >= len(ids):
+            return h[0, -1]
+        mx.eval([c.state for c in cache])
+
+
+def probe(model: Model, cache, slots: Sequence[int], position: int = 0, keep: bool = False):
+    """One ``[CLS]`` row appended after the cache, attending to ``slots`` and itself, at RoPE
+    ``position``. Returns p(malicious) (a scalar array). Its keys/values are dropped unless
+    ``keep`` (the query verdict is kept: response tokens attend to it)."""
+    n = cache[0].offset
+    h = model.hidden(
+        mx.array([[model.cls_token_id]]), cache,
+        mask=window_row(n, slots)[None], positions=mx.array([position]),
+    )
+    if not keep:
+        trim_prompt_cache(cache, 1)
+    return model.safety_prob(h[0, -1])
+
+
+def _decode(model: Model, cache, token: int, probe_slots=None, probe_position=0):
+    """One decode step feeding ``token``; with ``probe_slots`` the ``[CLS]`` probe rides in the
+    same forward (``[token, [CLS]]``) and its slot is trimmed. Returns (logits [1, V], p or None)."""
+    if probe_slots is None:
+        h = model.hidden(mx.array([[token]]), cache)
+        return model.logits(h[:, -1]), None
+    n = cache[0].offset
+    h = model.hidden(
+        mx.array([[token, model.cls_token_id]]), cache,
+        mask=decode_probe_mask(n, probe_slots),
+        positions=mx.array([n, probe_position]),
+    )
+    trim_prompt_cache(cache, 1)
+    return model.logits(h[:, 0]), model.safety_prob(h[0, 1])
+
+
+def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]]) -> float:
+    """p(malicious) from the ``[CLS]`` head.
+
+    A string: ``[CLS]`` at position 0, the text's tokens at 1..n (BOS only if the tokenizer adds
+    one); ``[CLS]`` attends to all of them and itself; nobody attends to ``[CLS]``.
+    Chat messages: the query verdict generation starts from (template rendered, ``[CLS]`` over the
+    query span of the last user message)."""
+    tokenizer = _wrap(tokenizer)
+    if isinstance(text_or_messages, str):
+        ids = tokenizer.encode(text_or_messages)
+        if not ids:
+            raise SafesigError("the text to score is empty.")
+        span = (0, len(ids))
+    else:
+        prepared = prepare_prompt(tokenizer, text_or_messages)
+        ids, span = prepared.ids, prepared.query_span
+    _check_context(model, len(ids), 0)
+    cache = model.make_cache()
+    prefill_prompt(model, ids, cache)
+    return probe(model, cache, range(*span), position=0).item()
+
+
+def _probe_position(model: Model, slot: int) -> int:
+    return slot if model.args.safesig["probe_position"] == "current" else 0
+
+
+def _cls_logits_mask(model: Model, vocab: int) -> Optional[mx.array]:
+    if model.cls_token_id < vocab:  # [CLS] is input only: never sample it
+        return mx.where(mx.arange(vocab) == model.cls_token_id, -mx.inf, 0.0)
+    return None
+
+
+def safe_generate_step(
+    model: Model,
+    prompt: PreparedPrompt,
+    config: SafetyConfig,
+    *,
+    refusal_ids: Sequence[int],
+    special_ids: set,
+    eos_ids: set,
+    prefill_ids: Sequence[int] = (),
+    max_tokens: int = 256,
+    sampler: Optional[Callable] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    fused_probe: bool = True,
+) -> Iterator[tuple]:
+    """Token-level generator of strategic decoding (SPEC §4).
+
+    Yields ``(kind, payload, monitor, events)``: kind ``"token"`` with payload ``(token, logprobs,
+    is_refusal)``, or ``"retract"`` with payload = number of yielded tokens withdrawn. Prefilled
+    tokens are not yielded (the caller gave them). Stops after an EOS token or ``max_tokens``."""
+    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
+    processors = list(logits_processors or [])
+    cache = model.make_cache()
+    base = len(prompt.ids) + 1  # slot of response index 0 (the [CLS] verdict sits at slot n)
+    history = list(prompt.ids)  # what logits processors see
+    response: List[int] = []  # response tokens: prefill, generated, refusal
+    special: List[bool] = []
+    monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))
+    query_slots = list(range(*prompt.query_span))
+    cls_mask = None
+
+    logits = model.logits(prefill_prompt(model, prompt.ids, cache)[None])
+    p0 = probe(model, cache, query_slots, position=0, keep=True).item()
+    decision = monitor.start(p0)
+    events = decision.events
+
+    def feed(ids):
+        nonlocal logits
+        h = model.hidden(mx.array(ids)[None], cache)
+        logits = model.logits(h[:, -1])
+        response.extend(ids)
+        special.extend(t in special_ids for t in ids)
+        history.extend(ids)
+
+    def sample():
+        nonlocal cls_mask
+        z = logits
+        if cls_mask is None:
+            cls_mask = _cls_logits_mask(model, z.shape[-1])
+        if cls_mask is not None:
+            z = z + cls_mask
+        if processors:
+            tokens = mx.array(history)
+            for proc in processors:
+                z = proc(tokens, z)
+        logprobs = z - mx.logsumexp(z, keepdims=True)
+        return sampler(logprobs).item(), logprobs[0]
+
+    if prefill_ids:
+        feed(list(prefill_ids))
+    refusal_due = decision.insert
+    generated = 0
+    while generated < max_tokens:
+        if refusal_due:
+            refusal_due = False
+            feed(list(refusal_ids))
+            for tok in refusal_ids:
+                yield "token", (tok, None, True), monitor, events
+                events, generated = [], generated + 1
+                if generated >= max_tokens:
+                    return
+            continue
+        token, logprobs = sample()
+        yield "token", (token, logprobs, False), monitor, events
+        events, generated = [], generated + 1
+        if token in eos_ids or generated >= max_tokens:
+            return
+        t = len(response)
+        response.append(token)
+        special.append(token in special_ids)
+        history.append(token)
+        slots = None
+        if monitor.wants_probe(t):
+            include_query, window = monitor.window(t, special)
+            slots = (query_slots if include_query else []) + [base + i for i in window]
+        position = _probe_position(model, base + t + 1)
+        if slots is None or fused_probe:
+            logits, p = _decode(model, cache, token, slots, position)
+        else:
+            logits, _ = _decode(model, cache, token)
+            p = probe(model, cache, slots, position)
+        if p is None:
+            continue
+        decision = monitor.observe(t, p.item())
+        events = decision.events
+        if decision.insert:
+            refusal_due = True
+            keep = decision.rollback_to
+            if keep is not None and keep < len(response):
+                drop = len(response) - keep
+                trim_prompt_cache(cache, drop)
+                del response[keep:], special[keep:], history[len(history) - drop :]
+                yield "retract", drop, monitor, events
+                events = []
+
+
+def _sampler_from(sampler, temp: float, top_p: float, top_k: int, min_p: float):
+    return sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+def stream_generate(
+    model: Model,
+    tokenizer,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    *,
+    safety: Optional[SafetyConfig] = None,
+    prefill_response: Optional[str] = None,
+    sampler: Optional[Callable] = None,
+    logits_processors: Optional[List[Callable]] = None,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    **kwargs: Any,
+) -> Iterator[GenerationResult]:
+    """Stream a response with safety-aware sampling.
+
+    ``prompt``: a string (raw text), token ids, or chat messages (``[{"role": .., "content": ..}]``,
+    rendered with the tokenizer's chat template). ``prefill_response``: assistant text placed
+    before the model's own (a prefill attack, or an app's prefix); it is not streamed back.
+    ``sampler`` / ``logits_processors``: mlx-lm callables (``make_sampler``,
+    ``make_logits_processors``); without a sampler, ``temp/top_p/top_k/min_p`` build one.
+    ``safety``: a ``SafetyConfig``; ``SafetyConfig(enabled=False)`` is exactly mlx-lm's
+    ``stream_generate``. Each result carries ``safety`` (latest p(malicious), query verdict, events).
+    On a ``retracted`` event drop ``event.text`` from the end of what you displayed."""
+    tokenizer = _wrap(tokenizer)
+    safety = (safety or SafetyConfig()).resolved(model.args.safesig)
+    if max_tokens < 1:
+        raise SafesigError(f"max_tokens must be at least 1, got {max_tokens}.")
+    prepared = prepare_prompt(tokenizer, prompt)
+    prefill_ids = (
+        tokenizer.encode(prefill_response, add_special_tokens=False) if prefill_response else []
+    )
+    _check_context(model, len(prepared.ids) + len(prefill_ids), max_tokens)
+    sampler = _sampler_from(sampler, temp, top_p, top_k, min_p)
+    if not safety.enabled:
+        yield from _plain_stream(
+            model, tokenizer, prepared.ids + prefill_ids, max_tokens, sampler,
+            logits_processors, **kwargs,
+        )
+        return
+    steps = safe_generate_step(
+        model, prepared, safety,
+        refusal_ids=tokenizer.encode(safety.refusal_prefix, add_special_tokens=False),
+        special_ids=_special_ids(tokenizer),
+        eos_ids=set(tokenizer.eos_token_ids),
+        prefill_ids=prefill_ids,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        **kwargs,
+    )
+    detok = tokenizer.detokenizer
+    detok.reset()
+    emitted: List[int] = []
+    text_so_far = ""
+    tic = time.perf_counter()
+    prompt_tps, n = 0.0, 0
+
+    def result(text, token, logprobs, monitor, events, refusal=False, finish=None):
+        return GenerationResult(
+            text=text, token=token, logprobs=logprobs,
+            safety=SafetySignal(
+                p=monitor.latest_p, query_p=monitor.query_p, flagged=bool(monitor.query_malicious),
+                inserted=monitor.inserted, events=events,
+            ),
+            prompt_tokens=len(prepared.ids), prompt_tps=prompt_tps,
+            generation_tokens=n, generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9, refusal=refusal, finish_reason=finish,
+        )
+
+    last = None
+    for kind, payload, monitor, events in steps:
+        if n == 0 and prompt_tps == 0.0:
+            prompt_tps = len(prepared.ids) / max(time.perf_counter() - tic, 1e-9)
+            tic = time.perf_counter()
+        if kind == "retract":
+            kept = emitted[: len(emitted) - payload]
+            detok.reset()
+            for tok in kept:
+                detok.add_token(tok)
+            kept_text = detok.last_segment  # already shown: consumed, not re-sent
+            withdrawn = text_so_far[len(kept_text) :]
+            events = events + [SafetyEvent("retracted", len(kept), monitor.latest_p, withdrawn)]
+            emitted, text_so_far = kept, kept_text
+            yield result("", None, None, monitor, events)
+            continue
+        token, logprobs, refusal = payload
+        n += 1
+        if token in tokenizer.eos_token_ids:
+            last = (token, logprobs, monitor, events, refusal, "stop")
+            break
+        detok.add_token(token)
+        emitted.append(token)
+        if n >= max_tokens:
+            last = (token, logprobs, monitor, events, refusal, "length")
+            break
+        segment = detok.last_segment
+        text_so_far += segment
+        yield result(segment, token, logprobs, monitor, events, refusal)
+    detok.finalize()
+    if last is None:
+        return
+    token, logprobs, monitor, events, refusal, finish = last
+    segment = detok.last_segment
+    yield result(segment, token, logprobs, monitor, events, refusal, finish)
+
+
+def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors, **kwargs):
+    """Safety off: mlx-lm's own generation loop on the same model (no [CLS] anywhere)."""
+    kwargs.pop("fused_probe", None)
+    for r in mlx_lm.stream_generate(
+        model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler,
+        logits_processors=logits_processors, **kwargs,
+    ):
+        yield GenerationResult(
+            text=r.text, token=r.token, logprobs=r.logprobs, safety=SafetySignal(),
+            prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
+            generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
+            peak_memory=r.peak_memory, finish_reason=r.finish_reason,
+        )
+
+
+def generate(
+    model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, *, verbose: bool = False,
+    **kwargs: Any,
+) -> str:
+    """The whole response as a string (retracted text removed); see ``stream_generate``."""
+    text = ""
+    for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        for e in r.safety.events:
+            if e.kind == "retracted" and e.text:
+                text = text[: len(text) - len(e.text)]
+                if verbose:
+                    print(f"\n[retracted {len(e.text)} chars]", flush=True)
+        if verbose:
+            print(r.text, end="", flush=True)
+        text += r.text
+    if verbose:
+        print()
+    return text

@@ -1,0 +1,260 @@
+"""The safety model: a llama-family decoder with the ``[CLS]`` input row and the binary safety head.
+
+Module names match mlx-lm (``model.layers.N.self_attn.q_proj`` ...) so mlx-lm weights, quantization
+and LoRA keys fit unchanged. What differs from mlx-lm's models: the forward pass takes an explicit
+``mask`` and explicit ``positions``, and the model carries ``cls_embed`` (the embedding row of the
+``[CLS]`` token, id = vocab size) and ``cls_head`` (1 or 2 logits on the final-norm ``[CLS]`` state).
+Without ``mask``/``positions`` it is exactly the plain mlx-lm forward.
+
+Families differ in a few switches (``FAMILIES``): llama/mistral plain, qwen2 adds q/k/v biases,
+qwen3 adds RMSNorm on queries and keys.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import BaseModelArgs, create_attention_mask
+from mlx_lm.models.cache import KVCache
+from mlx_lm.models.rope_utils import initialize_rope
+
+from .attention import Positions, attend, rope_at
+
+# model_type -> switches; defaults for keys the family's config may leave out.
+FAMILIES: Dict[str, Dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True, "rope_theta": 1000000.0},
+    "qwen3": {"qk_norm": True},
+}
+
+SAFESIG_DEFAULTS: Dict[str, Any] = {
+    "cls_token_id": None,  # None: the embedding row count (old vocab size)
+    "head_logits": 1,
+    "threshold": 0.5,
+    "tau": 3,
+    "r1": 10,
+    "r2": 10,
+    "r3": 10,
+    "refusal_prefix": "\nSorry, I can't fulfill your request because",
+    "probe_position": 0,  # RoPE position of a probe; "current" = the slot it is appended at
+}
+
+
+class SafesigError(ValueError):
+    """Bad input from a user: the message is one sentence meant to be shown as is."""
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    rms_norm_eps: float
+    vocab_size: int
+    head_dim: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    rope_theta: Optional[float] = None
+    rope_traditional: bool = False
+    rope_scaling: Optional[Dict[str, Union[float, str]]] = None
+    rope_parameters: Optional[Dict[str, Any]] = None
+    tie_word_embeddings: bool = True
+    safesig: Dict[str, Any] = field(default_factory=dict)
+    safety_weights_file: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, params):
+        model_type = params.get("model_type")
+        if model_type not in FAMILIES:
+            raise SafesigError(
+                f"model_type {model_type!r} is not supported; supported: {', '.join(FAMILIES)}."
+            )
+        return super().from_dict({**FAMILIES[model_type], **params})
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        # transformers >= 5 nests rope_theta / scaling in rope_parameters
+        rp = self.rope_parameters or {}
+        if self.rope_theta is None:
+            self.rope_theta = rp.get("rope_theta", 10000.0)
+        if self.rope_scaling is None and rp.get("rope_type", "default") != "default":
+            self.rope_scaling = rp
+        self.safesig = {**SAFESIG_DEFAULTS, **(self.safesig or {})}
+        if self.safesig["cls_token_id"] is None:
+            self.safesig["cls_token_id"] = self.vocab_size
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hd = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.scale = hd**-0.5
+        qkv_bias = args.attention_bias or args.qkv_bias
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=args.attention_bias)
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(hd, eps=args.rms_norm_eps)
+        self.rope = initialize_rope(
+            hd, args.rope_theta, args.rope_traditional, args.rope_scaling,
+            args.max_position_embeddings,
+        )
+
+    def __call__(self, x: mx.array, mask, cache, positions: Optional[Positions]) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        if positions is None:
+            positions = cache.offset if cache is not None else 0
+        q, k = rope_at(self.rope, q, positions), rope_at(self.rope, k, positions)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attend(q, k, v, scale=self.scale, mask=mask, cache=cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+
+    def __call__(self, x) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+    def __call__(self, x, mask, cache, positions):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+
+
+class Model(nn.Module):
+    """Safety model. Call it like an mlx-lm model (``model(ids, cache) -> logits``); use
+    ``hidden``/``logits``/``safety_prob`` for the ``[CLS]`` paths."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Backbone(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.cls_embed = mx.zeros((args.hidden_size,))
+        self.cls_head = nn.Linear(args.hidden_size, args.safesig["head_logits"])
+
+    @property
+    def cls_token_id(self) -> int:
+        return self.args.safesig["cls_token_id"]
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def embed(self, inputs: mx.array) -> mx.array:
+        """Token ids [B, L] -> embeddings [B, L, D]; the ``[CLS]`` id maps to ``cls_embed``."""
+        is_cls = inputs == self.cls_token_id
+        h = self.model.embed_tokens(mx.where(is_cls, 0, inputs))
+        return mx.where(is_cls[..., None], self.cls_embed.astype(h.dtype), h)
+
+    def hidden(
+        self,
+        inputs: mx.array,
+        cache=None,
+        mask=None,
+        positions: Optional[Positions] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Final-norm hidden states [B, L, D].
+
+        ``mask``: None for mlx-lm's default (causal), or a bool array [L, K] / [B, 1, L, K] with
+        K = cached slots + L. ``positions``: None (= cache offset), the int position of the first
+        token, or per-token positions [L] / [B, L].
+        """
+        h = input_embeddings if input_embeddings is not None else self.embed(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        if mask is None:
+            mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c, positions)
+        return self.model.norm(h)
+
+    def logits(self, h: mx.array) -> mx.array:
+        """Hidden [..., D] -> LM logits [..., V]."""
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def safety_prob(self, h_cls: mx.array) -> mx.array:
+        """Final-norm ``[CLS]`` states [..., D] -> p(malicious) [...] (sigmoid of a 1-logit head,
+        softmax[1] of a 2-logit head)."""
+        z = self.cls_head(h_cls.astype(self.cls_head.weight.dtype))
+        if z.shape[-1] == 1:
+            return mx.sigmoid(z[..., 0])
+        return mx.softmax(z, axis=-1)[..., 1]
+
+    def __call__(self, inputs, cache=None, input_embeddings=None, mask=None, positions=None):
+        return self.logits(self.hidden(inputs, cache, mask, positions, input_embeddings))
+
+    def make_cache(self):
+        return [KVCache() for _ in self.layers]
+
+    def sanitize(self, weights):
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        if self.args.safety_weights_file is not None:
+            weights.update(mx.load(self.args.safety_weights_file))
+        return weights
+
+
+def fresh_safety_parts(embed_weight: mx.array, head_logits: int = 1, seed: int = 0):
+    """A new ``[CLS]`` row (mean of the embedding rows, SPEC §2) and a small random head.
+
+    ``embed_weight``: [V, D] float. Returns ``{"cls_embed": [D], "cls_head.weight": [k, D],
+    "cls_head.bias": [k]}`` in float32.
+    """
+    D = embed_weight.shape[-1]
+    key = mx.random.key(seed)
+    return {
+        "cls_embed": embed_weight.astype(mx.float32).mean(axis=0),
+        "cls_head.weight": mx.random.normal((head_logits, D), key=key) * (D**-0.5) * 0.02,
+        "cls_head.bias": mx.zeros((head_logits,)),
+    }

@@ -1,0 +1,141 @@
+"""Tests for mlx_safesig._blas.preload_openblas.
+
+Every test runs in a fresh subprocess: dlopen(RTLD_GLOBAL) and the once-per-process notice are
+process state that cannot be undone. ``_blas`` is loaded by file path so these tests do not
+depend on (or import mlx through) the rest of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BLAS_PY = Path(__file__).resolve().parents[1] / "mlx_safesig" / "_blas.py"
+SYS_GFORTRAN = "/usr/lib/x86_64-linux-gnu/libgfortran.so.5.0.0"
+PRELUDE = f"""
+import importlib.util, sys
+_spec = importlib.util.spec_from_file_location("_blas", {str(BLAS_PY)!r})
+b = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(b)
+def mapped(name):
+    return any(name in line for line in open("/proc/self/maps"))
+"""
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def run(code: str, argv_prefix: tuple[str, ...] = (), **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLX_SAFESIG_BLAS"}
+    full_env.update(env)
+    cmd = [*argv_prefix, sys.executable, "-c", PRELUDE + code]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@linux_only
+def test_default_loads_openblas_and_maps_it():
+    r = run("p = b.preload_openblas(); print(p); print(mapped('libopenblas'))")
+    path, is_mapped = r.stdout.split()
+    assert path != "None" and Path(path).exists(), r.stderr
+    assert is_mapped == "True"
+    assert r.stderr == ""
+
+
+@linux_only
+def test_matmul_matches_numpy_after_preload():
+    r = run(
+        """
+assert b.preload_openblas()
+import numpy as np, mlx.core as mx
+mx.set_default_device(mx.cpu)
+rng = np.random.default_rng(0)
+a = rng.standard_normal((512, 576), dtype=np.float32)
+w = rng.standard_normal((576, 2304), dtype=np.float32)
+got = np.array(mx.array(a) @ mx.array(w))
+ref = a.astype(np.float64) @ w.astype(np.float64)
+print(np.abs(got - ref).max() / np.abs(ref).max())
+"""
+    )
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) < 1e-3
+
+
+@linux_only
+def test_mlx_binds_cblas_to_preloaded_openblas():
+    """The point of the preload: libmlx's cblas_sgemm resolves to OpenBLAS, not libblas-*."""
+    r = run("assert b.preload_openblas(); import mlx.core", LD_DEBUG="bindings")
+    lines = [ln for ln in r.stderr.splitlines() if "libmlx.so" in ln and "`cblas_sgemm'" in ln]
+    assert lines and all("libopenblas" in ln for ln in lines), lines
+
+
+@linux_only
+def test_off_loads_nothing_and_prints_nothing():
+    r = run("print(b.preload_openblas(), mapped('libopenblas'))", MLX_SAFESIG_BLAS="off")
+    assert r.stdout.split() == ["None", "False"]
+    assert r.stderr == ""
+
+
+@linux_only
+def test_bogus_forced_path_does_not_fall_back_and_notices_once():
+    """Decision: a forced path is final; if it cannot be loaded we say so instead of guessing."""
+    r = run(
+        "print(b.preload_openblas(), mapped('libopenblas'))", MLX_SAFESIG_BLAS="/nonexistent.so"
+    )
+    assert r.stdout.split() == ["None", "False"]
+    assert len(r.stderr.splitlines()) == 1
+    assert "/nonexistent.so" in r.stderr and "pip install cmeel-openblas" in r.stderr
+
+
+@linux_only
+def test_notice_printed_at_most_once():
+    r = run(
+        "b._candidates = lambda: iter(['/nonexistent/libopenblas.so.0'])\n"
+        "print([b.preload_openblas() for _ in range(3)])"
+    )
+    assert r.stdout.strip() == "[None, None, None]"
+    assert len(r.stderr.splitlines()) == 1
+    assert "apt-get install libopenblas0-pthread" in r.stderr
+
+
+@linux_only
+def test_quiet_when_mlx_already_imported():
+    r = run("import mlx.core\nprint(b.preload_openblas())", MLX_SAFESIG_BLAS="/nonexistent.so")
+    assert r.stdout.strip() == "None"
+    assert r.stderr == ""
+
+
+def test_non_linux_is_a_no_op():
+    r = run("sys.platform = 'darwin'\nprint(b.preload_openblas())")
+    assert r.stdout.strip() == "None"
+    assert r.stderr == ""
+
+
+@linux_only
+def test_cmeel_openblas_loads_without_system_libgfortran(tmp_path):
+    """Fresh machine: no system libgfortran5, so the patched vendored copy must satisfy it.
+
+    If the system library exists, hide it in a private mount namespace (needs root + unshare),
+    together with Debian's OpenBLAS so the cmeel wheel is the only candidate.
+    """
+    prefix: tuple[str, ...] = ()
+    if os.path.exists(SYS_GFORTRAN):
+        if os.geteuid() != 0 or not shutil.which("unshare"):
+            pytest.skip("system libgfortran present and cannot be hidden")
+        hide = (
+            f"mount --bind /dev/null {SYS_GFORTRAN} && "
+            "mount -t tmpfs none /usr/lib/x86_64-linux-gnu/openblas-pthread && "
+            'exec "$@"'
+        )
+        prefix = ("unshare", "-m", "sh", "-c", hide, "sh")
+    code = "p = b.preload_openblas(); print(p); print(mapped(%r))"
+    r = run(code % "mlx-safesig/blas/", prefix, XDG_CACHE_HOME=str(tmp_path))
+    if "cmeel.prefix" not in r.stdout:
+        pytest.skip(f"cmeel-openblas not installed or namespace failed: {r.stdout} {r.stderr}")
+    assert r.stdout.split()[1] == "True", r.stderr
+    assert r.stderr == ""
+    cached = list((tmp_path / "mlx-safesig" / "blas").iterdir())
+    assert [p.name.startswith(".tmp-") for p in cached] == [False]
