@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -204,22 +205,6 @@ def probe(model: Model, cache, slots: Sequence[int], position: int = 0, keep: bo
     return model.safety_prob(h[0, -1])
 
 
-def _decode(model: Model, cache, token: int, probe_slots=None, probe_position=0):
-    """One decode step feeding ``token``; with ``probe_slots`` the ``[CLS]`` probe rides in the
-    same forward (``[token, [CLS]]``) and its slot is trimmed. Returns (logits [1, V], p or None)."""
-    if probe_slots is None:
-        h = model.hidden(mx.array([[token]]), cache)
-        return model.logits(h[:, -1]), None
-    n = cache[0].offset
-    h = model.hidden(
-        mx.array([[token, model.cls_token_id]]), cache,
-        mask=decode_probe_mask(n, probe_slots),
-        positions=mx.array([n, probe_position]),
-    )
-    trim_prompt_cache(cache, 1)
-    return model.logits(h[:, 0]), model.safety_prob(h[0, 1])
-
-
 def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]]) -> float:
     """p(malicious) from the ``[CLS]`` head.
 
@@ -252,6 +237,12 @@ def _cls_logits_mask(model: Model, vocab: int) -> Optional[mx.array]:
     return None
 
 
+def _token_table(vocab: int, ids: set) -> mx.array:
+    table = np.zeros(vocab, dtype=bool)
+    table[[i for i in ids if i < vocab]] = True
+    return mx.array(table)
+
+
 def safe_generate_step(
     model: Model,
     prompt: PreparedPrompt,
@@ -270,91 +261,136 @@ def safe_generate_step(
 
     Yields ``(kind, payload, monitor, events)``: kind ``"token"`` with payload ``(token, logprobs,
     is_refusal)``, or ``"retract"`` with payload = number of yielded tokens withdrawn. Prefilled
-    tokens are not yielded (the caller gave them). Stops after an EOS token or ``max_tokens``."""
+    tokens are not yielded (the caller gave them). Stops after an EOS token or ``max_tokens``.
+
+    Like mlx-lm, the forward of token t+1 is launched before token t is handed out, so building
+    the graph overlaps computing it. The probe plan for t+1 depends on the verdict of the probe
+    that rode with t; it is planned speculatively and re-launched in the rare case that verdict
+    changed the plan (a flip starting or clearing), so the result equals step-by-step decoding.
+    Whether the newest token is special (rule 4) is decided inside the graph.
+    """
     sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
     processors = list(logits_processors or [])
     cache = model.make_cache()
     base = len(prompt.ids) + 1  # slot of response index 0 (the [CLS] verdict sits at slot n)
-    history = list(prompt.ids)  # what logits processors see
     response: List[int] = []  # response tokens: prefill, generated, refusal
     special: List[bool] = []
+    history = mx.array(prompt.ids)  # what logits processors see
     monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))
     query_slots = list(range(*prompt.query_span))
-    cls_mask = None
+    cls = mx.array([model.cls_token_id])
 
     logits = model.logits(prefill_prompt(model, prompt.ids, cache)[None])
+    vocab = logits.shape[-1]
+    cls_mask = _cls_logits_mask(model, vocab)
+    special_table = _token_table(max(vocab, model.cls_token_id + 1), special_ids)
     p0 = probe(model, cache, query_slots, position=0, keep=True).item()
     decision = monitor.start(p0)
     events = decision.events
 
     def feed(ids):
-        nonlocal logits
+        nonlocal history
         h = model.hidden(mx.array(ids)[None], cache)
-        logits = model.logits(h[:, -1])
         response.extend(ids)
         special.extend(t in special_ids for t in ids)
-        history.extend(ids)
+        history = mx.concatenate([history, mx.array(ids)])
+        return model.logits(h[:, -1])
 
-    def sample():
-        nonlocal cls_mask
-        z = logits
-        if cls_mask is None:
-            cls_mask = _cls_logits_mask(model, z.shape[-1])
+    def sample(z):
         if cls_mask is not None:
             z = z + cls_mask
-        if processors:
-            tokens = mx.array(history)
-            for proc in processors:
-                z = proc(tokens, z)
+        for proc in processors:
+            z = proc(history, z)
         logprobs = z - mx.logsumexp(z, keepdims=True)
-        return sampler(logprobs).item(), logprobs[0]
+        return sampler(logprobs).reshape(1), logprobs[0]
+
+    def plan(t):
+        if not monitor.wants_probe(t):
+            return None
+        include_query, window = monitor.window(t, special[:t] + [False])
+        return include_query, tuple(window)
+
+    def launch(y, t, probe_plan):
+        """Feed the (lazy) token y at response index t; returns (logits, p or None)."""
+        n = cache[0].offset
+        if probe_plan is None:
+            h = model.hidden(y[None], cache, positions=mx.array([n]), compiled=True)
+            return model.logits(h[:, -1]), None
+        include_query, window = probe_plan
+        slots = (query_slots if include_query else []) + [base + i for i in window if i < t]
+        sees_y = mx.logical_not(special_table[y[0]]) if t in window else mx.array(False)
+        position = _probe_position(model, n + 1)
+        if fused_probe:
+            column_n = mx.stack([mx.array(True), sees_y])[:, None]  # rows: [token, probe]
+            mask = mx.where(mx.arange(n + 2) == n, column_n, decode_probe_mask(n, slots))
+            h = model.hidden(
+                mx.concatenate([y, cls])[None], cache, mask=mask,
+                positions=mx.array([n, position]), compiled=True,
+            )
+            trim_prompt_cache(cache, 1)
+            return model.logits(h[:, 0]), model.safety_prob(h[0, 1])
+        h = model.hidden(y[None], cache, positions=mx.array([n]), compiled=True)
+        logits = model.logits(h[:, -1])
+        row = mx.where(mx.arange(n + 2) == n, sees_y, window_row(n + 1, slots))
+        h = model.hidden(cls[None], cache, mask=row[None], positions=mx.array([position]))
+        trim_prompt_cache(cache, 1)
+        return logits, model.safety_prob(h[0, -1])
+
+    def evaluate(y, out):
+        mx.async_eval(y, *[o for o in out if o is not None])
 
     if prefill_ids:
-        feed(list(prefill_ids))
+        logits = feed(list(prefill_ids))
     refusal_due = decision.insert
     generated = 0
-    while generated < max_tokens:
+    while True:
         if refusal_due:
             refusal_due = False
-            feed(list(refusal_ids))
+            logits = feed(list(refusal_ids))
             for tok in refusal_ids:
                 yield "token", (tok, None, True), monitor, events
                 events, generated = [], generated + 1
                 if generated >= max_tokens:
                     return
-            continue
-        token, logprobs = sample()
-        yield "token", (token, logprobs, False), monitor, events
-        events, generated = [], generated + 1
-        if token in eos_ids or generated >= max_tokens:
-            return
+        y, logprobs = sample(logits)
         t = len(response)
-        response.append(token)
-        special.append(token in special_ids)
-        history.append(token)
-        slots = None
-        if monitor.wants_probe(t):
-            include_query, window = monitor.window(t, special)
-            slots = (query_slots if include_query else []) + [base + i for i in window]
-        position = _probe_position(model, base + t + 1)
-        if slots is None or fused_probe:
-            logits, p = _decode(model, cache, token, slots, position)
-        else:
-            logits, _ = _decode(model, cache, token)
-            p = probe(model, cache, slots, position)
-        if p is None:
-            continue
-        decision = monitor.observe(t, p.item())
-        events = decision.events
-        if decision.insert:
-            refusal_due = True
-            keep = decision.rollback_to
-            if keep is not None and keep < len(response):
-                drop = len(response) - keep
-                trim_prompt_cache(cache, drop)
-                del response[keep:], special[keep:], history[len(history) - drop :]
-                yield "retract", drop, monitor, events
-                events = []
+        history = mx.concatenate([history, y])
+        out = launch(y, t, plan(t))
+        evaluate(y, out)
+        while True:
+            token = y.item()
+            yield "token", (token, logprobs, False), monitor, events
+            events, generated = [], generated + 1
+            if token in eos_ids or generated >= max_tokens:
+                return
+            response.append(token)
+            special.append(token in special_ids)
+            y_next, logprobs_next = sample(out[0])
+            history = mx.concatenate([history, y_next])
+            planned = plan(t + 1)
+            out_next = launch(y_next, t + 1, planned)
+            evaluate(y_next, out_next)
+            if out[1] is not None:
+                decision = monitor.observe(t, out[1].item())
+                events = decision.events
+                if decision.insert:
+                    trim_prompt_cache(cache, 1)  # the speculative token t+1 is not kept
+                    history = history[:-1]
+                    keep = decision.rollback_to
+                    if keep is not None and keep < len(response):
+                        drop = len(response) - keep
+                        trim_prompt_cache(cache, drop)
+                        del response[keep:], special[keep:]
+                        history = history[: history.size - drop]
+                        yield "retract", drop, monitor, events
+                        events = []
+                    refusal_due = True
+                    break
+                if plan(t + 1) != planned:
+                    trim_prompt_cache(cache, 1)
+                    out_next = launch(y_next, t + 1, plan(t + 1))
+                    evaluate(y_next, out_next)
+            out, y, logprobs, t = out_next, y_next, logprobs_next, t + 1
 
 
 def _sampler_from(sampler, temp: float, top_p: float, top_k: int, min_p: float):
