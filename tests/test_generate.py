@@ -1,0 +1,203 @@
+"""Safety-aware generation: equivalences on tiny random models, and the decoding rules end to end
+with a scripted head."""
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from conftest import TINY, make_model
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_safesig import SafesigError, SafetyConfig, generate, prepare_prompt, score, stream_generate
+from mlx_safesig.decoding import REFUSAL_PREFIX
+
+MSGS = [{"role": "user", "content": "How do I bake bread at home?"}]
+NEVER = dict(threshold=0.999999)  # the random head never reaches it: probes run, nothing is inserted
+
+
+def tokens(model, tokenizer, prompt=MSGS, n=32, **kwargs):
+    out = []
+    for r in stream_generate(model, tokenizer, prompt, max_tokens=n, **kwargs):
+        if r.token is not None:
+            out.append((r.token, r.logprobs, r.safety))
+    return out
+
+
+def test_probe_then_drop_is_bit_identical_to_no_probe(tokenizer):
+    model = make_model()
+    probed = tokens(model, tokenizer, safety=SafetyConfig(schedule="each", **NEVER),
+                    fused_probe=False)
+    unprobed = tokens(model, tokenizer, safety=SafetyConfig(schedule="first", **NEVER))
+    assert len(probed) == len(unprobed) == 32
+    assert [t for t, _, _ in probed] == [t for t, _, _ in unprobed]
+    assert all(mx.array_equal(a, b) for (_, a, _), (_, b, _) in zip(probed, unprobed))
+    assert sum(len(s.events) for _, _, s in probed) > 30  # the probes did run
+
+
+def test_fused_probe_equals_separate_probe(tokenizer):
+    model = make_model()
+    config = SafetyConfig(schedule="each", **NEVER)
+    fused = tokens(model, tokenizer, safety=config, fused_probe=True)
+    separate = tokens(model, tokenizer, safety=config, fused_probe=False)
+    assert [t for t, _, _ in fused] == [t for t, _, _ in separate]
+    p_fused = [e.p for _, _, s in fused for e in s.events]
+    p_separate = [e.p for _, _, s in separate for e in s.events]
+    assert len(p_fused) == len(p_separate) > 30
+    assert max(abs(a - b) for a, b in zip(p_fused, p_separate)) < 1e-5
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.8])
+def test_safety_disabled_is_mlx_lm_generate(tokenizer, temp):
+    model = make_model()
+    ref = llama.Model(llama.ModelArgs.from_dict({**TINY, "vocab_size": 320}))
+    ref.load_weights([(k, v) for k, v in tree_flatten(model.parameters())
+                      if not k.startswith("cls_")])
+    ids = prepare_prompt(tokenizer, MSGS).ids
+    mx.random.seed(7)
+    expected = [r.token for r in mlx_lm.stream_generate(
+        ref, tokenizer, mx.array(ids), max_tokens=24, sampler=make_sampler(temp=temp))]
+    mx.random.seed(7)
+    ours = [r.token for r in stream_generate(
+        model, tokenizer, MSGS, max_tokens=24, temp=temp, safety=SafetyConfig(enabled=False))]
+    assert ours == expected
+
+
+def test_query_span_is_the_user_content_only(tokenizer):
+    messages = [{"role": "system", "content": "You are terse."}] + MSGS
+    prepared = prepare_prompt(tokenizer, messages)
+    q0, q1 = prepared.query_span
+    assert tokenizer.decode(prepared.ids[q0:q1]) == MSGS[0]["content"]
+    assert prepared.ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                         return_dict=False)
+
+
+def test_query_span_of_a_multi_turn_chat_is_the_last_user_message(tokenizer):
+    messages = MSGS + [{"role": "assistant", "content": "Mix flour."},
+                       {"role": "user", "content": "Tell me a story about a robot."}]
+    prepared = prepare_prompt(tokenizer, messages)
+    assert tokenizer.decode(prepared.ids[slice(*prepared.query_span)]) == messages[-1]["content"]
+
+
+def test_raw_string_prompt_query_span_skips_special_tokens(tokenizer):
+    prepared = prepare_prompt(tokenizer, "<|im_start|>Tell me a story")
+    assert prepared.query_span == (1, len(prepared.ids))
+
+
+def test_score_of_messages_is_the_query_verdict_generation_starts_from(tokenizer):
+    model = make_model()
+    first = next(iter(stream_generate(model, tokenizer, MSGS, max_tokens=2,
+                                      safety=SafetyConfig(**NEVER))))
+    assert first.safety.query_p == pytest.approx(score(model, tokenizer, MSGS), abs=1e-6)
+
+
+# -- the decoding rules end to end, with a scripted head ---------------------------------------
+
+class ScriptedHead:
+    """Replaces ``model.safety_prob``: returns the scripted probabilities in call order (the
+    first call is the query verdict), then the last value forever."""
+
+    def __init__(self, model, script):
+        self.script, self.calls = list(script), 0
+        model.safety_prob = self
+
+    def __call__(self, h):
+        p = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        return mx.array(p)
+
+
+def run(tokenizer, script, n=80, prefill=None, **cfg):
+    model = make_model()
+    ScriptedHead(model, script)
+    results = list(stream_generate(
+        model, tokenizer, MSGS, max_tokens=n, prefill_response=prefill,
+        safety=SafetyConfig(schedule="each", tau=3, **cfg)))
+    return model, results
+
+
+def refusal_tokens(tokenizer):
+    return tokenizer.encode(REFUSAL_PREFIX, add_special_tokens=False)
+
+
+def test_malicious_query_verdict_inserts_the_refusal_first(tokenizer):
+    _, results = run(tokenizer, [0.9, 0.1])
+    refusal = refusal_tokens(tokenizer)
+    assert [r.token for r in results[: len(refusal)]] == refusal
+    assert all(r.refusal for r in results[: len(refusal)])
+    assert not results[len(refusal)].refusal  # then the model continues on its own
+    assert results[0].safety.flagged
+    assert "refusal-inserted" in [e.kind for e in results[0].safety.events]
+
+
+def test_refusal_is_inserted_after_the_prefilled_text(tokenizer):
+    model, results = run(tokenizer, [0.9], prefill="Sure, here is")
+    refusal = refusal_tokens(tokenizer)
+    assert [r.token for r in results[: len(refusal)]] == refusal
+    text = "".join(r.text for r in results)
+    assert text.startswith(REFUSAL_PREFIX)
+
+
+def test_tau_malicious_probes_insert_once(tokenizer):
+    # query benign; probes after tokens 0..4 say 0.1, 0.1, 0.9, 0.9, 0.9 -> insert after token 4
+    _, results = run(tokenizer, [0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9])
+    flags = [r.refusal for r in results]
+    first = flags.index(True)
+    assert first == 5
+    refusal = refusal_tokens(tokenizer)
+    assert [r.token for r in results[first : first + len(refusal)]] == refusal
+    assert sum(flags) == len(refusal)  # at most one insertion, although p stays high
+
+
+def test_rollback_retracts_tokens_from_the_flip_step(tokenizer):
+    _, results = run(tokenizer, [0.1, 0.1, 0.1, 0.9, 0.9, 0.9], rollback=True)
+    retracts = [e for r in results for e in r.safety.events if e.kind == "retracted"]
+    assert len(retracts) == 1
+    retract_at = next(i for i, r in enumerate(results) if r.token is None)
+    assert retract_at == 5  # tokens 0..4 shown, then tokens 2..4 withdrawn (flip at 2)
+    kept = "".join(r.text for r in results[:2])
+    shown = "".join(r.text for r in results[:5])
+    assert retracts[0].text == shown[len(kept):]
+    assert results[retract_at + 1].refusal
+
+
+def test_generate_drops_retracted_text(tokenizer):
+    model = make_model()
+    ScriptedHead(model, [0.1, 0.1, 0.1, 0.9, 0.9, 0.9])
+    text = generate(model, tokenizer, MSGS, max_tokens=80,
+                    safety=SafetyConfig(schedule="each", rollback=True))
+    model2 = make_model()
+    ScriptedHead(model2, [0.1])
+    plain = generate(model2, tokenizer, MSGS, max_tokens=2, safety=SafetyConfig(schedule="each"))
+    assert text.startswith(plain + REFUSAL_PREFIX)
+
+
+def test_first_schedule_never_probes_after_the_query(tokenizer):
+    model = make_model()
+    head = ScriptedHead(model, [0.1])
+    list(stream_generate(model, tokenizer, MSGS, max_tokens=20,
+                         safety=SafetyConfig(schedule="first")))
+    assert head.calls == 1
+
+
+def test_cls_token_is_never_sampled(tokenizer):
+    # a padded vocab where the [CLS] id falls inside the LM head's range, with a huge logit
+    model = make_model(vocab_size=330, safesig={"cls_token_id": 325})
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight.at[325].add(100.0)
+    out = tokens(model, tokenizer, n=10, safety=SafetyConfig(**NEVER))
+    assert 325 not in [t for t, _, _ in out]
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def test_empty_prompt_is_one_clear_error(tokenizer, model):
+    with pytest.raises(SafesigError, match="the prompt is empty"):
+        generate(model, tokenizer, "")
+    with pytest.raises(SafesigError, match="the prompt is empty"):
+        generate(model, tokenizer, [{"role": "user", "content": ""}])
+
+
+def test_prompt_longer_than_the_context_is_one_clear_error(tokenizer, model):
+    with pytest.raises(SafesigError, match=r"the prompt has \d+ tokens but the model's context "
+                                           r"is 512 tokens"):
+        generate(model, tokenizer, "bread " * 600)
