@@ -227,3 +227,31 @@ def test_smollm2_kept_quantized_loads_and_agrees(smollm2, smollm2_reference, tmp
     ours = mlx_logits(out, ids)
     assert ours[-1].argmax() == smollm2_reference["logits0"][-1].argmax()
     assert mx.load(str(out / "model.safetensors"))["model.norm.weight"].dtype == mx.float32
+
+
+@pytest.mark.slow
+def test_smollm2_hf_route_matches_the_direct_gguf_route(smollm2, smollm2_mlx, smollm2_reference,
+                                                       tmp_path):
+    """GGUF -> transformers float model -> HF safetensors folder -> our converter, against
+    GGUF -> MLX directly: the same logits within 1e-3, and our model's own forward agrees."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlx_safesig import load
+
+    hf = tmp_path / "hf"
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32
+    )
+    model.hf_quantizer = None  # transformers 5 refuses to save a model loaded from GGUF otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(hf)
+    AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name).save_pretrained(hf)
+    via_hf = convert(hf, tmp_path / "via-hf", add_safety=True, progress=False)
+    for i in range(len(PROMPTS)):
+        ids = smollm2_reference[f"ids{i}"].tolist()
+        direct = mlx_logits(smollm2_mlx, ids)
+        assert np.abs(mlx_logits(via_hf, ids) - direct).max() < 1e-3
+        ours, _ = load(str(via_hf))
+        ours_logits = np.array(ours(mx.array([ids]))[0])
+        assert np.abs(ours_logits - direct).max() < 1e-3
