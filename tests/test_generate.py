@@ -201,3 +201,36 @@ def test_prompt_longer_than_the_context_is_one_clear_error(tokenizer, model):
     with pytest.raises(SafesigError, match=r"the prompt has \d+ tokens but the model's context "
                                            r"is 512 tokens"):
         generate(model, tokenizer, "bread " * 600)
+
+
+def test_probe_position_current_is_honoured_and_fused_equals_separate(tokenizer):
+    at_zero = make_model()
+    current = make_model(safesig={"probe_position": "current"})
+    config = SafetyConfig(schedule="each", **NEVER)
+    p_zero = [e.p for _, _, s in tokens(at_zero, tokenizer, n=8, safety=config)
+              for e in s.events][1:]
+    fused = [e.p for _, _, s in tokens(current, tokenizer, n=8, safety=config) for e in s.events]
+    separate = [e.p for _, _, s in tokens(current, tokenizer, n=8, safety=config,
+                                          fused_probe=False) for e in s.events]
+    assert max(abs(a - b) for a, b in zip(fused, separate)) < 1e-5
+    assert max(abs(a - b) for a, b in zip(fused[1:], p_zero)) > 1e-4  # positions do matter
+
+
+LLAMA3_STYLE = (
+    "{{ '<|endoftext|>' }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n\n' + "
+    "m['content'] | trim + '<|im_end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
+)
+
+
+def test_query_span_with_a_template_that_adds_bos_and_trims_content(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = LLAMA3_STYLE
+    messages = [{"role": "user", "content": "  Tell me a story about a robot.  "}]
+    prepared = prepare_prompt(tok, messages)
+    assert prepared.ids[0] == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert tok.decode(prepared.ids[slice(*prepared.query_span)]).strip() == \
+        "Tell me a story about a robot."
+    assert prepared.query_span[0] > 2  # BOS and the role header are not in the span
