@@ -91,13 +91,219 @@ def bench(model, schedules, max_tokens, prefill_tokens, repeats, as_json):
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
-def _register_convert():
+def _load(model):
+    from .loading import load
+
+    return load(model) if model else load()
+
+
+def safety_options(fn):
+    """The SafetyConfig knobs shared by generate and chat."""
+    options = [
+        click.option("--no-safety", is_flag=True,
+                     help="Plain mlx-lm generation (no [CLS] checks, no refusal insertion)."),
+        click.option("--schedule", default="annealing", show_default=True,
+                     callback=lambda c, p, v: _check_schedules(c, p, [v])[0],
+                     help=f"When to re-check the response: {', '.join(SCHEDULES)}."),
+        click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=None, help="p(malicious) at or above which a check says malicious "
+                     "(default: the model's, 0.5)."),
+        click.option("--tau", type=click.IntRange(1), default=None,
+                     help="Consecutive malicious checks that insert the refusal (default: 3)."),
+        click.option("--rollback", is_flag=True,
+                     help="Withdraw the tokens since the flip before inserting the refusal."),
+        click.option("--refusal-prefix", default=None,
+                     help="Text inserted when the model is stopped (default: the model's)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def sampling_options(fn):
+    options = [
+        click.option("--max-tokens", "-m", type=click.IntRange(1), default=256, show_default=True,
+                     help="Maximum number of tokens to generate."),
+        click.option("--temp", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Sampling temperature (0 = greedy)."),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=1.0, show_default=True,
+                     help="Nucleus sampling: keep the smallest set of tokens with this mass."),
+        click.option("--top-k", type=click.IntRange(0), default=0, show_default=True,
+                     help="Keep only the k most likely tokens (0 = all)."),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="Drop tokens below min-p times the top token's probability."),
+        click.option("--seed", type=int, default=None, help="Random seed for sampling."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _safety_config(no_safety, schedule, threshold, tau, rollback, refusal_prefix):
+    from .decoding import SafetyConfig
+
+    return SafetyConfig(enabled=not no_safety, schedule=schedule, threshold=threshold, tau=tau,
+                        rollback=rollback, refusal_prefix=refusal_prefix)
+
+
+def _sampling(temp, top_p, top_k, min_p, seed):
+    import mlx.core as mx
+
+    if seed is not None:
+        mx.random.seed(seed)
+    return dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+
+class _Marks:
+    """How safety events look in a terminal (colour on a TTY, plain brackets when piped)."""
+
+    def __init__(self, stream):
+        self.tty = stream.isatty()
+
+    def __call__(self, text, colour):
+        return click.style(text, fg=colour) if self.tty else text
+
+
+def _event_marks(events, marks):
+    out = []
+    for e in events:
+        if e.kind == "refusal-inserted":
+            out.append(marks(f"[refusal inserted, p={e.p:.2f}]", "red"))
+        elif e.kind == "retracted":
+            out.append(marks(f"[retracted {len(e.text or '')} chars]", "yellow"))
+    return out
+
+
+@main.command()
+@click.option("--model", default=None, help="Safety model directory or hub repo "
+              "(default: the embedded default model).")
+@click.option("--prompt", "-p", required=True, help="The user message ('-' reads stdin).")
+@click.option("--system", default=None, help="A system message placed before the prompt.")
+@click.option("--raw", is_flag=True, help="Use the prompt as raw text, without the chat template.")
+@click.option("--prefill-response", default=None,
+              help="Assistant text placed before the model's own (e.g. a prefill attack).")
+@sampling_options
+@safety_options
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object: the text and the safety trace.")
+@user_errors
+def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top_p, top_k, min_p,
+             seed, no_safety, schedule, threshold, tau, rollback, refusal_prefix, as_json):
+    """Generate a response with safety-aware sampling, streamed to stdout."""
+    from .generate import stream_generate
+
+    if prompt == "-":
+        prompt = click.get_text_stream("stdin").read()
+    messages = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+    config = _safety_config(no_safety, schedule, threshold, tau, rollback, refusal_prefix)
+    sampling = _sampling(temp, top_p, top_k, min_p, seed)
+    net, tokenizer = _load(model)
+    marks = _Marks(click.get_text_stream("stdout"))
+    text, trace, last = "", [], None
+    for r in stream_generate(net, tokenizer, messages, max_tokens, safety=config,
+                             prefill_response=prefill_response, **sampling):
+        for e in r.safety.events:
+            trace.append({"kind": e.kind, "step": e.step, "p": e.p,
+                          **({"chars": len(e.text)} if e.text is not None else {})})
+            if e.kind == "retracted":
+                text = text[: len(text) - len(e.text or "")]
+        text += r.text
+        last = r
+        if not as_json:
+            shown = _event_marks(r.safety.events, marks)
+            click.echo("".join(shown) + r.text, nl=False)
+    if as_json:
+        click.echo(json.dumps({
+            "text": text, "query_p": last.safety.query_p if last else None,
+            "flagged": bool(last and last.safety.flagged),
+            "refusal_inserted": bool(last and last.safety.inserted),
+            "finish_reason": last.finish_reason if last else None,
+            "generation_tokens": last.generation_tokens if last else 0,
+            "events": trace,
+        }))
+    else:
+        click.echo()
+        if last is not None:
+            _say(f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s; "
+                 f"query p(malicious)={_fmt(last.safety.query_p)}]")
+
+
+def _fmt(p):
+    return "-" if p is None else f"{p:.2f}"
+
+
+@main.command()
+@click.option("--model", default=None, help="Safety model directory or hub repo "
+              "(default: the embedded default model).")
+@click.option("--system", default=None, help="A system message for the conversation.")
+@sampling_options
+@safety_options
+@user_errors
+def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, no_safety, schedule,
+         threshold, tau, rollback, refusal_prefix):
+    """Chat in the terminal with the safety signal shown live. /reset clears the conversation,
+    /quit (or Ctrl-D) leaves; Ctrl-C stops the current reply."""
+    from .generate import stream_generate
+
+    config = _safety_config(no_safety, schedule, threshold, tau, rollback, refusal_prefix)
+    sampling = _sampling(temp, top_p, top_k, min_p, seed)
+    net, tokenizer = _load(model)
+    out = click.get_text_stream("stdout")
+    marks = _Marks(out)
+    start = [{"role": "system", "content": system}] if system else []
+    history = list(start)
+    click.echo(f"[safety {'off' if no_safety else 'on: ' + schedule}] "
+               "Type a message; /reset clears, /quit leaves.")
+    while True:
+        try:
+            line = input(marks(">> ", "cyan"))
+        except EOFError:
+            click.echo()
+            return
+        except KeyboardInterrupt:
+            click.echo("\n(Ctrl-C stops a reply; /quit or Ctrl-D leaves)")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            history = list(start)
+            click.echo("[conversation cleared]")
+            continue
+        history.append({"role": "user", "content": line})
+        reply, last = "", None
+        try:
+            for r in stream_generate(net, tokenizer, history, max_tokens, safety=config, **sampling):
+                for e in r.safety.events:
+                    if e.kind == "retracted":
+                        reply = reply[: len(reply) - len(e.text or "")]
+                shown = _event_marks(r.safety.events, marks)
+                out.write("".join(shown) + r.text)
+                out.flush()
+                reply += r.text
+                last = r
+        except KeyboardInterrupt:
+            out.write(marks(" [stopped]", "yellow"))
+        out.write("\n")
+        if last is not None and not no_safety:
+            s = last.safety
+            status = f"[safety: query p={_fmt(s.query_p)}, latest p={_fmt(s.p)}"
+            status += ", refusal inserted]" if s.inserted else "]"
+            out.write(marks(status, "red" if s.flagged or s.inserted else "green") + "\n")
+        out.flush()
+        history.append({"role": "assistant", "content": reply})
+
+
+def _register_commands():
     from .convert import convert_command
 
     main.add_command(convert_command)
 
 
-_register_convert()
+_register_commands()
 
 if __name__ == "__main__":
     sys.exit(main())

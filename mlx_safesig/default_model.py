@@ -82,3 +82,11 @@ def default_base_model(progress: Optional[Callable[[str], None]] = None) -> Path
         progress(f"converting {gguf.name} to MLX in {target} ...")
     convert(str(gguf), str(target), quantize=quantized, progress=progress is not None)
     return target
+
+
+def default_model_path(progress: Optional[Callable[[str], None]] = None) -> Path:
+    """The default safety model directory: the base model with this project's trained safety
+    adapter (``[CLS]`` row, head, LoRA) fused in, built on first use and cached."""
+    raise SafesigError(
+        "the default safety adapter has not been trained yet; pass --model with a safety model."
+    )

@@ -45,7 +45,7 @@ def _model_classes(config: dict):
 
 
 def load(
-    path_or_repo: str,
+    path_or_repo: Optional[str] = None,
     *,
     add_safety: bool = False,
     lazy: bool = False,
@@ -53,10 +53,15 @@ def load(
 ) -> Tuple[Model, TokenizerWrapper]:
     """Load a safety model and its tokenizer.
 
-    ``path_or_repo``: a directory written by ``mlx-safesig convert`` / ``fuse`` (or a hub repo id).
+    ``path_or_repo``: a directory written by ``mlx-safesig convert`` / ``fuse``, a hub repo id, or
+    None for the embedded default model (``DEFAULT_MODEL``, assembled and cached on first use).
     ``add_safety``: accept a plain mlx-lm directory and give it a fresh ``[CLS]`` row (mean of the
     embedding rows) and a random head -- a model to train or benchmark, not a safe one.
     """
+    if path_or_repo is None:
+        from .default_model import default_model_path
+
+        path_or_repo = default_model_path()
     path = resolve_model_path(str(path_or_repo), revision)
     config = json.loads((path / "config.json").read_text())
     safety_file = path / SAFETY_FILE

@@ -1,0 +1,77 @@
+"""The CLI as a user drives it: real subprocesses for exit codes and stderr, piped stdin for chat."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_model, write_model_dir
+
+from mlx_safesig.decoding import REFUSAL_PREFIX
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return write_model_dir(tmp_path_factory.mktemp("cli") / "tiny", make_model(), tokenizer)
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "mlx_safesig.cli", *map(str, args)],
+                          capture_output=True, text=True, input=stdin, timeout=300)
+
+
+def test_generate_json_carries_text_and_safety_trace(model_dir):
+    # a threshold below the query verdict: the refusal comes first, then the model's own text
+    r = cli("generate", "--model", model_dir, "--prompt", "Tell me a story", "-m", "40",
+            "--threshold", "0.01", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["flagged"] and out["refusal_inserted"]
+    assert out["text"].startswith(REFUSAL_PREFIX)
+    assert [e["kind"] for e in out["events"][:2]] == ["probe", "refusal-inserted"]
+    assert out["generation_tokens"] == 40
+
+
+def test_generate_without_safety_matches_the_api(model_dir):
+    from mlx_safesig import SafetyConfig, generate, load
+
+    model, tok = load(model_dir)
+    expected = generate(model, tok, [{"role": "user", "content": "Tell me a story"}],
+                        max_tokens=12, safety=SafetyConfig(enabled=False))
+    r = cli("generate", "--model", model_dir, "--prompt", "Tell me a story", "-m", "12",
+            "--no-safety", "--json")
+    assert json.loads(r.stdout)["text"] == expected
+
+
+def test_chat_answers_resets_and_quits(model_dir):
+    r = cli("chat", "--model", model_dir, "-m", "8", "--threshold", "0.01",
+            stdin="hello there\n/reset\nTell me a story\n/quit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[refusal inserted") == 2
+    assert r.stdout.count("[safety: query p=") == 2
+    assert "[conversation cleared]" in r.stdout
+
+
+def test_chat_ends_on_end_of_input(model_dir):
+    r = cli("chat", "--model", model_dir, "-m", "4", stdin="hello\n")
+    assert r.returncode == 0
+    assert r.stdout.count("[safety: query p=") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--model", "/no/such/model", "--prompt", "hi"], "/no/such/model does not exist."),
+        (["generate", "--prompt", "hi", "--model", "{model}", "--temp", "-1"], "--temp"),
+        (["generate", "--prompt", "hi", "--model", "{model}", "--schedule", "often"],
+         "unknown schedule 'often'"),
+        (["generate", "--prompt", "", "--model", "{model}"], "the prompt is empty"),
+        (["bench", "--model", "/no/such/model"], "/no/such/model does not exist."),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(model_dir, args, message):
+    r = cli(*[a.replace("{model}", str(model_dir)) for a in args])
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and message in last
+    assert "Traceback" not in r.stderr
