@@ -299,8 +299,10 @@ def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, no_safety, 
 
 def _register_commands():
     from .convert import convert_command
+    from .evaluate import eval_command
 
     main.add_command(convert_command)
+    main.add_command(eval_command)
 
 
 _register_commands()

@@ -1,0 +1,130 @@
+"""Training data for the default model's safety adapter, from the pinned data builder's output.
+
+    python examples/data/build_data.py --out data
+    python examples/default_adapter/make_data.py --data data --out data/adapter
+
+Rows (the JSONL format of `mlx_safesig.data`):
+* harmful prompts (train split, label 1): the response is the refusal prefix plus a short
+  justification; the ``continuation`` is the base model's OWN answer to the prompt (it answers
+  harmful requests on its own), so window probes learn to catch harmful text mid-generation;
+* benign prompts (train split, label 0): Alpaca rows keep their reference answer; our edgy-benign
+  prompts get the base model's own answer (window probes over benign responses are built by the
+  trainer itself); rows longer than MAX_BENIGN_CHARS are left out.
+The base model's generations are cached in ``--out`` (``generations.jsonl``, keyed by row id) so a
+re-run only generates what is missing. ``valid.jsonl`` is built the same way from the dev split.
+Nothing here prints prompt or response text: counts only.
+"""
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
+JUSTIFICATIONS = [
+    " it asks for help with something that could seriously harm people.",
+    " it could be used to hurt someone or to break the law.",
+    " helping with it would put people's safety at risk.",
+    " it is a request for harmful content, which I do not provide.",
+    " it could cause real harm. I am happy to help with something else.",
+]
+
+
+def read_jsonl(path: Path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pick(row_id: str, options):
+    return options[int(hashlib.sha256(row_id.encode()).hexdigest(), 16) % len(options)]
+
+
+def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int):
+    """Base-model answers (safety off, greedy) for rows not yet in the cache."""
+    cache = {}
+    if cache_path.exists():
+        cache = {r["id"]: r["text"] for r in read_jsonl(cache_path)}
+    todo = [r for r in rows if r["id"] not in cache]
+    if not todo:
+        return cache
+    import mlx_safesig  # noqa: F401  (OpenBLAS before mlx on Linux)
+    from mlx_lm import batch_generate, load
+
+    model, tok = load(model_dir)
+    with open(cache_path, "a") as out:
+        for i in range(0, len(todo), batch):
+            chunk = todo[i : i + batch]
+            prompts = [tok.apply_chat_template([{"role": "user", "content": r["text"]}],
+                                               add_generation_prompt=True) for r in chunk]
+            result = batch_generate(model, tok, prompts, max_tokens=max_tokens)
+            for r, text in zip(chunk, result.texts):
+                cache[r["id"]] = text
+                out.write(json.dumps({"id": r["id"], "text": text}) + "\n")
+            out.flush()
+            print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
+    return cache
+
+
+def build(rows_h, rows_b, gen, refusal_prefix):
+    out = []
+    for r in rows_h:
+        out.append({
+            "messages": [{"role": "user", "content": r["text"]},
+                         {"role": "assistant", "content": refusal_prefix.lstrip("\n")
+                          + pick(r["id"], JUSTIFICATIONS)}],
+            "label": 1,
+            "continuation": gen[r["id"]],
+            "continuation_label": 1,
+        })
+    for r in rows_b:
+        answer = r.get("response") or gen.get(r["id"], "")
+        if not answer.strip() or len(r["text"]) + len(answer) > MAX_BENIGN_CHARS:
+            continue
+        out.append({
+            "messages": [{"role": "user", "content": r["text"]},
+                         {"role": "assistant", "content": answer}],
+            "label": 0,
+        })
+    out.sort(key=lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest())
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data", help="output folder of examples/data/build_data.py")
+    ap.add_argument("--out", default="data/adapter", help="folder for train.jsonl / valid.jsonl")
+    ap.add_argument("--model", default=None, help="base mlx-lm model (default: the embedded one)")
+    ap.add_argument("--max-tokens", type=int, default=48, help="tokens per base-model answer")
+    ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--limit-harmful", type=int, default=None,
+                    help="use at most this many harmful training prompts")
+    args = ap.parse_args()
+
+    from mlx_safesig.decoding import REFUSAL_PREFIX
+    from mlx_safesig.default_model import default_base_model
+
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model or str(default_base_model(progress=lambda m: print(m, file=sys.stderr)))
+    benign_source = {r["id"]: r for r in read_jsonl(data / "benign.jsonl")}
+    for split, name in (("train", "train"), ("dev", "valid")):
+        harmful = read_jsonl(data / f"harmful.{split}.jsonl")
+        if args.limit_harmful and split == "train":
+            harmful = sorted(harmful, key=lambda r: r["id"])[: args.limit_harmful]
+        benign = [dict(benign_source.get(r["id"], r), **r) for r in
+                  read_jsonl(data / f"benign.{split}.jsonl")]
+        need = harmful + [r for r in benign if not r.get("response")]
+        gen = generate_missing(need, out / "generations.jsonl", model_dir, args.max_tokens,
+                               args.batch)
+        rows = build(harmful, benign, gen, REFUSAL_PREFIX)
+        with open(out / f"{name}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        n1 = sum(r["label"] for r in rows)
+        print(f"{name}.jsonl: {len(rows)} rows ({n1} malicious, {len(rows) - n1} benign)",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
