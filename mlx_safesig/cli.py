@@ -300,9 +300,11 @@ def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, no_safety, 
 def _register_commands():
     from .convert import convert_command
     from .evaluate import eval_command
+    from .fuse import fuse_command
+    from .train import train_command
 
-    main.add_command(convert_command)
-    main.add_command(eval_command)
+    for command in (convert_command, train_command, fuse_command, eval_command):
+        main.add_command(command)
 
 
 _register_commands()

@@ -48,6 +48,7 @@ def load(
     path_or_repo: Optional[str] = None,
     *,
     add_safety: bool = False,
+    adapter_path: Optional[str] = None,
     lazy: bool = False,
     revision: Optional[str] = None,
 ) -> Tuple[Model, TokenizerWrapper]:
@@ -57,7 +58,10 @@ def load(
     None for the embedded default model (``DEFAULT_MODEL``, assembled and cached on first use).
     ``add_safety``: accept a plain mlx-lm directory and give it a fresh ``[CLS]`` row (mean of the
     embedding rows) and a random head -- a model to train or benchmark, not a safe one.
+    ``adapter_path``: a directory written by ``mlx-safesig train`` (LoRA, ``[CLS]`` row and head),
+    applied on top; the base may then be a plain mlx-lm directory.
     """
+    add_safety = add_safety or adapter_path is not None
     if path_or_repo is None:
         from .default_model import default_model_path
 
@@ -90,6 +94,10 @@ def load(
             embed.weight, embed.scales, embed.biases, embed.group_size, embed.bits
         )
         model.load_weights(list(fresh_safety_parts(weight).items()), strict=False)
+    if adapter_path is not None:
+        from .train import load_adapters  # the trainer pulls in mlx-lm's tuner: only when needed
+
+        load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

@@ -48,7 +48,7 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
     todo = [r for r in rows if r["id"] not in cache]
     if not todo:
         return cache
-    import mlx_safesig  # noqa: F401  (OpenBLAS before mlx on Linux)
+    import mlx_safesig  # noqa: F401, I001  (OpenBLAS before mlx on Linux)
     from mlx_lm import batch_generate, load
 
     model, tok = load(model_dir)

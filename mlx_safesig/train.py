@@ -1,0 +1,643 @@
+"""LoRA fine-tuning of the explicit safety signal (SPEC §5): the joint loss, window supervision,
+checkpoints, data parallel.
+
+One training row holds a query, its response, an optional continuation and the window probes, in
+one forward (slot = index in the row, pos = RoPE position; n prompt tokens, R response tokens)::
+
+    slot 0            [CLS]                 pos 0        sees the query span and itself
+    slots 1 .. n      the prompt            pos 1 .. n   causal, never sees [CLS]
+    slots n+1 ..      the response          pos n+1 ..   causal, sees [CLS] and the prompt
+    then              the continuation      pos n+1 ..   like a response, but not the response
+    then              window probes         pos 0        each sees its window and itself
+
+This is the SFT mask of SPEC §3 (``attention.sft_mask``) plus two branches that generation sees
+one at a time: the continuation is a second response to the same prompt (same positions, it never
+sees the first), and a probe is the transient ``[CLS]`` of ``generate.probe``: its window is
+chosen by ``SafetyMonitor.window`` (rule 2: the latest r2 tokens, special tokens skipped), its
+position is the model's ``probe_position`` (0, or "current": the slot generation appends it at)
+and nobody attends to it. So every ``[CLS]`` row sees exactly what it sees at inference.
+
+Loss: ``L = L_lm + lambda * (BCE_query + BCE_probes)``: LM cross-entropy on response tokens only
+(mean per token), BCE on the query ``[CLS]`` (mean per example) and on the probes (mean per
+probe; windows of benign responses are labelled 0, windows of a continuation get its label).
+Every mean is taken over the *global* batch, so N processes with batch B give the gradients of
+one process with batch N * B.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import click
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from .attention import sft_mask
+from .data import Example, balanced_order, load_dataset, special_token_ids
+from .decoding import SafetyConfig, SafetyMonitor
+from .model import Model, SafesigError
+
+ADAPTER_FILE = "adapters.safetensors"  # LoRA only: what mlx-lm's loader reads
+SAFETY_ADAPTER_FILE = "safety_adapter.safetensors"  # cls_embed, cls_head.*
+ADAPTER_CONFIG = "adapter_config.json"
+STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
+SAFETY_KEYS = ("cls_embed", "cls_head.weight", "cls_head.bias")
+PAD_TO = 8  # row padding: small, the [CLS] and probe rows already lengthen a row
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (CLI options of ``mlx-safesig train``)."""
+
+    iters: int = 200
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    safety_learning_rate: Optional[float] = None  # [CLS] row and head; None: 10 x learning_rate
+    warmup: int = 0
+    weight_decay: float = 0.01
+    lam: float = 0.1  # weight of the [CLS] BCE terms
+    lora_rank: int = 8
+    lora_scale: float = 20.0
+    lora_dropout: float = 0.0
+    num_layers: int = 16  # LoRA on the last N blocks; -1: all
+    probes: int = 4  # window probes per response/continuation branch; 0: no window supervision
+    oversample: bool = True
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+    steps_per_report: int = 10
+    steps_per_eval: int = 100
+    val_batches: int = 25  # -1: the whole validation set
+    save_every: int = 100
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows: the layout above, built on the host
+
+
+@dataclass
+class Probe:
+    branch_start: int  # slot of the branch's first token
+    t: int  # branch index the probe follows
+    window: List[int]  # branch indices it sees
+    label: int
+
+
+@dataclass
+class Row:
+    ids: np.ndarray  # [l]
+    positions: np.ndarray  # [l]
+    mask: np.ndarray  # [l, l] bool
+    lm_slots: np.ndarray  # slots whose logits predict ...
+    lm_targets: np.ndarray  # ... these tokens
+    cls_slots: np.ndarray  # query [CLS] first, then probes
+    cls_labels: np.ndarray
+    n_tokens: int  # sequence tokens (no [CLS] rows)
+
+
+def probe_ends(length: int, k: int) -> List[int]:
+    """``k`` branch indices spread evenly over a branch of ``length`` tokens, the last one last."""
+    return sorted({max(0, (j + 1) * length // k - 1) for j in range(k)}) if length else []
+
+
+def plan_probes(ex: Example, k: int, monitor: SafetyMonitor, special: set) -> List[Probe]:
+    """Window probes for one example: over the response of a benign example (label 0) and over the
+    continuation (its label); windows as generation's rule 2 picks them."""
+    if k <= 0:
+        return []
+    n = 1 + len(ex.prompt)
+    branches = []
+    if ex.label == 0:
+        branches.append((n, ex.response, 0))
+    if ex.continuation:
+        branches.append((n + len(ex.response), ex.continuation, ex.continuation_label))
+    probes = []
+    for start, tokens, label in branches:
+        flags = [t in special for t in tokens]
+        for t in probe_ends(len(tokens), k):
+            _, window = monitor.window(t, flags)
+            if window:
+                probes.append(Probe(start, t, window, label))
+    return probes
+
+
+def window_monitor(model: Model) -> SafetyMonitor:
+    """A monitor in rule 2 (query verdict benign, no flip): the windows probes see most."""
+    monitor = SafetyMonitor(SafetyConfig().resolved(model.args.safesig))
+    monitor.query_malicious = False
+    return monitor
+
+
+def layout(ex: Example, probes: Sequence[Probe], cls_id: int, probe_position) -> Row:
+    """One training row (see the module docstring)."""
+    n, R, C = len(ex.prompt), len(ex.response), len(ex.continuation)
+    r0 = 1 + n
+    c0 = r0 + R
+    p0 = c0 + C
+    length = p0 + len(probes)
+    ids = np.array([cls_id, *ex.prompt, *ex.response, *ex.continuation, *[cls_id] * len(probes)],
+                   dtype=np.int32)
+    positions = np.arange(length, dtype=np.int32)
+    positions[c0:p0] = np.arange(r0, r0 + C)
+    mask = np.zeros((length, length), dtype=bool)
+    q0, q1 = ex.query_span
+    mask[:c0, :c0] = np.array(sft_mask(c0, (1 + q0, 1 + q1), r0))
+    mask[c0:p0, :r0] = mask[r0, :r0]  # a continuation token sees what the first response token does
+    mask[c0:p0, c0:p0] = np.tril(np.ones((C, C), dtype=bool))
+    for j, p in enumerate(probes):
+        slot = p0 + j
+        mask[slot, [p.branch_start + i for i in p.window]] = True
+        mask[slot, slot] = True
+        positions[slot] = r0 + p.t + 1 if probe_position == "current" else probe_position
+    return Row(
+        ids=ids, positions=positions, mask=mask,
+        lm_slots=np.arange(n, n + R, dtype=np.int32),
+        lm_targets=np.array(ex.response, dtype=np.int32),
+        cls_slots=np.array([0, *range(p0, length)], dtype=np.int32),
+        cls_labels=np.array([ex.label, *[p.label for p in probes]], dtype=np.float32),
+        n_tokens=ex.n_tokens,
+    )
+
+
+def _ceil(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def collate(rows: Sequence[Row], totals: Dict[str, float], world: int = 1) -> Dict[str, mx.array]:
+    """Pad rows into a batch. ``totals``: counts over the global batch (``lm`` response tokens,
+    ``query`` examples, ``probe`` probes) that turn sums into global means; multiplied by
+    ``world`` because the gradient all-reduce averages over processes.
+
+    Returns ids / positions [B, L], mask [B, 1, L, L], and flat gathers: ``lm_index`` [N] into
+    B * L with ``lm_target`` and weights ``lm_weight``; ``cls_index`` [M] with ``cls_label``,
+    ``query_weight`` and ``probe_weight``. Padding rows see only themselves, padding gathers
+    weigh 0."""
+    B = len(rows)
+    L = _ceil(max(len(r.ids) for r in rows), PAD_TO)
+    ids = np.zeros((B, L), np.int32)
+    positions = np.zeros((B, L), np.int32)
+    mask = np.broadcast_to(np.eye(L, dtype=bool), (B, L, L)).copy()
+    lm_index, lm_target, cls_index, cls_label, is_query = [], [], [], [], []
+    for b, r in enumerate(rows):
+        n = len(r.ids)
+        ids[b, :n], positions[b, :n], mask[b, :n, :n] = r.ids, r.positions, r.mask
+        lm_index.append(b * L + r.lm_slots)
+        lm_target.append(r.lm_targets)
+        cls_index.append(b * L + r.cls_slots)
+        cls_label.append(r.cls_labels)
+        is_query.append(np.arange(len(r.cls_slots)) == 0)
+
+    def padded(parts, dtype, size):
+        flat = np.concatenate(parts).astype(dtype)
+        return np.pad(flat, (0, size - flat.size))
+
+    N = _ceil(sum(len(x) for x in lm_index), PAD_TO)
+    M = _ceil(sum(len(x) for x in cls_index), 8)
+    n_lm = sum(len(x) for x in lm_index)
+    is_query = padded(is_query, bool, M)
+    is_probe = np.arange(M) < sum(len(x) for x in cls_index)
+    is_probe &= ~is_query
+    scale = float(world)
+    return {
+        "ids": mx.array(ids), "positions": mx.array(positions), "mask": mx.array(mask[:, None]),
+        "lm_index": mx.array(padded(lm_index, np.int32, N)),
+        "lm_target": mx.array(padded(lm_target, np.int32, N)),
+        "lm_weight": mx.array((np.arange(N) < n_lm) * scale / totals["lm"], dtype=mx.float32),
+        "cls_index": mx.array(padded(cls_index, np.int32, M)),
+        "cls_label": mx.array(padded(cls_label, np.float32, M)),
+        "query_weight": mx.array(is_query * scale / totals["query"], dtype=mx.float32),
+        "probe_weight": mx.array(is_probe * scale / max(totals["probe"], 1), dtype=mx.float32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def head_loss(z: mx.array, labels: mx.array) -> mx.array:
+    """Per-row BCE of the safety head's logits ``z`` [M, 1 or 2] against 0/1 ``labels`` [M]."""
+    if z.shape[-1] == 1:
+        return nn.losses.binary_cross_entropy(z[:, 0], labels, with_logits=True, reduction="none")
+    return nn.losses.cross_entropy(z, labels.astype(mx.int32), reduction="none")
+
+
+def forward(model: Model, batch: dict, checkpoint: bool = False) -> mx.array:
+    """Final-norm hidden states [B, L, D] of a collated batch (per-layer gradient checkpointing
+    if ``checkpoint``)."""
+    ids, mask, positions = batch["ids"], batch["mask"], batch["positions"]
+    if not checkpoint:
+        return model.hidden(ids, mask=mask, positions=positions)
+    h = model.embed(ids)
+    for layer in model.layers:
+
+        def block(params, h, layer=layer):
+            layer.update(params)
+            return layer(h, mask, None, positions)
+
+        h = mx.checkpoint(block)(layer.trainable_parameters(), h)
+    return model.model.norm(h)
+
+
+def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
+    """``L_lm + lam * (BCE_query + BCE_probes)`` and its three parts (global means, see
+    ``collate``)."""
+    h = forward(model, batch, checkpoint)
+    h = h.reshape(-1, h.shape[-1])
+    logits = model.logits(h[batch["lm_index"]]).astype(mx.float32)
+    lm = (nn.losses.cross_entropy(logits, batch["lm_target"]) * batch["lm_weight"]).sum()
+    z = model.cls_head(h[batch["cls_index"]].astype(model.cls_head.weight.dtype))
+    bce = head_loss(z.astype(mx.float32), batch["cls_label"])
+    query = (bce * batch["query_weight"]).sum()
+    probe = (bce * batch["probe_weight"]).sum()
+    return lm + lam * (query + probe), (lm, query, probe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model preparation, adapters
+
+
+def lora_parameters(config: TrainConfig) -> dict:
+    return {"rank": config.lora_rank, "scale": config.lora_scale, "dropout": config.lora_dropout}
+
+
+def prepare_model(model: Model, config: TrainConfig) -> int:
+    """Freeze the model, put LoRA on the last ``num_layers`` blocks, make the ``[CLS]`` row and the
+    head fully trainable. Returns the number of LoRA blocks."""
+    n = len(model.layers) if config.num_layers < 0 else config.num_layers
+    if n > len(model.layers):
+        raise SafesigError(
+            f"--num-layers is {n} but the model has only {len(model.layers)} layers."
+        )
+    model.freeze()
+    linear_to_lora_layers(model, n, lora_parameters(config))
+    model.unfreeze(keys=["cls_embed"], recurse=False)
+    model.cls_head.unfreeze()
+    return n
+
+
+def _save(path: Path, arrays: dict):
+    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
+    mx.save_safetensors(str(tmp), arrays)
+    os.replace(tmp, path)
+
+
+def save_adapters(model: Model, path: Path, config: TrainConfig, num_layers: int, prefix: str = ""):
+    """LoRA weights (``adapters.safetensors``, mlx-lm's name and layout), the safety parts
+    (``safety_adapter.safetensors``) and ``adapter_config.json`` (mlx-lm's keys + ours)."""
+    path.mkdir(parents=True, exist_ok=True)
+    trained = dict(tree_flatten(model.trainable_parameters()))
+    _save(path / f"{prefix}{ADAPTER_FILE}", {k: v for k, v in trained.items() if k not in SAFETY_KEYS})
+    _save(path / f"{prefix}{SAFETY_ADAPTER_FILE}", {k: trained[k] for k in SAFETY_KEYS})
+    adapter_config = {
+        "fine_tune_type": "lora",
+        "num_layers": num_layers,
+        "lora_parameters": lora_parameters(config),
+        "safesig_training": asdict(config),
+    }
+    (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
+
+
+def load_adapters(model: Model, adapter_path) -> Model:
+    """Apply adapters written by ``train`` to a loaded safety model (in place): LoRA layers from
+    ``adapters.safetensors`` and the ``[CLS]`` row and head from ``safety_adapter.safetensors``."""
+    path = Path(adapter_path)
+    config_file = path / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise SafesigError(f"{path}: no {ADAPTER_CONFIG}; is it an adapter directory from `train`?")
+    for name in (ADAPTER_FILE, SAFETY_ADAPTER_FILE):
+        if not (path / name).is_file():
+            raise SafesigError(f"{path}: missing {name}.")
+    config = json.loads(config_file.read_text())
+    if config.get("fine_tune_type", "lora") != "lora":
+        raise SafesigError(f"{config_file}: only LoRA adapters are supported.")
+    if config["num_layers"] > len(model.layers):
+        raise SafesigError(f"{path}: the adapters need {config['num_layers']} layers but the "
+                           f"model has {len(model.layers)}.")
+    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
+    params = dict(tree_flatten(model.parameters()))
+    for name, w in weights.items():
+        if name not in params or params[name].shape != w.shape:
+            raise SafesigError(f"{path}: tensor {name} does not fit this model.")
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def _save_state(path: Path, optimizer, step: int):
+    _save(path / STATE_FILE, dict(tree_flatten(optimizer.state)))
+    (path / "training_state.json").write_text(json.dumps({"step": step}))
+
+
+def _load_state(path: Path, model: Model, optimizer) -> int:
+    for name in (STATE_FILE, "training_state.json", ADAPTER_FILE, SAFETY_ADAPTER_FILE):
+        if not (path / name).is_file():
+            raise SafesigError(f"{path}: nothing to resume from (no {name}).")
+    weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
+    model.load_weights(list(weights.items()), strict=False)
+    optimizer.init(model.trainable_parameters())
+    saved = mx.load(str(path / STATE_FILE))
+    optimizer.state = tree_map_with_path(lambda k, v: saved.get(k, v), optimizer.state)
+    return json.loads((path / "training_state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches and evaluation
+
+
+def batch_order(order: Sequence[int], examples: Sequence[Example], size: int, seed: int
+                ) -> Iterator[List[int]]:
+    """Endless global batches: examples sorted by length, cut into batches of ``size``, batches
+    shuffled each epoch (as mlx-lm does: little padding, random order)."""
+    order = sorted(order, key=lambda i: examples[i].n_tokens)
+    batches = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
+    if not batches:
+        raise SafesigError(
+            f"the training set has {len(order)} examples, fewer than one batch of {size}."
+        )
+    epoch = 0
+    while True:
+        for j in np.random.RandomState(seed + epoch).permutation(len(batches)):
+            yield batches[j]
+        epoch += 1
+
+
+class Batcher:
+    """Turns global batches of example indices into this process's collated share."""
+
+    def __init__(self, model: Model, tokenizer, config: TrainConfig, world):
+        self.model, self.config, self.world = model, config, world
+        self.monitor = window_monitor(model)
+        self.special = special_token_ids(tokenizer)
+        self.probe_position = model.args.safesig["probe_position"]
+
+    def probes(self, ex: Example) -> List[Probe]:
+        return plan_probes(ex, self.config.probes, self.monitor, self.special)
+
+    def __call__(self, examples: Sequence[Example], indices: Sequence[int]):
+        """-> (batch arrays of this rank's rows, global sequence tokens)."""
+        chosen = [examples[i] for i in indices]
+        rows = [layout(ex, self.probes(ex), self.model.cls_token_id, self.probe_position)
+                for ex in chosen]
+        totals = {
+            "lm": sum(len(r.lm_slots) for r in rows),
+            "query": len(rows),
+            "probe": sum(len(r.cls_slots) - 1 for r in rows),
+        }
+        size, rank = self.world.size(), self.world.rank()
+        mine = rows[rank::size]
+        return collate(mine, totals, size), sum(r.n_tokens for r in rows)
+
+
+def f1_report(tp, fp, fn, tn) -> dict:
+    precision = tp / max(tp + fp, 1)
+    recall = tp / max(tp + fn, 1)
+    return {
+        "accuracy": (tp + tn) / max(tp + fp + fn + tn, 1),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+    }
+
+
+def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_size: int,
+             num_batches: int = -1) -> dict:
+    """Validation: LM loss per response token, the query ``[CLS]`` accuracy / precision / recall /
+    F1 at the model's threshold, and the probes' accuracy (summed over all processes)."""
+    threshold = model.args.safesig["threshold"]
+    size = batch_size * batcher.world.size()
+    starts = range(0, len(examples), size)
+    if num_batches >= 0:
+        starts = list(starts)[:num_batches]
+    totals = mx.zeros((8,))  # lm sum, lm count, tp, fp, fn, tn, probes right, probes
+    for s in starts:
+        indices = list(range(s, min(s + size, len(examples))))
+        if len(indices) < batcher.world.size():
+            break
+        batch, _ = batcher(examples, indices)
+        h = model.hidden(batch["ids"], mask=batch["mask"], positions=batch["positions"])
+        h = h.reshape(-1, h.shape[-1])
+        logits = model.logits(h[batch["lm_index"]]).astype(mx.float32)
+        lm_on = batch["lm_weight"] > 0
+        ce = nn.losses.cross_entropy(logits, batch["lm_target"]) * lm_on
+        pred = model.safety_prob(h[batch["cls_index"]]) >= threshold
+        label = batch["cls_label"] > 0.5
+        q = batch["query_weight"] > 0
+        p = batch["probe_weight"] > 0
+        totals = totals + mx.stack([
+            ce.sum(), lm_on.sum(),
+            (q & pred & label).sum(), (q & pred & ~label).sum(),
+            (q & ~pred & label).sum(), (q & ~pred & ~label).sum(),
+            (p & (pred == label)).sum(), p.sum(),
+        ]).astype(mx.float32)
+        mx.eval(totals)
+    totals = mx.distributed.all_sum(totals, stream=mx.cpu).tolist()
+    report = {"lm_loss": totals[0] / max(totals[1], 1), **f1_report(*totals[2:6])}
+    report["probe_accuracy"] = totals[6] / totals[7] if totals[7] else None
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _schedule(peak: float, config: TrainConfig):
+    decay = optim.cosine_decay(peak, max(config.iters - config.warmup, 1), 0.0)
+    if not config.warmup:
+        return decay
+    warm = optim.linear_schedule(0.0, peak, config.warmup)
+    return optim.join_schedules([warm, decay], [config.warmup])
+
+
+def make_optimizer(config: TrainConfig) -> optim.MultiOptimizer:
+    """AdamW with warmup + cosine decay; the ``[CLS]`` row and the head, new and trained from
+    scratch, get their own (by default 10x higher) learning rate."""
+    safety_lr = config.safety_learning_rate or 10 * config.learning_rate
+    return optim.MultiOptimizer(
+        [optim.AdamW(_schedule(safety_lr, config), weight_decay=config.weight_decay),
+         optim.AdamW(_schedule(config.learning_rate, config), weight_decay=config.weight_decay)],
+        [lambda path, _: path in SAFETY_KEYS],
+    )
+
+
+def make_step(model: Model, optimizer, config: TrainConfig, world):
+    """The compiled training step ``step(batch) -> [loss, lm, query bce, probe bce]`` (updates
+    ``model`` and ``optimizer``; gradients averaged over ``world``) and the state to evaluate."""
+    loss_and_grad = nn.value_and_grad(
+        model, partial(joint_loss, lam=config.lam, checkpoint=config.grad_checkpoint)
+    )
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch):
+        (loss, parts), grad = loss_and_grad(model, batch)
+        if world.size() > 1:
+            grad = nn.average_gradients(grad)
+        optimizer.update(model, grad)
+        return mx.stack([loss, *parts])
+
+    return step, state
+
+
+def _log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def train(
+    model: Model,
+    tokenizer,
+    train_set: Sequence[Example],
+    valid_set: Optional[Sequence[Example]],
+    config: TrainConfig,
+    adapter_path,
+    resume: bool = False,
+    log=_log,
+) -> List[dict]:
+    """Train ``model`` in place (LoRA + ``[CLS]`` row + head) and save adapters to ``adapter_path``.
+
+    Under ``mlx.launch`` every process runs this with the same data; each takes its share of
+    every global batch (``batch_size`` per process) and gradients are averaged. Returns the
+    reported history: one dict per report / validation (rank 0 logs; all ranks return it)."""
+    world = mx.distributed.init()
+    rank = world.rank()
+    say = log if rank == 0 else (lambda _: None)
+    adapter_path = Path(adapter_path)
+    mx.random.seed(config.seed)  # same LoRA init on every process
+    num_layers = prepare_model(model, config)
+    optimizer = make_optimizer(config)
+    start = _load_state(adapter_path, model, optimizer) if resume else 0
+    batcher = Batcher(model, tokenizer, config, world)
+    order = balanced_order(train_set) if config.oversample else list(range(len(train_set)))
+    batches = batch_order(order, train_set, config.batch_size * world.size(), config.seed)
+    for _ in range(start):  # resume: the same batches follow
+        next(batches)
+
+    step, state = make_step(model, optimizer, config, world)
+
+    history = []
+    sums, tokens, seconds, steps = mx.zeros((4,)), 0, 0.0, 0
+
+    def validate(it):
+        if valid_set is None:
+            return
+        model.eval()
+        report = evaluate(model, valid_set, batcher, config.batch_size, config.val_batches)
+        model.train()
+        history.append({"step": it, "kind": "valid", **report})
+        probe = report["probe_accuracy"]
+        say(f"step {it}: valid lm {report['lm_loss']:.3f}, [CLS] acc {report['accuracy']:.3f} "
+            f"P {report['precision']:.3f} R {report['recall']:.3f} F1 {report['f1']:.3f}"
+            + (f", probes acc {probe:.3f}" if probe is not None else ""))
+
+    model.train()
+    say(f"training {config.iters} steps from step {start}: {len(train_set)} examples, "
+        f"batch {config.batch_size} x {world.size()} process(es), LoRA rank {config.lora_rank} "
+        f"on {num_layers} layers, lambda {config.lam}, {config.probes} probes per branch")
+    for it in range(start + 1, config.iters + 1):
+        tic = time.perf_counter()
+        batch, n_tokens = batcher(train_set, next(batches))
+        sums = sums + step(batch)
+        mx.eval(state, sums)
+        seconds += time.perf_counter() - tic
+        tokens += n_tokens
+        steps += 1
+        if it % config.steps_per_report == 0 or it == config.iters:
+            loss, lm, query, probe = (mx.distributed.all_sum(sums, stream=mx.cpu) /
+                                      (steps * world.size())).tolist()
+            entry = {"step": it, "kind": "train", "loss": loss, "lm_loss": lm,
+                     "query_bce": query, "probe_bce": probe, "tokens_per_second": tokens / seconds,
+                     "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                     "learning_rate": optimizer.optimizers[1].learning_rate.item()}
+            history.append(entry)
+            say(f"step {it}/{config.iters}: loss {loss:.3f} (lm {lm:.3f}, query bce {query:.3f}, "
+                f"probe bce {probe:.3f}), lr {entry['learning_rate']:.2e}, "
+                f"{entry['tokens_per_second']:.0f} tok/s, peak {entry['peak_memory_gb']:.2f} GB")
+            sums, tokens, seconds, steps = mx.zeros((4,)), 0, 0.0, 0
+        if it % config.steps_per_eval == 0 and it != config.iters:
+            validate(it)
+        if it % config.save_every == 0 and it != config.iters and rank == 0:
+            save_adapters(model, adapter_path, config, num_layers)
+            save_adapters(model, adapter_path, config, num_layers, prefix=f"{it:07d}_")
+            _save_state(adapter_path, optimizer, it)
+            say(f"step {it}: saved adapters to {adapter_path}")
+    validate(config.iters)
+    if rank == 0:
+        save_adapters(model, adapter_path, config, num_layers)
+        _save_state(adapter_path, optimizer, config.iters)
+        say(f"saved adapters to {adapter_path}")
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@click.command("train")
+@click.option("--model", "model_path", required=True, help="Safety model directory (from "
+              "`convert`), or a plain mlx-lm model with --add-safety.")
+@click.option("--data", "data_dir", required=True, type=click.Path(),
+              help="Directory with train.jsonl (and optionally valid.jsonl).")
+@click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(),
+              help="Where adapters, checkpoints and the training state are written.")
+@click.option("--add-safety", is_flag=True,
+              help="Start from a plain model: give it a fresh [CLS] row and head.")
+@click.option("--iters", default=200, show_default=True, help="Training steps.")
+@click.option("--batch-size", default=4, show_default=True,
+              help="Examples per step (per process under mlx.launch).")
+@click.option("--learning-rate", default=1e-4, show_default=True, help="Peak AdamW learning rate.")
+@click.option("--safety-learning-rate", type=float, default=None,
+              help="Learning rate of the [CLS] row and head (default: 10 x --learning-rate).")
+@click.option("--warmup", default=0, show_default=True,
+              help="Linear warmup steps before the cosine decay.")
+@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--lambda", "lam", default=0.1, show_default=True,
+              help="Weight of the [CLS] BCE terms in the joint loss (paper: 0.1 or 0.01).")
+@click.option("--lora-rank", default=8, show_default=True, help="LoRA rank.")
+@click.option("--lora-scale", default=20.0, show_default=True, help="LoRA scale (mlx-lm's).")
+@click.option("--lora-dropout", default=0.0, show_default=True, help="LoRA dropout.")
+@click.option("--num-layers", default=16, show_default=True,
+              help="LoRA on the last N transformer blocks (-1: all).")
+@click.option("--probes", default=4, show_default=True,
+              help="Window-supervision probes per benign response / continuation (0: off).")
+@click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
+@click.option("--max-seq-length", default=2048, show_default=True,
+              help="Longest training row in tokens; longer examples are an error.")
+@click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward "
+              "pass (less memory, ~30% slower).")
+@click.option("--steps-per-report", default=10, show_default=True,
+              help="Steps between progress lines.")
+@click.option("--steps-per-eval", default=100, show_default=True, help="Steps between validations.")
+@click.option("--val-batches", default=25, show_default=True,
+              help="Validation batches (-1: all of valid.jsonl).")
+@click.option("--save-every", default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--resume", is_flag=True,
+              help="Continue from the checkpoint and optimizer state in --adapter-path.")
+@click.option("--seed", default=0, show_default=True, help="Seed for LoRA init and data order.")
+def train_command(model_path, data_dir, adapter_path, add_safety, resume, no_oversample, **options):
+    """LoRA fine-tuning with the explicit safety signal (joint LM + [CLS] loss)."""
+    from .loading import load
+
+    config = TrainConfig(oversample=not no_oversample, **options)
+    for name in ("iters", "batch_size", "save_every", "steps_per_report", "steps_per_eval"):
+        if getattr(config, name) < 1:
+            raise click.ClickException(f"--{name.replace('_', '-')} must be at least 1.")
+    try:
+        model, tokenizer = load(model_path, add_safety=add_safety)
+        batcher = Batcher(model, tokenizer, config, mx.distributed.init())
+        train_set, valid_set = load_dataset(
+            data_dir, tokenizer, config.max_seq_length, lambda ex: len(batcher.probes(ex))
+        )
+        train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume)
+    except SafesigError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"{e.filename or adapter_path}: {e.strerror or e}.") from None

@@ -1,0 +1,237 @@
+"""Training end to end on a tiny model: a synthetic two-class task is learnt, adapters reload and fuse
+to the same model, --resume continues exactly, and 2-process data parallel equals one big batch."""
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_model, make_tokenizer, write_model_dir
+
+from mlx_safesig import SafetyConfig, generate, load, score
+from mlx_safesig.data import tokenize_example
+from mlx_safesig.fuse import fuse, fuse_command
+from mlx_safesig.train import TrainConfig, load_adapters, train, train_command
+
+# Class = which word list the topic comes from; frames, pairs and responses vary.
+BAD = ["zax", "quz", "jix", "vozz", "xeq", "zuj", "qiv", "juzz"]
+GOOD = ["bread", "poem", "sea", "home", "water", "story", "salt", "dog"]
+FRAMES = ["How do I make {}?", "Tell me about {}.", "Explain {} to me.", "What is {}?",
+          "Give steps for {}."]
+REFUSAL = "Sorry, I can't fulfill your request because it could cause harm."
+
+
+def synthetic(n, seed):
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        bad = i % 2 == 1
+        topic = " ".join(rng.sample(BAD if bad else GOOD, 2))
+        query = rng.choice(FRAMES).format(topic)
+        if bad:
+            records.append({"prompt": query, "response": REFUSAL, "label": 1,
+                            "continuation": f"Sure, here is {topic}: take the {topic} and "
+                                            f"{rng.choice(BAD)} it."})
+        else:
+            records.append({"prompt": query, "label": 0, "response": f"Sure, {topic} is simple: "
+                            f"start with {rng.choice(GOOD)} and go slowly."})
+    return records
+
+
+def write_data(folder: Path, train_records, valid_records=None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_records))
+    if valid_records:
+        (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in valid_records))
+    return folder
+
+
+def f1(model, tokenizer, records):
+    pred = [score(model, tokenizer, [{"role": "user", "content": r["prompt"]}]) >= 0.5
+            for r in records]
+    tp = sum(p and r["label"] for p, r in zip(pred, records))
+    fp = sum(p and not r["label"] for p, r in zip(pred, records))
+    fn = sum((not p) and r["label"] for p, r in zip(pred, records))
+    return 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+QUICK = dict(batch_size=8, learning_rate=1e-3, num_layers=-1, steps_per_report=10,
+             steps_per_eval=1000, save_every=1000)
+PROMPTS = [[{"role": "user", "content": "What is zax quz?"}],
+           [{"role": "user", "content": "Tell me about sea salt."}]]
+
+
+def outputs(model, tokenizer):
+    scores = [score(model, tokenizer, p) for p in PROMPTS]
+    texts = [generate(model, tokenizer, p, max_tokens=12, safety=SafetyConfig(schedule="each"))
+             for p in PROMPTS]
+    return scores, texts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base model directory, trained on the synthetic task."""
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = make_tokenizer()
+    base = write_model_dir(root / "base", make_model(), tokenizer)
+    model, tokenizer = load(base)
+    records = synthetic(64, seed=0)
+    examples = [tokenize_example(tokenizer, r) for r in records]
+    history = train(model, tokenizer, examples, None, TrainConfig(iters=50, **QUICK),
+                    root / "adapters", log=lambda _: None)
+    return base, root / "adapters", model, tokenizer, history
+
+
+def test_synthetic_task_reaches_f1_095_on_held_out_data(trained):
+    _, _, model, tokenizer, history = trained
+    assert f1(model, tokenizer, synthetic(40, seed=1)) >= 0.95
+    assert history[-1]["lm_loss"] < history[0]["lm_loss"]
+
+
+def test_adapters_are_two_files_and_mlx_lm_loads_the_lora_part(trained):
+    import mlx_lm
+
+    base, adapters, *_ = trained
+    weights = mx.load(str(adapters / "adapters.safetensors"))
+    assert weights and all(".lora_" in k for k in weights)
+    assert set(mx.load(str(adapters / "safety_adapter.safetensors"))) == {
+        "cls_embed", "cls_head.weight", "cls_head.bias"}
+    mlx_lm.load(str(base), adapter_path=str(adapters))  # does not choke
+
+
+def test_reloaded_adapters_give_identical_scores_and_generations(trained):
+    base, adapters, model, tokenizer, _ = trained
+    reloaded, _ = load(base)
+    load_adapters(reloaded, adapters)
+    assert outputs(reloaded, tokenizer) == outputs(model, tokenizer)
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_fused_model_gives_the_same_scores_and_generations(trained, tmp_path, quantize):
+    base, adapters, model, tokenizer, _ = trained
+    fused_path = fuse(base, adapters, tmp_path / "fused", q_bits=8 if quantize else None)
+    fused, _ = load(fused_path)
+    scores, texts = outputs(fused, tokenizer)
+    expected_scores, expected_texts = outputs(model, tokenizer)
+    if quantize:  # matrices quantized, head and [CLS] row float
+        assert fused.cls_head.weight.dtype == mx.float32 and fused.cls_embed.dtype == mx.float32
+        np.testing.assert_allclose(scores, expected_scores, atol=0.05)
+    else:
+        np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+        assert texts == expected_texts
+
+
+def test_resume_continues_exactly(tmp_path, tokenizer):
+    examples = [tokenize_example(tokenizer, r) for r in synthetic(16, seed=3)]
+    config = dict(QUICK, batch_size=4, steps_per_report=1, save_every=3)
+    straight = train(make_model(), tokenizer, examples, None, TrainConfig(iters=6, **config),
+                     tmp_path / "a", log=lambda _: None)
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_after_checkpoint(message):
+        if "saved" in message:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(make_model(), tokenizer, examples, None, TrainConfig(iters=6, **config),
+              tmp_path / "b", log=crash_after_checkpoint)
+    resumed = train(make_model(), tokenizer, examples, None, TrainConfig(iters=6, **config),
+                    tmp_path / "b", resume=True, log=lambda _: None)
+    assert [h["step"] for h in resumed] == [4, 5, 6]
+    np.testing.assert_allclose([h["loss"] for h in resumed], [h["loss"] for h in straight[3:]],
+                               rtol=1e-4)
+
+
+WORKER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import make_model, make_tokenizer
+from mlx_safesig.data import tokenize_example
+from mlx_safesig.train import TrainConfig, train
+from test_train import QUICK, synthetic
+
+tokenizer = make_tokenizer()
+examples = [tokenize_example(tokenizer, r) for r in synthetic(16, seed=5)]
+config = TrainConfig(iters=4, **dict(QUICK, batch_size=int(sys.argv[2]), steps_per_report=1))
+history = train(make_model(), tokenizer, examples, None, config, sys.argv[1] + "/adapters",
+                log=lambda _: None)
+import mlx.core as mx
+if mx.distributed.init().rank() == 0:
+    json.dump([h["loss"] for h in history], open(sys.argv[1] + "/losses.json", "w"))
+"""
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
+def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, tokenizer):
+    examples = [tokenize_example(tokenizer, r) for r in synthetic(16, seed=5)]
+    config = TrainConfig(iters=4, **dict(QUICK, batch_size=8, steps_per_report=1))
+    one = [h["loss"] for h in train(make_model(), tokenizer, examples, None, config,
+                                    tmp_path / "one", log=lambda _: None)]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
+    (tmp_path / "two").mkdir()
+    launched = subprocess.run(
+        ["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port", str(free_port()),
+         "--env", "OPENBLAS_NUM_THREADS=1", sys.executable, str(script), str(tmp_path / "two"), "4"],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path,
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert len(one) == len(two) == 4
+    np.testing.assert_allclose(two, one, atol=1e-4)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_command_writes_adapters_and_reports_on_stderr(tmp_path, tokenizer):
+    base = write_model_dir(tmp_path / "base", make_model(), tokenizer)
+    data = write_data(tmp_path / "data", synthetic(16, 0), synthetic(8, 1))
+    result = CliRunner().invoke(train_command, [
+        "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
+        "--iters", "2", "--batch-size", "4", "--steps-per-report", "1", "--num-layers", "1",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "tok/s" in result.stderr and "F1" in result.stderr and result.stdout == ""
+    assert (tmp_path / "ad" / "adapters.safetensors").is_file()
+    fused = CliRunner().invoke(fuse_command, [
+        "--model", str(base), "--adapter-path", str(tmp_path / "ad"),
+        "--save-path", str(tmp_path / "fused")])
+    assert fused.exit_code == 0, fused.output
+    load(tmp_path / "fused")
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from mlx_safesig.train import Batcher, joint_loss, prepare_model
+
+    examples = [tokenize_example(tokenizer, r) for r in synthetic(4, seed=2)]
+    results = []
+    for checkpoint in (False, True):
+        model = make_model()
+        config = TrainConfig(num_layers=-1)
+        mx.random.seed(0)
+        prepare_model(model, config)
+        batch, _ = Batcher(model, tokenizer, config, mx.distributed.init())(examples, range(4))
+        loss_fn = partial(joint_loss, lam=0.1, checkpoint=checkpoint)
+        (loss, _), grad = nn.value_and_grad(model, loss_fn)(model, batch)
+        results.append((loss.item(), dict(tree_flatten(grad))))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for name, g in results[0][1].items():
+        np.testing.assert_allclose(np.array(g), np.array(results[1][1][name]), atol=1e-5)

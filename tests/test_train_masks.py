@@ -1,0 +1,121 @@
+"""Training rows see exactly what inference sees: the query [CLS], the window probes and the response
+logits of a training forward equal the ones generation computes step by step."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model
+
+from mlx_safesig.data import special_token_ids, tokenize_example
+from mlx_safesig.generate import prefill_prompt, probe, score
+from mlx_safesig.train import collate, layout, plan_probes, window_monitor
+
+RECORD = {
+    "messages": [
+        {"role": "user", "content": "Tell me a story about a robot and the sea."},
+        {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
+    ],
+    "label": 0,
+    "continuation": "Write a poem about the capital of France, Paris.",
+    "continuation_label": 1,
+}
+
+
+def training_forward(model, tokenizer, examples, probes=3):
+    monitor, special = window_monitor(model), special_token_ids(tokenizer)
+    plans = [plan_probes(ex, probes, monitor, special) for ex in examples]
+    rows = [layout(ex, p, model.cls_token_id, model.args.safesig["probe_position"])
+            for ex, p in zip(examples, plans)]
+    totals = {"lm": 1, "query": 1, "probe": 1}
+    batch = collate(rows, totals)
+    h = model.hidden(batch["ids"], mask=batch["mask"], positions=batch["positions"])
+    return plans, rows, batch, h
+
+
+def generation_cache(model, ex, branch_tokens):
+    """Prompt prefilled, the query [CLS] kept, ``branch_tokens`` fed as the response."""
+    cache = model.make_cache()
+    prefill_prompt(model, ex.prompt, cache)
+    probe(model, cache, range(*ex.query_span), position=0, keep=True)
+    h = model.hidden(mx.array(branch_tokens)[None], cache)
+    return cache, h
+
+
+def inference_probe(model, ex, branch_tokens, p):
+    """p(malicious) of generate.probe after branch index ``p.t`` over ``p.window``."""
+    cache, _ = generation_cache(model, ex, branch_tokens[: p.t + 1])
+    base = len(ex.prompt) + 1
+    slot = cache[0].offset
+    position = slot if model.args.safesig["probe_position"] == "current" else 0
+    return probe(model, cache, [base + i for i in p.window], position=position).item()
+
+
+@pytest.mark.parametrize("probe_position", [0, "current"])
+def test_probes_match_generation_time_probes(tokenizer, probe_position):
+    model = make_model(safesig={"probe_position": probe_position})
+    ex = tokenize_example(tokenizer, RECORD)
+    plans, rows, batch, h = training_forward(model, tokenizer, [ex])
+    assert len(plans[0]) >= 4  # probes over both the response and the continuation
+    L = batch["ids"].shape[1]
+    trained = model.safety_prob(h.reshape(-1, h.shape[-1])[mx.array(rows[0].cls_slots)])
+    n = len(ex.prompt) + 1
+    for j, p in enumerate(plans[0]):
+        tokens = ex.response if p.branch_start == n else ex.continuation
+        expected = inference_probe(model, ex, tokens, p)
+        assert trained[1 + j].item() == pytest.approx(expected, abs=1e-5), (j, L)
+
+
+def test_query_cls_matches_score(tokenizer, model):
+    ex = tokenize_example(tokenizer, RECORD)
+    _, rows, _, h = training_forward(model, tokenizer, [ex])
+    p_train = model.safety_prob(h[0, 0]).item()
+    assert p_train == pytest.approx(score(model, tokenizer, RECORD["messages"][:1]), abs=1e-5)
+
+
+@pytest.mark.parametrize("branch", ["response", "continuation"])
+def test_branch_logits_match_generation(tokenizer, model, branch):
+    ex = tokenize_example(tokenizer, RECORD)
+    _, rows, _, h = training_forward(model, tokenizer, [ex])
+    tokens = ex.response if branch == "response" else ex.continuation
+    start = len(ex.prompt) + 1 + (0 if branch == "response" else len(ex.response))
+    trained = model.logits(h[0, start : start + len(tokens)])
+    _, h_gen = generation_cache(model, ex, tokens)
+    np.testing.assert_allclose(np.array(trained), np.array(model.logits(h_gen[0])), atol=1e-4)
+
+
+def test_lm_targets_are_the_response_only(tokenizer):
+    ex = tokenize_example(tokenizer, RECORD)
+    row = layout(ex, [], 999, 0)
+    assert row.lm_targets.tolist() == ex.response
+    assert row.ids[row.lm_slots + 1].tolist() == ex.response  # each slot predicts the next token
+    assert tokenizer.decode(ex.response).startswith("The quick brown fox")
+
+
+def test_padding_and_batching_do_not_change_results(tokenizer, model):
+    short = tokenize_example(tokenizer, {"prompt": "Hi there?", "response": "Hello.", "label": 1})
+    ex = tokenize_example(tokenizer, RECORD)
+    _, rows, batch, h = training_forward(model, tokenizer, [ex, short])
+    _, rows_alone, _, h_alone = training_forward(model, tokenizer, [short])
+    L = batch["ids"].shape[1]
+    flat = h.reshape(-1, h.shape[-1])
+    np.testing.assert_allclose(
+        np.array(model.safety_prob(flat[L + mx.array(rows[1].cls_slots)])),
+        np.array(model.safety_prob(h_alone[0, mx.array(rows_alone[0].cls_slots)])), atol=1e-5,
+    )
+
+
+def test_special_tokens_stay_out_of_windows(tokenizer, model):
+    ex = tokenize_example(tokenizer, RECORD)
+    special = special_token_ids(tokenizer)
+    plans = plan_probes(ex, 8, window_monitor(model), special)
+    assert ex.response[-2] in special  # <|im_end|> then a newline
+    for p in plans:
+        tokens = ex.response if p.branch_start == len(ex.prompt) + 1 else ex.continuation
+        assert all(tokens[i] not in special for i in p.window)
+        assert max(p.window) <= p.t and p.t - min(p.window) < model.args.safesig["r2"]
+
+
+def test_malicious_examples_get_no_probes_on_their_refusal(tokenizer, model):
+    record = {"prompt": "Tell me a story.", "response": "Sorry, I can't.", "label": 1}
+    ex = tokenize_example(tokenizer, record)
+    assert plan_probes(ex, 4, window_monitor(model), special_token_ids(tokenizer)) == []
