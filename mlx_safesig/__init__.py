@@ -14,6 +14,7 @@ from ._blas import preload_openblas
 preload_openblas()  # before anything imports mlx: the Linux wheel's reference BLAS is slow
 
 from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor  # noqa: E402
+from .default_model import DEFAULT_MODEL  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResult,
     SafetySignal,
@@ -26,6 +27,7 @@ from .loading import load  # noqa: E402
 from .model import Model, ModelArgs, SafesigError  # noqa: E402
 
 __all__ = [
+    "DEFAULT_MODEL",
     "load",
     "generate",
     "stream_generate",

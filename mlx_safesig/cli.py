@@ -94,7 +94,7 @@ def bench(model, schedules, max_tokens, prefill_tokens, repeats, as_json):
 def _load(model):
     from .loading import load
 
-    return load(model) if model else load()
+    return load(model)
 
 
 def safety_options(fn):

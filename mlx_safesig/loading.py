@@ -6,6 +6,7 @@ our model class; the ``[CLS]`` row and head come from ``safety.safetensors``, a 
 """
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -40,6 +41,10 @@ def resolve_model_path(path_or_repo: str, revision: Optional[str] = None) -> Pat
     return resolve_model_path(local)
 
 
+def _stderr(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
 def _model_classes(config: dict):
     return Model, ModelArgs
 
@@ -65,7 +70,7 @@ def load(
     if path_or_repo is None:
         from .default_model import default_model_path
 
-        path_or_repo = default_model_path()
+        path_or_repo = default_model_path(progress=_stderr)
     path = resolve_model_path(str(path_or_repo), revision)
     config = json.loads((path / "config.json").read_text())
     safety_file = path / SAFETY_FILE
