@@ -14,7 +14,8 @@ from .readers import load_shard, read_config, tensor_infos, weight_files
 from .safety import SAFETY_FILE
 from .tokenizer_files import tokenizer_files
 
-SHARD_BYTES = 1 << 30  # GGUF tensors are written in chunks of about this many fp32 bytes
+SHARD_BYTES = 128 << 20  # GGUF output is written in shards of about this many fp32 bytes, so peak
+# memory stays near one shard: each chunk is dequantized, written, and dropped (`load` pops it).
 
 
 @dataclass
@@ -101,8 +102,8 @@ def gguf_source(path: Path, keep_quantized: bool) -> Source:
         shapes={k: tuple(t.shape) for k, t in tensors.items()},
         dtypes={k: mx.float32 for k in tensors},
         shards=chunks,
-        load=lambda names: {k: tensors[k] for k in names},
-        shard_bytes=lambda names: sum(_nbytes(tensors[k]) for k in names),
+        load=lambda names: {k: tensors.pop(k) for k in names},
+        shard_bytes=lambda names: sum(_nbytes(tensors[k]) for k in names if k in tensors),
         tokenizer=gguf.gguf_tokenizer_files(metadata, path),
     )
 
