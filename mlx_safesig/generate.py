@@ -169,7 +169,7 @@ def prepare_prompt(tokenizer, prompt: Prompt) -> PreparedPrompt:
     return PreparedPrompt(ids, span)
 
 
-def _check_context(model: Model, n: int, max_tokens: int):
+def _check_context(model: Model, n: int):
     limit = model.args.max_position_embeddings
     if limit and n + 1 >= limit:
         raise SafesigError(
@@ -221,7 +221,7 @@ def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]])
     else:
         prepared = prepare_prompt(tokenizer, text_or_messages)
         ids, span = prepared.ids, prepared.query_span
-    _check_context(model, len(ids), 0)
+    _check_context(model, len(ids))
     cache = model.make_cache()
     prefill_prompt(model, ids, cache)
     return probe(model, cache, range(*span), position=0).item()
@@ -393,10 +393,6 @@ def safe_generate_step(
             out, y, logprobs, t = out_next, y_next, logprobs_next, t + 1
 
 
-def _sampler_from(sampler, temp: float, top_p: float, top_k: int, min_p: float):
-    return sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
-
-
 def stream_generate(
     model: Model,
     tokenizer,
@@ -431,8 +427,8 @@ def stream_generate(
     prefill_ids = (
         tokenizer.encode(prefill_response, add_special_tokens=False) if prefill_response else []
     )
-    _check_context(model, len(prepared.ids) + len(prefill_ids), max_tokens)
-    sampler = _sampler_from(sampler, temp, top_p, top_k, min_p)
+    _check_context(model, len(prepared.ids) + len(prefill_ids))
+    sampler = sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if not safety.enabled:
         yield from _plain_stream(
             model, tokenizer, prepared.ids + prefill_ids, max_tokens, sampler,
