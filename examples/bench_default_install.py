@@ -2,7 +2,13 @@
 process that never imports mlx_safesig (the mlx[cpu] wheel's reference BLAS), same model, same
 prompt, greedy. Each side runs in its own subprocess, interleaved and repeated; medians reported.
 
-    python examples/bench_default_install.py [--model DIR] [--max-tokens 64] [--repeats 3]
+    python examples/bench_default_install.py [--model DIR] [--max-tokens 64] [--repeats 3] [--ceiling]
+
+--ceiling adds a third subprocess (OpenBLAS loaded) that times only the weight reads of one decode
+step: one matrix-vector product per projection of every layer plus the LM head, compiled, nothing
+else (no attention, norms, cache or sampling). Decode of a model this small is bound by those
+reads, so this is the fastest any fp32 decoder can go on this machine; it also times one LM-head
+product in float32, bfloat16 and 8/4-bit quantized form, which shows why fp32 stays the CPU format.
 """
 
 import argparse
@@ -30,12 +36,42 @@ for r in stream_generate(model, tok, msgs, max_tokens=int(sys.argv[3]), safety=c
     pass
 print(r.generation_tps)
 """
+CEILING = """
+import sys, time, json, mlx_safesig, mlx.core as mx, mlx_lm
+model, tok = mlx_lm.load(sys.argv[1])
+weights = [m.weight for layer in model.model.layers for _, m in layer.named_modules()
+           if hasattr(m, "weight") and m.weight.ndim == 2]
+head = model.model.embed_tokens.weight
+def step(x):
+    outs = [(mx.ones((1, w.shape[1])) @ w.T).sum() for w in weights]
+    return sum(outs) + (x @ head.T).sum()
+def timed(fn, n):
+    mx.eval(fn()); t = time.perf_counter()
+    for _ in range(n):
+        mx.eval(fn())
+    return (time.perf_counter() - t) / n
+x = mx.random.normal((1, head.shape[1]))
+step = mx.compile(step)
+result = {"weight_mb": round(sum(w.nbytes for w in weights + [head]) / 1e6, 1),
+          "ceiling_tok_s": round(1 / timed(lambda: step(x), 30), 3), "lm_head_ms": {}}
+forms = {"float32": lambda: x @ head.T}
+for dt in ("bfloat16", "float16"):
+    h, xh = head.astype(getattr(mx, dt)), x.astype(getattr(mx, dt))
+    forms[dt] = lambda h=h, xh=xh: xh @ h.T
+for bits in (8, 4):
+    q = mx.quantize(head, group_size=64, bits=bits)
+    forms[f"q{bits}"] = lambda q=q, b=bits: mx.quantized_matmul(x, *q, transpose=True, group_size=64,
+                                                                  bits=b)
+for name, fn in forms.items():
+    result["lm_head_ms"][name] = round(timed(fn, 10) * 1e3, 2)
+print(json.dumps(result))
+"""
 
 
 def run(code, *args):
     out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
                          text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -47,6 +83,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens decoded per run")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
     ap.add_argument("--schedule", default="each", help="safety schedule of our runs")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time the weight reads alone: the fp32 decode speed limit here")
     args = ap.parse_args()
     model = args.model or str(default_base_model(progress=print))
     stock, ours = [], []
@@ -59,6 +97,11 @@ def main():
         "mlx_safesig_decode_tok_s": round(statistics.median(ours), 3),
     }
     result["ratio"] = round(result["mlx_safesig_decode_tok_s"] / result["stock_mlx_lm_decode_tok_s"], 3)
+    if args.ceiling:
+        ceiling = run(CEILING, model)
+        result.update(ceiling)
+        result["ceiling_ratio"] = round(ceiling["ceiling_tok_s"] / result["stock_mlx_lm_decode_tok_s"],
+                                        3)
     print(json.dumps(result))
 
 
