@@ -198,8 +198,9 @@ def test_templates(built):
 
 
 def test_template_plain_matches_jinja():
-    jinja2 = pytest.importorskip("jinja2.sandbox")
-    env = jinja2.SandboxedEnvironment(keep_trailing_newline=True)
+    from jinja2.sandbox import SandboxedEnvironment  # jinja2 comes with mlx-lm's transformers
+
+    env = SandboxedEnvironment(keep_trailing_newline=True)
     cases = ["a {{ prompt }} b", "{% raw %}{{ x }} {% endraw %}{{prompt}}{% raw %} }}{% endraw %}",
              "{{ prompt }}\n\n{{  prompt  }}", "no jinja {{ prompt }} {# c #}",
              "{% for x in y %}{% endfor %}",
@@ -490,6 +491,7 @@ def test_cli(tmp_path):
 
 def test_edgy_benign_file():
     rows = bd.read_edgy(EDGY)
-    assert 50 <= len(rows) <= 80
+    assert len(rows) >= 400
     assert len({r["id"] for r in rows}) == len(rows)
+    assert len({r["text"].lower() for r in rows}) == len(rows)  # no case-only duplicates
     assert all(r["label"] == 0 and r["category"] for r in rows)
