@@ -3,6 +3,9 @@ prompts wrongly flagged, `score(model, tok, [{"role": "user", "content": prompt}
 
     python examples/default_adapter/detection.py --data data --split dev [--model DIR]
 
+Harmful rows of the Do-Not-Answer categories the default adapter is not trained on
+(make_data.py's --drop-categories) are counted apart, as "harmful_other": they are mostly questions
+a safe assistant answers with care. Counts are also given per source (and Do-Not-Answer category).
 Prints counts and rates only (never prompt text); --json for one JSON object.
 """
 
@@ -19,21 +22,37 @@ def main():
     ap.add_argument("--model", default=None, help="safety model (default: the embedded one)")
     ap.add_argument("--adapter-path", default=None, help="adapters from `mlx-safesig train`")
     ap.add_argument("--threshold", type=float, default=None, help="default: the model's")
+    ap.add_argument("--drop-categories", default=None,
+                    help="harmful categories counted apart (default: make_data.py's)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from make_data import DROP_CATEGORIES
+
+    drop = set(filter(None, (args.drop_categories if args.drop_categories is not None
+                             else DROP_CATEGORIES).split(",")))
 
     from mlx_safesig import load, score
 
     model, tok = load(args.model, adapter_path=args.adapter_path)
     threshold = args.threshold or model.args.safesig["threshold"]
     result = {"split": args.split, "threshold": threshold}
-    for name in ("harmful", "benign"):
-        rows = [json.loads(x) for x in open(Path(args.data) / f"{name}.{args.split}.jsonl")]
+    groups = {"harmful": [], "harmful_other": [], "benign": []}
+    for kind in ("harmful", "benign"):
+        for line in open(Path(args.data) / f"{kind}.{args.split}.jsonl"):
+            r = json.loads(line)
+            other = kind == "harmful" and r.get("category") in drop
+            groups["harmful_other" if other else kind].append(r)
+    for name, rows in groups.items():
+        if not rows:
+            continue
         by_source = {}
         for r in rows:
             p = score(model, tok, [{"role": "user", "content": r["text"]}])
-            n, k = by_source.get(r["source"], (0, 0))
-            by_source[r["source"]] = (n + 1, k + int(p >= threshold))
+            by_category = r["source"] in ("donotanswer", "edgy_benign")
+            key = r["source"] + ("/" + r["category"] if by_category else "")
+            n, k = by_source.get(key, (0, 0))
+            by_source[key] = (n + 1, k + int(p >= threshold))
         flagged = sum(k for _, k in by_source.values())
         result[name] = {"n": len(rows), "flagged": flagged, "rate": round(flagged / len(rows), 4),
                         "by_source": {s: {"n": n, "flagged": k} for s, (n, k) in by_source.items()}}

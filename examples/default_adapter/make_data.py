@@ -7,6 +7,10 @@ Rows (the JSONL format of `mlx_safesig.data`):
 * harmful prompts (train split, label 1): the response is the refusal prefix plus a short
   justification; the ``continuation`` is the base model's OWN answer to the prompt (it answers
   harmful requests on its own), so window probes learn to catch harmful text mid-generation;
+* Do-Not-Answer rows of the categories in ``--drop-categories`` are left out (by default
+  ``human_chatbox`` and ``misinformation_harms``: mostly health, emotional-support and "should I
+  believe this?" questions a safe assistant answers with care, not harmful requests; labelling them
+  malicious teaches the [CLS] to flag ordinary questions);
 * benign prompts (train split, label 0): Alpaca rows keep their reference answer; our edgy-benign
   prompts get the base model's own answer (window probes over benign responses are built by the
   trainer itself); rows longer than MAX_BENIGN_CHARS are left out.
@@ -21,6 +25,7 @@ import json
 import sys
 from pathlib import Path
 
+DROP_CATEGORIES = "human_chatbox,misinformation_harms"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
 JUSTIFICATIONS = [
     " it asks for help with something that could seriously harm people.",
@@ -97,6 +102,8 @@ def main():
     ap.add_argument("--model", default=None, help="base mlx-lm model (default: the embedded one)")
     ap.add_argument("--max-tokens", type=int, default=48, help="tokens per base-model answer")
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--drop-categories", default=DROP_CATEGORIES,
+                    help="comma-separated harmful-row categories to leave out ('' keeps all)")
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     args = ap.parse_args()
@@ -109,7 +116,9 @@ def main():
     model_dir = args.model or str(default_base_model(progress=lambda m: print(m, file=sys.stderr)))
     benign_source = {r["id"]: r for r in read_jsonl(data / "benign.jsonl")}
     for split, name in (("train", "train"), ("dev", "valid")):
-        harmful = read_jsonl(data / f"harmful.{split}.jsonl")
+        drop = set(filter(None, args.drop_categories.split(",")))
+        harmful = [r for r in read_jsonl(data / f"harmful.{split}.jsonl")
+                   if r.get("category") not in drop]
         if args.limit_harmful and split == "train":
             harmful = sorted(harmful, key=lambda r: r["id"])[: args.limit_harmful]
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
