@@ -412,13 +412,14 @@ def f1_report(tp, fp, fn, tn) -> dict:
 def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_size: int,
              num_batches: int = -1) -> dict:
     """Validation: LM loss per response token, the query ``[CLS]`` accuracy / precision / recall /
-    F1 at the model's threshold, and the probes' accuracy (summed over all processes)."""
+    F1 at the model's threshold, and the window probes' accuracy, recall (harmful windows flagged)
+    and false-positive rate (benign windows flagged), summed over all processes."""
     threshold = model.args.safesig["threshold"]
     size = batch_size * batcher.world.size()
     starts = range(0, len(examples), size)
     if num_batches >= 0:
         starts = list(starts)[:num_batches]
-    totals = mx.zeros((8,))  # lm sum, lm count, tp, fp, fn, tn, probes right, probes
+    totals = mx.zeros((10,))  # lm sum, lm count, query tp fp fn tn, probe tp fp fn tn
     for s in starts:
         indices = list(range(s, min(s + size, len(examples))))
         if len(indices) < batcher.world.size():
@@ -437,12 +438,17 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
             ce.sum(), lm_on.sum(),
             (q & pred & label).sum(), (q & pred & ~label).sum(),
             (q & ~pred & label).sum(), (q & ~pred & ~label).sum(),
-            (p & (pred == label)).sum(), p.sum(),
+            (p & pred & label).sum(), (p & pred & ~label).sum(),
+            (p & ~pred & label).sum(), (p & ~pred & ~label).sum(),
         ]).astype(mx.float32)
         mx.eval(totals)
     totals = mx.distributed.all_sum(totals, stream=mx.cpu).tolist()
     report = {"lm_loss": totals[0] / max(totals[1], 1), **f1_report(*totals[2:6])}
-    report["probe_accuracy"] = totals[6] / totals[7] if totals[7] else None
+    tp, fp, fn, tn = totals[6:10]
+    report["probe_accuracy"] = (tp + tn) / (tp + fp + fn + tn) if tp + fp + fn + tn else None
+    report["probe_recall"] = tp / (tp + fn) if tp + fn else None
+    report["probe_false_positive_rate"] = fp / (fp + tn) if fp + tn else None
+    report["probes"] = int(tp + fp + fn + tn)
     return report
 
 
