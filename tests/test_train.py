@@ -170,8 +170,11 @@ if mx.distributed.init().rank() == 0:
 """
 
 
-@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch not installed")
 def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, tokenizer):
+    # mlx.launch comes with mlx: next to this interpreter in a venv, else on PATH
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    launcher = str(launcher) if launcher.exists() else shutil.which("mlx.launch")
+    assert launcher, "mlx.launch (installed with mlx) not found"
     examples = [tokenize_example(tokenizer, r) for r in synthetic(16, seed=5)]
     config = TrainConfig(iters=4, **dict(QUICK, batch_size=8, steps_per_report=1))
     one = [h["loss"] for h in train(make_model(), tokenizer, examples, None, config,
@@ -180,7 +183,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, tokenize
     script.write_text(WORKER.format(tests=str(Path(__file__).parent)))
     (tmp_path / "two").mkdir()
     launched = subprocess.run(
-        ["mlx.launch", "--backend", "ring", "-n", "2", "--starting-port", str(free_port()),
+        [launcher, "--backend", "ring", "-n", "2", "--starting-port", str(free_port()),
          "--env", "OPENBLAS_NUM_THREADS=1", sys.executable, str(script), str(tmp_path / "two"), "4"],
         capture_output=True, text=True, timeout=180, cwd=tmp_path,
     )
