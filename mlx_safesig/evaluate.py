@@ -143,8 +143,9 @@ class EvalData:
     sets: Dict[str, List[dict]] = field(default_factory=dict)
 
 
-def load_data(data_dir, split: str, suites: Sequence[str]) -> EvalData:
-    """Read the files of ``examples/data/build_data.py`` that ``suites`` need."""
+def load_data(data_dir, split: str, suites: Sequence[str], exclude: Sequence[str] = ()) -> EvalData:
+    """Read the files of ``examples/data/build_data.py`` that ``suites`` need; harmful rows whose
+    ``category`` is in ``exclude`` are left out."""
     root = Path(data_dir)
     if not root.is_dir():
         raise SafesigError(f"the data directory {root} does not exist; build it with "
@@ -156,6 +157,8 @@ def load_data(data_dir, split: str, suites: Sequence[str]) -> EvalData:
             rows = [r for r in rows if r.get("plain") and "{{ prompt }}" in r["plain"]]
         elif name == "autodan":
             rows = [r for r in rows if "[PROMPT]" in r["text"]]
+        if name == "harmful" and exclude:
+            rows = [r for r in rows if r.get("category") not in exclude]
         if name in ("harmful", "benign"):
             rows = sorted(rows, key=lambda r: str(r["id"]))
         if not rows:
@@ -410,12 +413,14 @@ class EvalSettings:
     schedule: str = "annealing"
     threshold: Optional[float] = None
     model_name: str = "Assistant"
+    exclude_categories: Sequence[str] = ()
 
     def fingerprint(self, model_id: str) -> dict:
         """The settings every row of an output directory shares (a resume must match them)."""
         return {"model": model_id, "split": self.split, "max_tokens": self.max_tokens,
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
-                "threshold": self.threshold, "model_name": self.model_name}
+                "threshold": self.threshold, "model_name": self.model_name,
+                "exclude_categories": sorted(self.exclude_categories)}
 
 
 def _check_resume(out: Path, fingerprint: dict, resume: bool):
@@ -445,7 +450,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     if unknown:
         raise SafesigError(f"unknown suite {unknown[0]!r}; use {', '.join(SUITES)} or all.")
     parse_schedule(settings.schedule)
-    data = load_data(data_dir, settings.split, settings.suites)
+    data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold)
     threshold = safety.resolved(model.args.safesig).threshold
     out = Path(out_dir)
@@ -913,6 +918,9 @@ def _schedule(ctx, param, value):
               help="Where rows.jsonl, results.json, report.md and the plots are written.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Prompts per suite (default: all of the split).")
+@click.option("--exclude-category", "exclude_categories", multiple=True,
+              help="Leave out harmful rows of this category (repeatable), e.g. Do-Not-Answer's "
+              "human_chatbox.")
 @click.option("--max-tokens", "-m", type=click.IntRange(1), default=64, show_default=True,
               help="Tokens generated per response.")
 @click.option("--grid-size", type=click.IntRange(1), default=5, show_default=True,
@@ -938,9 +946,9 @@ def _schedule(ctx, param, value):
 @click.option("--resume", is_flag=True, help="Continue the run in --out, skipping finished rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of "
               "the Markdown report.")
-def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, max_tokens, grid_size,
-                 temp, top_p, top_k, seed, safety, schedule, threshold, judge_model, resume,
-                 as_json):
+def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
+                 max_tokens, grid_size, temp, top_p, top_k, seed, safety, schedule, threshold,
+                 judge_model, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection."""
     from .loading import load
 
@@ -949,9 +957,10 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, max
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
         threshold=threshold, model_name=Path(model).name if model else "Assistant",
+        exclude_categories=tuple(exclude_categories),
     )
     try:
-        load_data(data_dir, split, suites)  # a missing file fails before the model loads
+        load_data(data_dir, split, suites, exclude_categories)  # fails before the model loads
         judge = load_judge(judge_model) if judge_model else None
         net, tokenizer = load(model, add_safety=add_safety) if model else load()
         results = run_eval(

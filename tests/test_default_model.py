@@ -41,3 +41,21 @@ def test_chat_without_model_answers_a_benign_question_and_refuses_a_harmful_one(
     benign, harmful = r.stdout.split("[conversation cleared]")
     assert "Paris" in benign and "[refusal inserted" not in benign
     assert "[refusal inserted" in harmful and REFUSAL_PREFIX.strip() in harmful
+
+
+@pytest.mark.slow
+def test_the_readme_main_command_gets_an_answer_not_a_refusal():
+    """The first thing a user runs: the README's `mlx-safesig generate --prompt ...`, as written."""
+    import json
+    import shlex
+
+    from test_readme import readme_commands
+
+    argv = shlex.split(readme_commands()[0].split("&&", 1)[1])
+    assert argv[:2] == ["mlx-safesig", "generate"]
+    r = subprocess.run([sys.executable, "-m", "mlx_safesig.cli", *argv[1:], "--json", "-m", "48"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-300:]
+    out = json.loads(r.stdout)
+    assert not out["refusal_inserted"] and out["query_p"] < 0.5, (out["query_p"], out["events"])
+    assert not out["text"].lstrip().lower().startswith(("sorry", "i can't", "i cannot"))

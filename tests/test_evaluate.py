@@ -319,3 +319,20 @@ def test_judge_file_without_a_judge_function_is_one_clear_error(tmp_path):
     (tmp_path / "guard.py").write_text("x = 1\n")
     with pytest.raises(evaluate.SafesigError, match="defines no judge"):
         evaluate.load_judge(tmp_path / "guard.py")
+
+
+def test_exclude_category_leaves_those_harmful_rows_out(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "harmful.dev.jsonl", [{"id": "h0", "text": "a", "category": "keep"},
+                                          {"id": "h1", "text": "b", "category": "drop"},
+                                          {"id": "h2", "text": "c"}])
+    write_jsonl(d / "benign.dev.jsonl", [{"id": "b0", "text": "d", "category": "drop"}])
+    (d / "refusal_keywords.json").write_text(json.dumps({
+        "Prefixes": {"matchtype": "startswith", "keywords": ["Sorry"]},
+        "MitigationBypass": {"matchtype": "str", "keywords": ["can't"]}}))
+    data = evaluate.load_data(d, "dev", ["direct", "benign"], exclude=("drop",))
+    assert [r["id"] for r in data.sets["harmful"]] == ["h0", "h2"]
+    assert [r["id"] for r in data.sets["benign"]] == ["b0"]  # only harmful rows are filtered
+    fp = evaluate.EvalSettings(exclude_categories=("drop",)).fingerprint("m")
+    assert fp["exclude_categories"] == ["drop"]  # a resume must use the same exclusion

@@ -44,7 +44,7 @@ def main():
         model, tok = load(base, adapter_path=path)
         batcher = Batcher(model, tok, config, mx.distributed.init())
         rows = load_jsonl(f"{args.data}/valid.jsonl", tok, config.max_seq_length,
-                          lambda ex: len(batcher.probes(ex)))
+                          lambda ex, b=batcher: len(b.probes(ex)))
         model.eval()
         report = evaluate(model, rows, batcher, config.batch_size)
         results[name] = {"adapter": path, "rows": len(rows), **{
