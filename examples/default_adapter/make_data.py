@@ -12,16 +12,21 @@ Rows (the JSONL format of `mlx_safesig.data`):
   believe this?" questions a safe assistant answers with care, not harmful requests; labelling them
   malicious teaches the [CLS] to flag ordinary questions);
 * benign prompts (train split, label 0): Alpaca rows keep their reference answer; our edgy-benign
-  prompts get the base model's own answer (window probes over benign responses are built by the
-  trainer itself); rows longer than MAX_BENIGN_CHARS are left out.
-The base model's generations are cached in ``--out`` (``generations.jsonl``, keyed by row id) so a
-re-run only generates what is missing. ``valid.jsonl`` is built the same way from the dev split.
+  prompts get the base model's own answer, up to ``--benign-max-tokens``: an answer cut by that
+  limit is trimmed back to its last full sentence (the trainer ends every response with the end of
+  turn, so a mid-sentence cut would teach the model to stop mid-sentence), and dropped if it has
+  none (window probes over benign responses are built by the trainer itself); rows longer than
+  MAX_BENIGN_CHARS are left out.
+The base model's generations are cached in ``--out`` (``generations.jsonl`` for the harmful
+continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id) so a re-run
+only generates what is missing. ``valid.jsonl`` is built the same way from the dev split.
 Nothing here prints prompt or response text: counts only.
 """
 
 import argparse
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -45,14 +50,22 @@ def pick(row_id: str, options):
     return options[int(hashlib.sha256(row_id.encode()).hexdigest(), 16) % len(options)]
 
 
+def full_sentences(text: str) -> str:
+    """``text`` up to its last sentence end (. ! ? or a line break), or "" if it has none."""
+    ends = [m.end() for m in re.finditer(r"(?<![0-9])[.!?](?=\s|$)|\n", text)]
+    return text[: ends[-1]].rstrip() if ends else ""
+
+
 def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int):
-    """Base-model answers (safety off, greedy) for rows not yet in the cache."""
-    cache = {}
+    """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
+    ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file."""
+    cache, finished = {}, {}
     if cache_path.exists():
-        cache = {r["id"]: r["text"] for r in read_jsonl(cache_path)}
+        for r in read_jsonl(cache_path):
+            cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
     todo = [r for r in rows if r["id"] not in cache]
     if not todo:
-        return cache
+        return cache, finished
     import mlx_safesig  # noqa: F401, I001  (OpenBLAS before mlx on Linux)
     from mlx_lm import batch_generate, load
 
@@ -62,16 +75,20 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
             chunk = todo[i : i + batch]
             prompts = [tok.apply_chat_template([{"role": "user", "content": r["text"]}],
                                                add_generation_prompt=True) for r in chunk]
-            result = batch_generate(model, tok, prompts, max_tokens=max_tokens)
-            for r, text in zip(chunk, result.texts):
-                cache[r["id"]] = text
-                out.write(json.dumps({"id": r["id"], "text": text}) + "\n")
+            result = batch_generate(model, tok, prompts, max_tokens=max_tokens,
+                                    return_token_ids=True)
+            for r, text, ids in zip(chunk, result.texts, result.token_ids):
+                cache[r["id"]], finished[r["id"]] = text, len(ids) < max_tokens
+                out.write(json.dumps({"id": r["id"], "text": text,
+                                      "finished": finished[r["id"]]}) + "\n")
             out.flush()
             print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
-    return cache
+    return cache, finished
 
 
-def build(rows_h, rows_b, gen, refusal_prefix):
+def build(rows_h, rows_b, gen, answers, refusal_prefix):
+    """``gen``: harmful continuations by id; ``answers``: (text, finished) of benign rows without
+    a reference answer, by id."""
     out = []
     for r in rows_h:
         out.append({
@@ -83,7 +100,11 @@ def build(rows_h, rows_b, gen, refusal_prefix):
             "continuation_label": 1,
         })
     for r in rows_b:
-        answer = r.get("response") or gen.get(r["id"], "")
+        answer = r.get("response")
+        if not answer and r["id"] in answers:
+            text, finished = answers[r["id"]]
+            answer = text if finished else full_sentences(text)
+        answer = answer or ""
         if not answer.strip() or len(r["text"]) + len(answer) > MAX_BENIGN_CHARS:
             continue
         out.append({
@@ -100,7 +121,10 @@ def main():
     ap.add_argument("--data", default="data", help="output folder of examples/data/build_data.py")
     ap.add_argument("--out", default="data/adapter", help="folder for train.jsonl / valid.jsonl")
     ap.add_argument("--model", default=None, help="base mlx-lm model (default: the embedded one)")
-    ap.add_argument("--max-tokens", type=int, default=48, help="tokens per base-model answer")
+    ap.add_argument("--max-tokens", type=int, default=48,
+                    help="tokens per harmful continuation of the base model")
+    ap.add_argument("--benign-max-tokens", type=int, default=192,
+                    help="tokens per base-model answer to a benign prompt")
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
     ap.add_argument("--drop-categories", default=DROP_CATEGORIES,
                     help="comma-separated harmful-row categories to leave out ('' keeps all)")
@@ -123,10 +147,13 @@ def main():
             harmful = sorted(harmful, key=lambda r: r["id"])[: args.limit_harmful]
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
                   read_jsonl(data / f"benign.{split}.jsonl")]
-        need = harmful + [r for r in benign if not r.get("response")]
-        gen = generate_missing(need, out / "generations.jsonl", model_dir, args.max_tokens,
-                               args.batch)
-        rows = build(harmful, benign, gen, REFUSAL_PREFIX)
+        gen, _ = generate_missing(harmful, out / "generations.jsonl", model_dir, args.max_tokens,
+                                  args.batch)
+        texts, finished = generate_missing([r for r in benign if not r.get("response")],
+                                           out / "generations-benign.jsonl", model_dir,
+                                           args.benign_max_tokens, args.batch)
+        answers = {k: (t, finished[k]) for k, t in texts.items()}
+        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX)
         with open(out / f"{name}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
