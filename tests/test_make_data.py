@@ -1,0 +1,37 @@
+"""examples/default_adapter/make_data.py: how base-model answers become training rows."""
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "default_adapter" / "make_data.py"
+spec = importlib.util.spec_from_file_location("make_data", SCRIPT)
+md = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(md)
+
+
+def test_a_cut_answer_is_trimmed_to_its_last_full_sentence():
+    assert md.full_sentences("Preheat the oven. Then mix the fl") == "Preheat the oven."
+    assert md.full_sentences("Steps:\n1. Mix\n2. Ba") == "Steps:\n1. Mix"  # "2." is not an end
+    assert md.full_sentences("It costs 3.5 dollars! And") == "It costs 3.5 dollars!"
+    assert md.full_sentences("no sentence end at all") == ""
+
+
+def test_benign_answers_finished_kept_cut_trimmed_or_dropped():
+    benign = [{"id": "a", "text": "q1", "response": "Reference answer."},
+              {"id": "b", "text": "q2"}, {"id": "c", "text": "q3"}, {"id": "d", "text": "q4"}]
+    answers = {"b": ("Finished answer without a stop", True),
+               "c": ("One sentence. Then cut mid", False),
+               "d": ("cut with no sentence end", False)}
+    rows = md.build([], benign, {}, answers, "\nSorry")
+    got = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in rows}
+    assert got == {"q1": "Reference answer.", "q2": "Finished answer without a stop",
+                   "q3": "One sentence."}
+    assert all(r["label"] == 0 for r in rows)
+
+
+def test_harmful_rows_refuse_and_carry_the_own_continuation():
+    harmful = [{"id": "h", "text": "qh"}]
+    (row,) = md.build(harmful, [], {"h": "continuation text"}, {}, "\nSorry, I can't because")
+    assert row["label"] == 1 and row["continuation_label"] == 1
+    assert row["continuation"] == "continuation text"
+    assert row["messages"][1]["content"].startswith("Sorry, I can't because ")
