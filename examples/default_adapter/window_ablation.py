@@ -11,6 +11,8 @@ exactly the masks and positions of the generation-time probe -- as recall and fa
 Every adapter sees the same probe windows (same seed). Prints metrics only, never text.
 """
 
+# ruff: noqa: I001  (import order: mlx_safesig before mlx)
+
 import argparse
 import json
 import sys
@@ -28,8 +30,8 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
+    import mlx_safesig  # noqa: F401  (first: it preloads OpenBLAS on Linux before mlx loads)
     import mlx.core as mx
-
     from mlx_safesig import load
     from mlx_safesig.data import load_jsonl
     from mlx_safesig.default_model import default_base_model
