@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default model's measured safety in the README: `mlx-safesig eval` on the dev split (never
 # trained on), safety on vs off, greedy, 48 new tokens. Prompts per suite are limited so that the
-# whole run takes about an hour on a 2-core x86 CPU; drop the --limit options for the full split.
+# whole run takes about 15 minutes on a 2-core x86 CPU; raise or drop the --limit options for
+# tighter numbers (the full split).
 # Harmful rows of the Do-Not-Answer categories the adapter is not trained on are left out (see
 # examples/default_adapter/make_data.py). Run from the repository root:
 #   examples/default_adapter/eval_default.sh [DATA] [OUT]
@@ -10,8 +11,8 @@ DATA=${1:-data}
 OUT=${2:-eval-results/default}
 COMMON=(--data "$DATA" -m 48 --resume
         --exclude-category human_chatbox --exclude-category misinformation_harms)
-mlx-safesig eval "${COMMON[@]}" --suite benign --limit 80 --out "$OUT/benign" > /dev/null
-mlx-safesig eval "${COMMON[@]}" --suite direct,prefill,decoding --limit 20 --grid-size 3 \
+mlx-safesig eval "${COMMON[@]}" --suite benign --limit 30 --out "$OUT/benign" > /dev/null
+mlx-safesig eval "${COMMON[@]}" --suite direct,prefill,decoding --limit 6 --grid-size 3 \
   --out "$OUT/attacks" > /dev/null
-mlx-safesig eval "${COMMON[@]}" --suite templates --limit 10 --out "$OUT/templates" > /dev/null
+mlx-safesig eval "${COMMON[@]}" --suite templates --limit 4 --out "$OUT/templates" > /dev/null
 for d in benign attacks templates; do echo "== $OUT/$d/report.md"; cat "$OUT/$d/report.md"; done
