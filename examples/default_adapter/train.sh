@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the default model's safety adapter (mlx_safesig/default_adapter/) from pinned data.
-# Run from the repository root; takes ~35 min on a 2-core x86 CPU with OpenBLAS, less on a Mac.
+# Run from the repository root; takes ~1 h on a 2-core x86 CPU with OpenBLAS (training ~40 min
+# alone on the machine, the base-model answers ~15 min), less on a Mac.
 set -euo pipefail
 OUT=${1:-adapters}
 python examples/data/build_data.py --out data
