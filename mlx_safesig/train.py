@@ -409,6 +409,12 @@ def f1_report(tp, fp, fn, tn) -> dict:
     }
 
 
+def confusion(rows, pred, label) -> list:
+    """True positives, false positives, false negatives, true negatives among ``rows``."""
+    return [(rows & pred & label).sum(), (rows & pred & ~label).sum(),
+            (rows & ~pred & label).sum(), (rows & ~pred & ~label).sum()]
+
+
 def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_size: int,
              num_batches: int = -1) -> dict:
     """Validation: LM loss per response token, the query ``[CLS]`` accuracy / precision / recall /
@@ -436,10 +442,7 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
         p = batch["probe_weight"] > 0
         totals = totals + mx.stack([
             ce.sum(), lm_on.sum(),
-            (q & pred & label).sum(), (q & pred & ~label).sum(),
-            (q & ~pred & label).sum(), (q & ~pred & ~label).sum(),
-            (p & pred & label).sum(), (p & pred & ~label).sum(),
-            (p & ~pred & label).sum(), (p & ~pred & ~label).sum(),
+            *confusion(q, pred, label), *confusion(p, pred, label),
         ]).astype(mx.float32)
         mx.eval(totals)
     totals = mx.distributed.all_sum(totals, stream=mx.cpu).tolist()
