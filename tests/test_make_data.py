@@ -35,3 +35,15 @@ def test_harmful_rows_refuse_and_carry_the_own_continuation():
     assert row["label"] == 1 and row["continuation_label"] == 1
     assert row["continuation"] == "continuation text"
     assert row["messages"][1]["content"].startswith("Sorry, I can't because ")
+
+
+def test_only_window_sources_carry_a_continuation():
+    rows = [{"id": "a", "source": "advbench"}, {"id": "m", "source": "donotanswer",
+                                                 "category": "malicious_uses"},
+            {"id": "d", "source": "donotanswer", "category": "information_hazard"}]
+    sources = set(md.WINDOW_SOURCES.split(","))
+    assert [md.window_source(r, sources) for r in rows] == [True, True, False]
+    harmful = [dict(r, text="q" + r["id"]) for r in rows]
+    built = md.build(harmful, [], {"a": "ca", "m": "cm"}, {}, "\nSorry")
+    assert sorted(r.get("continuation", "-") for r in built) == ["-", "ca", "cm"]
+    assert all(r["label"] == 1 for r in built)

@@ -6,7 +6,12 @@
 Rows (the JSONL format of `mlx_safesig.data`):
 * harmful prompts (train split, label 1): the response is the refusal prefix plus a short
   justification; the ``continuation`` is the base model's OWN answer to the prompt (it answers
-  harmful requests on its own), so window probes learn to catch harmful text mid-generation;
+  harmful requests on its own), so window probes learn to catch harmful text mid-generation --
+  only for the sources in ``--window-sources`` (``source`` or ``source:category``; by default
+  AdvBench, HarmBench and Do-Not-Answer ``malicious_uses``: instructions whose compliant answer
+  is itself harmful). The other Do-Not-Answer categories are questions (opinions, stereotypes,
+  private facts) that the base model mostly answers with ordinary explanatory text: labelling
+  those windows malicious taught the probe to flag ordinary answers (benign windows flagged 15%);
 * Do-Not-Answer rows of the categories in ``--drop-categories`` are left out (by default
   ``human_chatbox`` and ``misinformation_harms``: mostly health, emotional-support and "should I
   believe this?" questions a safe assistant answers with care, not harmful requests; labelling them
@@ -31,6 +36,7 @@ import sys
 from pathlib import Path
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
+WINDOW_SOURCES = "advbench,harmbench,donotanswer:malicious_uses"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
 JUSTIFICATIONS = [
     " it asks for help with something that could seriously harm people.",
@@ -86,19 +92,26 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
     return cache, finished
 
 
+def window_source(row, sources) -> bool:
+    """Is ``row``'s continuation used for window supervision? ``sources``: set of ``source`` or
+    ``source:category`` names."""
+    return row.get("source") in sources or f"{row.get('source')}:{row.get('category')}" in sources
+
+
 def build(rows_h, rows_b, gen, answers, refusal_prefix):
-    """``gen``: harmful continuations by id; ``answers``: (text, finished) of benign rows without
-    a reference answer, by id."""
+    """``gen``: harmful continuations by id (rows without one get no window supervision);
+    ``answers``: (text, finished) of benign rows without a reference answer, by id."""
     out = []
     for r in rows_h:
-        out.append({
+        row = {
             "messages": [{"role": "user", "content": r["text"]},
                          {"role": "assistant", "content": refusal_prefix.lstrip("\n")
                           + pick(r["id"], JUSTIFICATIONS)}],
             "label": 1,
-            "continuation": gen[r["id"]],
-            "continuation_label": 1,
-        })
+        }
+        if r["id"] in gen:
+            row.update(continuation=gen[r["id"]], continuation_label=1)
+        out.append(row)
     for r in rows_b:
         answer = r.get("response")
         if not answer and r["id"] in answers:
@@ -128,6 +141,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
     ap.add_argument("--drop-categories", default=DROP_CATEGORIES,
                     help="comma-separated harmful-row categories to leave out ('' keeps all)")
+    ap.add_argument("--window-sources", default=WINDOW_SOURCES,
+                    help="comma-separated harmful sources (or source:category) whose base-model "
+                         "continuations train the window probes ('' for none)")
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     args = ap.parse_args()
@@ -147,8 +163,10 @@ def main():
             harmful = sorted(harmful, key=lambda r: r["id"])[: args.limit_harmful]
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
                   read_jsonl(data / f"benign.{split}.jsonl")]
-        gen, _ = generate_missing(harmful, out / "generations.jsonl", model_dir, args.max_tokens,
-                                  args.batch)
+        sources = set(filter(None, args.window_sources.split(",")))
+        gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
+                                  out / "generations.jsonl", model_dir, args.max_tokens, args.batch)
+        gen = {r["id"]: gen[r["id"]] for r in harmful if window_source(r, sources)}
         texts, finished = generate_missing([r for r in benign if not r.get("response")],
                                            out / "generations-benign.jsonl", model_dir,
                                            args.benign_max_tokens, args.batch)
