@@ -25,14 +25,45 @@ def rope_at(rope, x: mx.array, positions: Positions) -> mx.array:
 
     An int is the position of the first token, the rest follow contiguously (mx.fast.rope's fast
     path). An array [L] or [B, L] gives every token its own position: the time axis is folded into
-    the batch so that mx.fast.rope's per-batch offset becomes a per-token position.
+    the batch so that mx.fast.rope's per-batch offset becomes a per-token position. A ``(cos, sin)``
+    pair from ``rope_table`` applies that precomputed rotation instead.
     """
     if isinstance(positions, int):
         return rope(x, offset=positions)
+    if isinstance(positions, tuple):
+        cos, sin = positions
+        half = x.shape[-1] // 2
+        rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return (x * cos + rotated * sin).astype(x.dtype)
     B, H, L, D = x.shape
     offsets = mx.broadcast_to(positions, (B, L)).reshape(B * L)
     y = rope(x.transpose(0, 2, 1, 3).reshape(B * L, H, 1, D), offset=offsets)
     return y.reshape(B, L, H, D).transpose(0, 2, 1, 3)
+
+
+def rope_table(rope, positions: Positions, head_dim: int) -> Positions:
+    """``positions`` [L] / [B, L] -> ``(cos, sin)`` float32 [L, D] / [B, 1, L, D] with
+    ``rope(x) == x * cos + rotate_half(x) * sin`` at those positions, for ``rope_at``.
+
+    On CPU mx.fast.rope with per-token offsets costs ~50 us per call, twice per layer per decode
+    step (~3 ms a step for a 30-layer model); the table is computed once per step by ``rope``
+    itself (any variant that rotates pairs (i, i + D/2) of the full head: its output on the basis
+    [1 .. 1, 0 .. 0] is [cos, sin], scaling included) and applied by cheap fused elementwise ops.
+    Other positions, and ropes that are traditional or rotate part of the head, pass through.
+    """
+    if (isinstance(positions, int) or getattr(rope, "traditional", True)
+            or getattr(rope, "dims", None) != head_dim):
+        return positions
+    half = head_dim // 2
+    basis = mx.concatenate([mx.ones(half), mx.zeros(half)])
+    flat = positions.reshape(-1)
+    table = rope(mx.broadcast_to(basis, (flat.size, 1, 1, head_dim)), offset=flat)
+    table = table.reshape(*positions.shape, head_dim)
+    cos = mx.concatenate([table[..., :half]] * 2, axis=-1)
+    sin = mx.concatenate([table[..., half:]] * 2, axis=-1)
+    if positions.ndim == 2:
+        cos, sin = cos[:, None], sin[:, None]
+    return cos, sin
 
 
 def attend(queries, keys, values, *, scale: float, mask, cache=None) -> mx.array:

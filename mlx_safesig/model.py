@@ -20,7 +20,7 @@ from mlx_lm.models.base import BaseModelArgs, create_attention_mask
 from mlx_lm.models.cache import KVCache
 from mlx_lm.models.rope_utils import initialize_rope
 
-from .attention import Positions, attend, rope_at
+from .attention import Positions, attend, rope_at, rope_table
 from .decoding import REFUSAL_PREFIX
 
 # model_type -> switches; defaults for keys the family's config may leave out.
@@ -178,6 +178,8 @@ class TransformerBlock(nn.Module):
         qkv, finish = compiled or (self.attention_inputs, self.finish)
         if positions is None:
             positions = cache.offset if cache is not None else 0
+            if isinstance(positions, mx.array):  # mlx-lm's batch caches: one offset per row
+                positions = positions[:, None] + mx.arange(x.shape[1])
         q, k, v = qkv(x, positions)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
@@ -243,6 +245,8 @@ class Model(nn.Module):
         if mask is None:
             mask = create_attention_mask(h, cache[0])
         pieces = self._compiled_layers() if compiled else [None] * len(self.layers)
+        if positions is not None:
+            positions = rope_table(self.layers[0].self_attn.rope, positions, self.args.head_dim)
         for layer, c, piece in zip(self.layers, cache, pieces):
             h = layer(h, mask, c, positions, piece)
         return self.model.norm(h)

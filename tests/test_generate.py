@@ -8,6 +8,7 @@ from conftest import TINY, make_model
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.sample_utils import make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_safesig import SafesigError, SafetyConfig, generate, prepare_prompt, score, stream_generate
 from mlx_safesig.decoding import REFUSAL_PREFIX
@@ -61,6 +62,22 @@ def test_safety_disabled_is_mlx_lm_generate(tokenizer, temp):
     ours = [r.token for r in stream_generate(
         model, tokenizer, MSGS, max_tokens=24, temp=temp, safety=SafetyConfig(enabled=False))]
     assert ours == expected
+
+
+def test_mlx_lm_batch_generate_runs_our_model_like_mlx_lms(tokenizer):
+    """mlx-lm's batch caches give one offset per row (left padding): our layers turn them into
+    per-token positions, so batched greedy generation equals the same mlx-lm model's."""
+    model = make_model()
+    ref = llama.Model(llama.ModelArgs.from_dict({**TINY, "vocab_size": 320}))
+    ref.load_weights([(k, v) for k, v in tree_flatten(model.parameters())
+                      if not k.startswith("cls_")])
+    prompts = [prepare_prompt(tokenizer, [{"role": "user", "content": c}]).ids
+               for c in ("hi", "a much longer question about the sea and the sky")]
+    wrapped = TokenizerWrapper(tokenizer)
+    ours = mlx_lm.batch_generate(model, wrapped, prompts, max_tokens=12, return_token_ids=True)
+    theirs = mlx_lm.batch_generate(ref, wrapped, prompts, max_tokens=12, return_token_ids=True)
+    assert [list(t) for t in ours.token_ids] == [list(t) for t in theirs.token_ids]
+    assert all(len(t) > 0 for t in ours.token_ids)
 
 
 def test_query_span_is_the_user_content_only(tokenizer):

@@ -6,7 +6,7 @@ from conftest import FAMILY_CONFIGS, make_model
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2, qwen3
 
-from mlx_safesig.attention import causal_mask, rope_at, scoring_mask, sft_mask
+from mlx_safesig.attention import causal_mask, rope_at, rope_table, scoring_mask, sft_mask
 from mlx_safesig.generate import prefill_prompt, probe
 
 MLX_LM = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
@@ -68,6 +68,24 @@ def test_per_token_rope_equals_contiguous_rope():
     h_int = model.hidden(mx.array([IDS]), positions=3)
     h_arr = model.hidden(mx.array([IDS]), positions=mx.arange(3, 3 + len(IDS)))
     assert mx.allclose(h_int, h_arr, atol=1e-5).item()
+
+
+@pytest.mark.parametrize("rope_kind", ["default", "llama3", "yarn", "traditional"])
+def test_rope_table_equals_per_token_rope(rope_kind):
+    from mlx_lm.models.rope_utils import initialize_rope
+
+    scaling = {"default": None, "traditional": None,
+               "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+               "yarn": {"rope_type": "yarn", "factor": 4.0,
+                        "original_max_position_embeddings": 64}}[rope_kind]
+    rope = initialize_rope(16, 10000.0, rope_kind == "traditional", scaling, 256)
+    x = mx.random.normal((2, 4, 6, 16))
+    for positions in (mx.array([0, 7, 3, 100, 1, 2]), mx.array([[5, 6, 7, 8, 9, 0], [0] * 6])):
+        table = rope_table(rope, positions, 16)
+        assert isinstance(table, tuple) == (rope_kind != "traditional")
+        assert mx.allclose(rope_at(rope, x, table), rope_at(rope, x, positions), atol=1e-5).item()
+    assert rope_table(rope, 4, 16) == 4
 
 
 def test_score_equals_dense_scoring_mask_forward():
