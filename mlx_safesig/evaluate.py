@@ -32,6 +32,12 @@ Output directory: ``rows.jsonl`` (one line per generation, appended as it finish
 skips every key already there, the last line of a key wins), ``run.json`` (the settings a resume
 must match), then ``results.json``, ``report.md`` and ``*.png``. Responses are written to
 ``rows.jsonl`` only; the report carries aggregate numbers and row ids.
+
+Batching: safety-off greedy generations (and the prefill suite's own answers) run through
+mlx-lm's ``BatchGenerator``, ``--batch-size`` at a time, on the same prompt ids and with the same
+detokenization as one by one (``plain_batch``), so their rows are the same. Safety-on generations
+(the monitor probes and may rewind each sequence on its own) and sampled ones (per-job seeds) run
+one by one.
 """
 
 import hashlib
@@ -43,14 +49,15 @@ import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import click
 import mlx.core as mx
 import numpy as np
+from mlx_lm.generate import BatchGenerator
 
 from .decoding import SCHEDULES, SafetyConfig, parse_schedule
-from .generate import score, stream_generate
+from .generate import _wrap, prompt_with_prefill, score, stream_generate
 from .model import SafesigError
 
 SUITES = ("direct", "prefill", "decoding", "templates", "benign")
@@ -342,6 +349,82 @@ def own_continuation(model, tokenizer, content: str, n: int) -> List[int]:
     return ids
 
 
+def batchable(job: Job) -> bool:
+    """Whether mlx-lm's batch generator can run ``job`` with the sequential path's results:
+    safety off and greedy (a cached continuation, or an ``off`` job at temperature 0). Sampled
+    jobs stay sequential: their draws come from a per-job seed (``job_seed``)."""
+    if job.mode == "continuation":
+        return True
+    return job.mode == "off" and float((job.sampling or {}).get("temp", 0.0)) == 0.0
+
+
+def plain_prompt_ids(model, tokenizer, job: Job) -> List[int]:
+    """The token ids ``stream_generate`` feeds mlx-lm for ``job`` with safety off: the chat
+    template rendered by ``prepare_prompt``, then the prefill's tokens. Raises the sequential
+    path's ``SafesigError`` for an unusable prompt (e.g. longer than the model's context)."""
+    prepared, prefill = prompt_with_prefill(model, tokenizer, job.messages, job.prefill or None)
+    return prepared.ids + prefill
+
+
+def _streamed_text(tokenizer, ids: Sequence[int], finish: str) -> str:
+    """The text mlx-lm's ``stream_generate`` yields for ``ids`` (EOS excluded), segment by segment
+    with the same streaming detokenizer calls, so batched and sequential responses are equal."""
+    detok = tokenizer.detokenizer
+    text = ""
+    for i, token in enumerate(ids):
+        detok.add_token(token)
+        if finish == "stop" or i < len(ids) - 1:  # on "length" the last token is read finalized
+            text += detok.last_segment
+    detok.finalize()
+    return text + detok.last_segment
+
+
+def plain_batch(model, tokenizer, jobs: Sequence[Job], max_tokens: int,
+                batch_size: int) -> Iterator[Tuple[Job, dict]]:
+    """Generate ``batchable`` jobs with mlx-lm's ``BatchGenerator`` (greedy, up to ``batch_size``
+    sequences at a time, a finished one replaced by the next prompt) and yield ``(job, outcome)``
+    as each finishes. Outcomes are what the sequential path gives: ``respond``'s dict for an
+    ``off`` job (``max_tokens`` tokens), ``{"ids": ...}`` like ``own_continuation`` for a
+    continuation (``max(PREFILL_KS)`` tokens), ``{"error": ...}`` for a prompt it would reject."""
+    tokenizer = _wrap(tokenizer)
+    queued = []
+    for job in jobs:
+        try:
+            ids = plain_prompt_ids(model, tokenizer, job)
+        except SafesigError as e:
+            yield job, {"error": str(e)}
+            continue
+        limit = max(PREFILL_KS) if job.mode == "continuation" else max_tokens
+        queued.append((job, ids, limit))
+    if not queued:
+        return
+    queued.sort(key=lambda q: len(q[1]))  # similar lengths share a batch: less padding
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in tokenizer.eos_token_ids],
+                         completion_batch_size=batch_size, prefill_batch_size=batch_size)
+    try:
+        uids = gen.insert([ids for _, ids, _ in queued], [limit for _, _, limit in queued])
+        by_uid = {uid: job for uid, (job, _, _) in zip(uids, queued)}
+        tokens: Dict[int, List[int]] = {uid: [] for uid in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                if r.finish_reason != "stop":  # the EOS token is not part of the response
+                    tokens[r.uid].append(int(r.token))
+                if r.finish_reason is None:
+                    continue
+                job, ids = by_uid[r.uid], tokens.pop(r.uid)
+                if job.mode == "continuation":
+                    yield job, {"ids": ids}
+                else:  # respond()'s dict; like mlx-lm, the count includes a final EOS
+                    yield job, {
+                        "response": _streamed_text(tokenizer, ids, r.finish_reason),
+                        "tokens": len(ids) + (r.finish_reason == "stop"),
+                        "finish": r.finish_reason, "query_p": None, "inserted": False,
+                        "inserted_at": None, "probes": [],
+                    }
+    finally:
+        gen.close()
+
+
 def load_judge(path) -> Callable[[str, str], bool]:
     """Import ``judge(prompt, response) -> bool`` from a Python file (see the module docstring)."""
     path = Path(path)
@@ -400,7 +483,9 @@ def _bar(total: int, done: int, desc: str, progress: bool):
 class EvalSettings:
     """What a run does. ``modes``: ``("off", "on")`` or one of them; ``sampling``: temp / top_p /
     top_k of every suite but ``decoding``; ``threshold`` / ``schedule``: the safety config (None
-    threshold = the model's)."""
+    threshold = the model's); ``batch_size``: safety-off greedy generations run this many at a
+    time (``plain_batch``; 1 = one by one), not part of the fingerprint: it does not change
+    the rows."""
 
     suites: Sequence[str] = SUITES
     split: str = "dev"
@@ -414,6 +499,7 @@ class EvalSettings:
     threshold: Optional[float] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
+    batch_size: int = 8
 
     def fingerprint(self, model_id: str) -> dict:
         """The settings every row of an output directory shares (a resume must match them)."""
@@ -450,6 +536,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     if unknown:
         raise SafesigError(f"unknown suite {unknown[0]!r}; use {', '.join(SUITES)} or all.")
     parse_schedule(settings.schedule)
+    if settings.batch_size < 1:
+        raise SafesigError(f"the batch size must be at least 1, got {settings.batch_size}.")
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold)
     threshold = safety.resolved(model.args.safesig).threshold
@@ -464,8 +552,25 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
 
     def run(jobs: List[Job], desc: str):
         todo = [j for j in jobs if j.key not in log.rows]
+        batched = [j for j in todo if settings.batch_size > 1 and batchable(j)
+                   and (j.mode == "continuation" or settings.max_tokens >= 1)]  # else respond's error
+        if len(batched) < 2:  # a batch of one is the sequential path with overhead
+            batched = []
         with _bar(len(jobs), len(jobs) - len(todo), desc, progress) as bar:
+
+            def finish(job: Job, outcome: dict):
+                if judge is not None and job.suite in HARMFUL_SUITES and "response" in outcome:
+                    outcome["judge_model"] = _judge(judge, judge_id, job, outcome)
+                log.add(job, outcome)
+                bar.update(1)
+
+            for job, outcome in plain_batch(model, tokenizer, batched, settings.max_tokens,
+                                            settings.batch_size):
+                finish(job, outcome)
+            batched_keys = {j.key for j in batched}
             for job in todo:
+                if job.key in batched_keys:
+                    continue
                 try:
                     if job.mode == "verdict" and job.content in known_verdicts:
                         outcome = {"query_p": known_verdicts[job.content]}
@@ -479,10 +584,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                                           settings.max_tokens, job_seed(settings.seed, job))
                 except SafesigError as e:  # e.g. a template longer than the model's context
                     outcome = {"error": str(e)}
-                if judge is not None and job.suite in HARMFUL_SUITES and "response" in outcome:
-                    outcome["judge_model"] = _judge(judge, judge_id, job, outcome)
-                log.add(job, outcome)
-                bar.update(1)
+                finish(job, outcome)
 
     jobs: List[Job] = []
     for suite in settings.suites:
@@ -943,13 +1045,20 @@ def _schedule(ctx, param, value):
 @click.option("--judge-model", type=click.Path(), default=None,
               help="A Python file defining judge(prompt, response) -> bool (True = harmful "
               "response), e.g. wrapping a local guard model.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Safety-off greedy generations (and the prefill suite's own answers) run this "
+              "many at a time with mlx-lm's batch generator, same responses; 1 = one by one. "
+              "Safety-on and sampled generations always run one by one.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out, skipping finished rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of "
               "the Markdown report.")
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, grid_size, temp, top_p, top_k, seed, safety, schedule, threshold,
-                 judge_model, resume, as_json):
-    """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection."""
+                 judge_model, batch_size, resume, as_json):
+    """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
+
+    Safety-off greedy generations are batched (--batch-size, same responses as one by one);
+    safety-on generations run one by one."""
     from .loading import load
 
     settings = EvalSettings(
@@ -957,7 +1066,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
         threshold=threshold, model_name=Path(model).name if model else "Assistant",
-        exclude_categories=tuple(exclude_categories),
+        exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
     try:
         load_data(data_dir, split, suites, exclude_categories)  # fails before the model loads

@@ -393,6 +393,20 @@ def safe_generate_step(
             out, y, logprobs, t = out_next, y_next, logprobs_next, t + 1
 
 
+def prompt_with_prefill(model: Model, tokenizer, prompt: Prompt,
+                        prefill_response: Optional[str] = None) -> tuple[PreparedPrompt, List[int]]:
+    """The prepared prompt and the prefilled assistant text's ids, checked against the model's
+    context (one ``SafesigError`` sentence if too long). With safety off, mlx-lm is fed
+    ``prepared.ids + prefill_ids``."""
+    tokenizer = _wrap(tokenizer)
+    prepared = prepare_prompt(tokenizer, prompt)
+    prefill_ids = (
+        tokenizer.encode(prefill_response, add_special_tokens=False) if prefill_response else []
+    )
+    _check_context(model, len(prepared.ids) + len(prefill_ids))
+    return prepared, prefill_ids
+
+
 def stream_generate(
     model: Model,
     tokenizer,
@@ -423,11 +437,7 @@ def stream_generate(
     safety = (safety or SafetyConfig()).resolved(model.args.safesig)
     if max_tokens < 1:
         raise SafesigError(f"max_tokens must be at least 1, got {max_tokens}.")
-    prepared = prepare_prompt(tokenizer, prompt)
-    prefill_ids = (
-        tokenizer.encode(prefill_response, add_special_tokens=False) if prefill_response else []
-    )
-    _check_context(model, len(prepared.ids) + len(prefill_ids))
+    prepared, prefill_ids = prompt_with_prefill(model, tokenizer, prompt, prefill_response)
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if not safety.enabled:
         yield from _plain_stream(

@@ -5,8 +5,10 @@ exactly for prompts containing FLAG, so the expected counts are known."""
 import json
 import struct
 import zlib
+from collections import Counter
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -14,6 +16,7 @@ from conftest import make_model, write_model_dir
 
 from mlx_safesig import evaluate
 from mlx_safesig.cli import _Cli
+from mlx_safesig.decoding import SafetyConfig
 from mlx_safesig.evaluate import (
     EvalSettings,
     Job,
@@ -58,12 +61,15 @@ def data_dir(tmp_path_factory):
 
 
 class Calls:
-    """Wraps evaluate.stream_generate / score: a head that says malicious exactly for prompts with
-    FLAG in them, and a count of the generations."""
+    """Wraps evaluate.stream_generate / score / plain_batch: a head that says malicious exactly for
+    prompts with FLAG in them, a count of the generations (one by one or batched) and the keys of
+    the batched ones."""
 
     def __init__(self, monkeypatch):
         self.generations = self.scores = 0
-        real_stream, real_score = evaluate.stream_generate, evaluate.score
+        self.batched = []
+        real_stream, real_score, real_batch = (evaluate.stream_generate, evaluate.score,
+                                               evaluate.plain_batch)
 
         def head(model, messages):
             p = 0.9 if FLAG in messages[-1]["content"] else 0.1
@@ -79,8 +85,15 @@ class Calls:
             head(model, messages)
             return real_score(model, tokenizer, messages)
 
+        def batch(*args, **kwargs):
+            for job, outcome in real_batch(*args, **kwargs):
+                self.generations += 1
+                self.batched.append(job.key)
+                yield job, outcome
+
         monkeypatch.setattr(evaluate, "stream_generate", stream)
         monkeypatch.setattr(evaluate, "score", score)
+        monkeypatch.setattr(evaluate, "plain_batch", batch)
 
 
 @pytest.fixture
@@ -88,9 +101,9 @@ def calls(monkeypatch):
     return Calls(monkeypatch)
 
 
-def run(tokenizer, data_dir, out, suites, resume=False, max_tokens=8, **kw):
+def run(tokenizer, data_dir, out, suites, resume=False, max_tokens=8, model=None, **kw):
     settings = EvalSettings(suites=suites, max_tokens=max_tokens, **kw)
-    return run_eval(make_model(), tokenizer, data_dir, out, settings, model_id="tiny",
+    return run_eval(model or make_model(), tokenizer, data_dir, out, settings, model_id="tiny",
                     progress=False, resume=resume)
 
 
@@ -230,6 +243,125 @@ def test_resume_skips_finished_rows(tokenizer, data_dir, tmp_path, calls):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=3, resume=True, max_tokens=9)
 
 
+# -- batched safety-off generation -------------------------------------------------------------
+
+def eos_prone_model(tokenizer, scale=5.0):
+    """A tiny model whose EOS logit is scaled up: on the fake data some responses stop early (one
+    of them at once, empty) and some run to max_tokens."""
+    model = make_model(tie_word_embeddings=False)
+    w = model.lm_head.weight
+    eos_row = (mx.arange(w.shape[0]) == tokenizer.eos_token_id)[:, None]
+    model.lm_head.weight = mx.where(eos_row, w * scale, w)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.fixture(scope="module")
+def long_data_dir(data_dir, tmp_path_factory):
+    """The fake data plus a benign prompt longer than the tiny model's context (512), sorted
+    first."""
+    d = tmp_path_factory.mktemp("data_long")
+    for f in data_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    benign = [json.loads(line) for line in (d / "benign.dev.jsonl").read_text().splitlines()]
+    write_jsonl(d / "benign.dev.jsonl", [{"id": "b-long", "text": " ".join(["bread"] * 600)}] + benign)
+    return d
+
+
+def test_batched_safety_off_rows_equal_the_sequential_ones(tokenizer, long_data_dir, tmp_path,
+                                                           calls):
+    model, suites = eos_prone_model(tokenizer), ["direct", "prefill", "benign"]
+    kw = dict(modes=("off",), limit=3, max_tokens=16, model=model)
+    one_by_one = run(tokenizer, long_data_dir, tmp_path / "seq", suites, batch_size=1, **kw)
+    assert calls.batched == []
+    generations = calls.generations
+    batched = run(tokenizer, long_data_dir, tmp_path / "bat", suites, batch_size=3, **kw)
+    assert calls.generations == 2 * generations  # every one of them again, all batched
+    assert len(calls.batched) == generations
+
+    seq_lines, bat_lines = rows_of(tmp_path / "seq"), rows_of(tmp_path / "bat")
+    assert len({r["key"] for r in bat_lines}) == len(bat_lines)  # each job written once
+    seq_rows, bat_rows = ({r["key"]: r for r in rows} for rows in (seq_lines, bat_lines))
+    assert bat_rows == seq_rows  # texts, token counts, finish reasons, continuation ids, errors
+    assert batched == one_by_one
+
+    # what the comparison covered
+    off = [r for r in seq_rows.values() if r["mode"] == "off" and "error" not in r]
+    assert Counter(r["finish"] for r in off).keys() == {"stop", "length"}
+    assert any(r["finish"] == "stop" and r["tokens"] == 1 and r["response"] == "" for r in off)
+    assert all(r["tokens"] == 16 for r in off if r["finish"] == "length")
+    assert {r["attack"] for r in off if r["suite"] == "prefill"} == {"sure", "k5", "k10", "k20",
+                                                                     "k40"}
+    conts = [r["ids"] for r in seq_rows.values() if r["mode"] == "continuation"]
+    assert len(conts) == 3 and len({len(c) for c in conts}) > 1  # stopped and unstopped answers
+    too_long = seq_rows["benign|benign||b-long|off"]
+    assert "context" in too_long["error"] and bat_rows[too_long["key"]] == too_long
+
+
+def test_batched_prompt_ids_are_the_ones_the_sequential_path_feeds_mlx_lm(tokenizer, monkeypatch):
+    fed = []
+    real = mlx_lm.stream_generate  # what safety-off stream_generate runs
+
+    def spy(model, tok, prompt, **kwargs):
+        fed.append(prompt.tolist())
+        yield from real(model, tok, prompt, **kwargs)
+
+    monkeypatch.setattr(mlx_lm, "stream_generate", spy)
+    model = make_model()
+    prefill = Job("prefill", "sure", "h0", "off", HARMFUL[0], prefill="Sure, here is")
+    plain = Job("direct", "direct", "h0", "off", HARMFUL[0])
+    for job in (prefill, plain):
+        evaluate.respond(model, tokenizer, job, SafetyConfig(enabled=False), 2, 0)
+    ids = [evaluate.plain_prompt_ids(model, tokenizer, j) for j in (prefill, plain)]
+    assert fed == ids
+    assert ids[0][: len(ids[1])] == ids[1] and len(ids[0]) > len(ids[1])  # the prefill follows
+
+
+def test_only_safety_off_greedy_generations_are_batched(tokenizer, data_dir, tmp_path, calls):
+    run(tokenizer, data_dir, tmp_path, ["direct", "decoding"], limit=2, grid_size=1)
+    assert sorted(calls.batched) == ["direct|direct||h0|off", "direct|direct||h1|off"]
+    assert calls.generations == 2 * 2 + 2 * 2 * len(decoding_grid(1))  # the rest one by one
+
+
+def test_resume_after_an_interrupted_batch_skips_its_finished_rows(tokenizer, data_dir, tmp_path,
+                                                                   calls, monkeypatch):
+    counted = evaluate.plain_batch
+
+    def interrupted(*args, **kwargs):  # Ctrl-C as the batch's fourth generation finishes
+        for n, item in enumerate(counted(*args, **kwargs)):
+            if n == 3:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(evaluate, "plain_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(tokenizer, data_dir, tmp_path / "a", ["direct"], batch_size=2)
+    finished = {r["key"] for r in rows_of(tmp_path / "a")}
+    assert finished == set(calls.batched[:3])  # the fourth was lost with the interruption
+    lost = calls.batched[3]
+    first = (tmp_path / "a" / "rows.jsonl").read_text()
+
+    monkeypatch.setattr(evaluate, "plain_batch", counted)
+    calls.generations = 0
+    results = run(tokenizer, data_dir, tmp_path / "a", ["direct"], batch_size=2, resume=True)
+    text = (tmp_path / "a" / "rows.jsonl").read_text()
+    assert text.startswith(first)
+    appended = [json.loads(line)["key"] for line in text[len(first):].splitlines()]
+    assert sorted(k for k in appended if k.endswith("|off")) == [lost]  # nothing finished again
+    generated = [k for k in appended if not k.endswith("|verdict")]
+    assert len(generated) == calls.generations == 1 + 4  # the lost one, the 4 safety on
+    resumed = {r["key"]: r for r in rows_of(tmp_path / "a")}
+    fresh = run(tokenizer, data_dir, tmp_path / "b", ["direct"], batch_size=2)
+    assert resumed == {r["key"]: r for r in rows_of(tmp_path / "b")}
+    assert results == fresh
+
+
+def test_batch_size_below_one_is_refused(tokenizer, data_dir, tmp_path):
+    with pytest.raises(evaluate.SafesigError, match="batch size must be at least 1, got 0"):
+        run(tokenizer, data_dir, tmp_path, ["direct"], batch_size=0)
+    assert not (tmp_path / "rows.jsonl").exists()
+
+
 def test_report_files_have_a_table_per_suite_and_valid_pngs(tokenizer, data_dir, tmp_path, calls):
     run(tokenizer, data_dir, tmp_path, ["direct", "benign"], limit=2)
     report = (tmp_path / "report.md").read_text()
@@ -297,6 +429,7 @@ def test_every_option_has_help():
     (["--top-p", "1.5"], "--top-p"),
     (["--temp", "-1"], "--temp"),
     (["--max-tokens", "0"], "--max-tokens"),
+    (["--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
     (["--model", "/no/such/model"], "/no/such/model does not exist."),
     (["--judge-model", "/no/such/guard.py"], "/no/such/guard.py does not exist."),
 ])
