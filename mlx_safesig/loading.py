@@ -65,6 +65,7 @@ def load(
     embedding rows) and a random head -- a model to train or benchmark, not a safe one.
     ``adapter_path``: a directory written by ``mlx-safesig train`` (LoRA, ``[CLS]`` row and head),
     applied on top; the base may then be a plain mlx-lm directory.
+    ``lazy``: leave the weights unevaluated (and the projections unfused: ``Model.fuse_projections``).
     """
     add_safety = add_safety or adapter_path is not None
     if path_or_repo is None:
@@ -105,5 +106,6 @@ def load(
         load_adapters(model, adapter_path)
     if not lazy:
         mx.eval(model.parameters())
+        model.fuse_projections()
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer

@@ -102,12 +102,59 @@ class ModelArgs(BaseModelArgs):
 _SKINNY_ON_CPU = not mx.metal.is_available()
 
 
+def _linear(weight: mx.array, bias: Optional[mx.array], x: mx.array) -> mx.array:
+    if _SKINNY_ON_CPU and x.shape[0] * x.shape[1] == 2:
+        y = (weight @ x.reshape(2, -1).T).T.reshape(*x.shape[:2], -1)
+    else:
+        y = x @ weight.T
+    return y if bias is None else y + bias
+
+
 def project(layer: nn.Module, x: mx.array) -> mx.array:
     """``layer(x)`` with the two-row CPU fast path for plain ``nn.Linear`` layers."""
-    if _SKINNY_ON_CPU and type(layer) is nn.Linear and x.shape[0] * x.shape[1] == 2:
-        y = (layer.weight @ x.reshape(2, -1).T).T.reshape(*x.shape[:2], -1)
-        return y + layer.bias if "bias" in layer else y
+    if type(layer) is nn.Linear:
+        return _linear(layer.weight, layer.get("bias"), x)
     return layer(x)
+
+
+def project_group(module: nn.Module, names: tuple, x: mx.array) -> list:
+    """``[module.<name>(x) for name in names]``; one product through the group's fused weight
+    (``fuse_group``) while every member is still a plain ``nn.Linear``."""
+    fused = module.__dict__.get("_fused")
+    if fused is not None and all(type(module[n]) is nn.Linear for n in names):
+        weight, bias, splits = fused
+        return mx.split(_linear(weight, bias, x), splits, axis=-1)
+    return [project(module[n], x) for n in names]
+
+
+def fuse_group(module: nn.Module, names: tuple) -> bool:
+    """Store the weights of ``names`` (plain ``nn.Linear`` layers, same input size and dtype, all
+    with or all without bias) in one buffer; the layers keep row views into it, so memory and
+    saved weights do not change. Returns False (nothing done) for any other group."""
+    layers = [module[n] for n in names]
+    if not all(type(m) is nn.Linear for m in layers):
+        return False
+    weights = [m.weight for m in layers]
+    has_bias = ["bias" in m for m in layers]
+    if len({(w.shape[1], w.dtype) for w in weights}) != 1 or len(set(has_bias)) != 1:
+        return False
+    weight = mx.concatenate(weights)
+    bias = mx.concatenate([m.bias for m in layers]) if has_bias[0] else None
+    mx.eval(weight if bias is None else [weight, bias])
+    start, splits = 0, []
+    for m in layers:
+        end = start + m.weight.shape[0]
+        m.weight = weight[start:end]
+        if bias is not None:
+            m.bias = bias[start:end]
+        splits.append(end)
+        start = end
+    mx.eval([m.parameters() for m in layers])
+    object.__setattr__(module, "_fused", (weight, bias, splits[:-1]))
+    return True
+
+
+QKV, GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 class Attention(nn.Module):
@@ -132,9 +179,10 @@ class Attention(nn.Module):
     def qkv(self, x: mx.array, positions: Positions):
         """Normed input [B, L, D] -> RoPE'd queries, keys and values [B, heads, L, head_dim]."""
         B, L, _ = x.shape
-        q = project(self.q_proj, x).reshape(B, L, self.n_heads, -1)
-        k = project(self.k_proj, x).reshape(B, L, self.n_kv_heads, -1)
-        v = project(self.v_proj, x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k, v = project_group(self, QKV, x)
+        q = q.reshape(B, L, self.n_heads, -1)
+        k = k.reshape(B, L, self.n_kv_heads, -1)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
@@ -154,7 +202,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
 
     def __call__(self, x) -> mx.array:
-        gate, up = project(self.gate_proj, x), project(self.up_proj, x)
+        gate, up = project_group(self, GATE_UP, x)
         return project(self.down_proj, swiglu(gate, up))
 
 
@@ -264,6 +312,35 @@ class Model(nn.Module):
             ]
             object.__setattr__(self, "_compiled", compiled)  # a plain attribute, not a child
         return self.__dict__["_compiled"]
+
+    def fuse_projections(self) -> int:
+        """For inference: each layer's q/k/v and gate/up weights become one buffer each (the
+        layers keep views into it: same memory, same saved weights), run as one matrix product per
+        group -- fewer, larger products per decode step. Groups that are not plain ``nn.Linear``
+        (LoRA, quantized) stay as they are; a layer later replaced (e.g. by LoRA) falls back to its
+        own product, and any later weight update (``update``, ``load_weights``,
+        ``update_modules``) drops the fusion. Returns the number of fused groups."""
+        self._unfuse()
+        n = sum(fuse_group(layer.self_attn, QKV) + fuse_group(layer.mlp, GATE_UP)
+                for layer in self.layers)
+        self.__dict__.pop("_compiled", None)  # traced code must see the fused weights
+        return n
+
+    def _unfuse(self):
+        fused = [m for layer in self.layers for m in (layer.self_attn, layer.mlp)
+                 if "_fused" in m.__dict__]
+        for m in fused:
+            del m.__dict__["_fused"]
+        if fused:
+            self.__dict__.pop("_compiled", None)
+
+    def update(self, parameters: dict, strict: bool = True):
+        self._unfuse()
+        return super().update(parameters, strict=strict)
+
+    def update_modules(self, modules: dict, strict: bool = True):
+        self._unfuse()
+        return super().update_modules(modules, strict=strict)
 
     def logits(self, h: mx.array) -> mx.array:
         """Hidden [..., D] -> LM logits [..., V]."""

@@ -127,3 +127,62 @@ def test_two_logit_head_uses_softmax_of_second_logit():
     h = mx.random.normal((model.args.hidden_size,))
     z = model.cls_head(h)
     assert model.safety_prob(h).item() == pytest.approx(mx.softmax(z)[1].item(), abs=1e-6)
+
+
+def _decode_hidden(model, ids, steps=6, probe_window=(1, 3)):
+    """Prefill ``ids`` then decode ``steps`` compiled steps, one of them a fused [token, probe]
+    step: every final-norm state, for comparing models."""
+    from mlx_safesig.attention import decode_probe_mask
+
+    cache = model.make_cache()
+    outs = [model.hidden(mx.array([ids]), cache)]
+    for t in range(steps):
+        n = cache[0].offset
+        if t == 2:
+            mask = decode_probe_mask(n, list(range(*probe_window)))
+            h = model.hidden(mx.array([[7, model.cls_token_id]]), cache, mask=mask[None],
+                             positions=mx.array([n, 0]), compiled=True)
+            for c in cache:
+                c.offset -= 1  # drop the probe's keys/values
+        else:
+            h = model.hidden(mx.array([[7 + t]]), cache, positions=mx.array([n]), compiled=True)
+        outs.append(h)
+    return outs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_projections_equal_separate_ones_and_keep_the_weights(family):
+    model = make_model(family)
+    before = dict(tree_flatten(model.parameters()))
+    expected = _decode_hidden(model, IDS)
+    assert model.fuse_projections() == 2 * len(model.layers)
+    after = dict(tree_flatten(model.parameters()))
+    assert before.keys() == after.keys()
+    assert all(mx.array_equal(before[k], after[k]).item() for k in before)
+    got = _decode_hidden(model, IDS)
+    assert all(mx.allclose(a, b, atol=1e-5).item() for a, b in zip(expected, got))
+
+
+def test_weight_updates_and_lora_after_fusing_are_not_ignored():
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    fresh = make_model(seed=1)
+    model = make_model()
+    model.fuse_projections()
+    _decode_hidden(model, IDS)  # trace the compiled steps with the fused weights
+    model.load_weights(list(tree_flatten(fresh.parameters())))
+    assert all(mx.allclose(a, b, atol=1e-5).item()
+               for a, b in zip(_decode_hidden(model, IDS), _decode_hidden(fresh, IDS)))
+
+    model.fuse_projections()
+    lora = {"rank": 4, "scale": 20.0, "dropout": 0.0}
+    for m in (model, fresh):
+        mx.random.seed(3)
+        linear_to_lora_layers(m, 2, lora)
+        for layer in m.layers[-2:]:  # non-zero LoRA B, so the adapters change the output
+            for name in ("q_proj", "v_proj"):
+                lin = layer.self_attn[name]
+                lin.lora_b = mx.random.normal(lin.lora_b.shape) * 0.1
+        mx.eval(m.parameters())
+    assert all(mx.allclose(a, b, atol=1e-5).item()
+               for a, b in zip(_decode_hidden(model, IDS), _decode_hidden(fresh, IDS)))
