@@ -5,10 +5,13 @@ prompt, greedy. Each side runs in its own subprocess, interleaved and repeated; 
     python examples/bench_default_install.py [--model DIR] [--max-tokens 64] [--repeats 3] [--ceiling]
 
 --ceiling adds a third subprocess (OpenBLAS loaded) that times only the weight reads of one decode
-step: one matrix-vector product per projection of every layer plus the LM head, compiled, nothing
-else (no attention, norms, cache or sampling). Decode of a model this small is bound by those
-reads, so this is the fastest any fp32 decoder can go on this machine; it also times one LM-head
-product in float32, bfloat16 and 8/4-bit quantized form, which shows why fp32 stays the CPU format.
+step: the matrix-vector products of every projection of every layer, in order and each feeding the
+next, plus the LM head, compiled, nothing else (no attention, norms, cache or sampling): the
+fastest a decoder built from these fp32 products can go here (``ceiling_tok_s``). It also times
+one large matrix-vector product of the same total size (``one_matvec_gb_s``: the memory bandwidth
+OpenBLAS reaches; ``bandwidth_tok_s``: the model's weights read once at that rate, the bound for
+any fp32 decoder) and one LM-head product in float32, bfloat16 and 8/4-bit quantized form, which
+shows why fp32 stays the CPU format.
 """
 
 import argparse
@@ -39,12 +42,17 @@ print(r.generation_tps)
 CEILING = """
 import sys, time, json, mlx_safesig, mlx.core as mx, mlx_lm
 model, tok = mlx_lm.load(sys.argv[1])
-weights = [m.weight for layer in model.model.layers for _, m in layer.named_modules()
-           if hasattr(m, "weight") and m.weight.ndim == 2]
+layers = [[m.weight for _, m in layer.named_modules() if hasattr(m, "weight") and m.weight.ndim == 2]
+          for layer in model.model.layers]
 head = model.model.embed_tokens.weight
 def step(x):
-    outs = [(mx.ones((1, w.shape[1])) @ w.T).sum() for w in weights]
-    return sum(outs) + (x @ head.T).sum()
+    # one decode step's weight reads, in order and dependent like a real step (each product
+    # feeds the next), nothing else: no attention, norms, cache or sampling
+    for weights in layers:
+        for w in weights:
+            x = (x[..., : w.shape[1]] if x.shape[-1] >= w.shape[1] else
+                 mx.concatenate([x] * (w.shape[1] // x.shape[-1] + 1), -1)[..., : w.shape[1]]) @ w.T
+    return mx.argmax(x[..., : head.shape[1]] @ head.T)
 def timed(fn, n):
     mx.eval(fn()); t = time.perf_counter()
     for _ in range(n):
@@ -52,8 +60,15 @@ def timed(fn, n):
     return (time.perf_counter() - t) / n
 x = mx.random.normal((1, head.shape[1]))
 step = mx.compile(step)
-result = {"weight_mb": round(sum(w.nbytes for w in weights + [head]) / 1e6, 1),
-          "ceiling_tok_s": round(1 / timed(lambda: step(x), 30), 3), "lm_head_ms": {}}
+weight_bytes = sum(w.nbytes for ws in layers for w in ws) + head.nbytes
+big = mx.random.normal((8 * head.shape[1], weight_bytes // (32 * head.shape[1])))
+xb = mx.random.normal((1, big.shape[1]))
+mx.eval(big, xb)
+result = {"weight_mb": round(weight_bytes / 1e6, 1),
+          "ceiling_tok_s": round(1 / timed(lambda: step(x), 30), 3),
+          "one_matvec_gb_s": round(big.nbytes / timed(lambda: xb @ big.T, 20) / 1e9, 2),
+          "lm_head_ms": {}}
+result["bandwidth_tok_s"] = round(result["one_matvec_gb_s"] * 1e9 / weight_bytes, 3)
 forms = {"float32": lambda: x @ head.T}
 for dt in ("bfloat16", "float16"):
     h, xh = head.astype(getattr(mx, dt)), x.astype(getattr(mx, dt))
