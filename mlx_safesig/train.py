@@ -416,11 +416,13 @@ def confusion(rows, pred, label) -> list:
 
 
 def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_size: int,
-             num_batches: int = -1) -> dict:
+             num_batches: int = -1, sweep: Sequence[float] = ()) -> dict:
     """Validation: LM loss per response token, the query ``[CLS]`` accuracy / precision / recall /
     F1 at the model's threshold, and the window probes' accuracy, recall (harmful windows flagged)
-    and false-positive rate (benign windows flagged), summed over all processes."""
+    and false-positive rate (benign windows flagged), summed over all processes. ``sweep``: more
+    thresholds, reported in ``report["sweep"]`` (query and probe recall / false-positive rate)."""
     threshold = model.args.safesig["threshold"]
+    swept = mx.zeros((len(sweep), 8))
     size = batch_size * batcher.world.size()
     starts = range(0, len(examples), size)
     if num_batches >= 0:
@@ -444,7 +446,12 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
             ce.sum(), lm_on.sum(),
             *confusion(q, pred, label), *confusion(p, pred, label),
         ]).astype(mx.float32)
-        mx.eval(totals)
+        if sweep:
+            prob = model.safety_prob(h[batch["cls_index"]])
+            swept = swept + mx.stack([
+                mx.stack([*confusion(q, prob >= t, label), *confusion(p, prob >= t, label)])
+                for t in sweep]).astype(mx.float32)
+        mx.eval(totals, swept)
     totals = mx.distributed.all_sum(totals, stream=mx.cpu).tolist()
     report = {"lm_loss": totals[0] / max(totals[1], 1), **f1_report(*totals[2:6])}
     tp, fp, fn, tn = totals[6:10]
@@ -452,6 +459,14 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
     report["probe_recall"] = tp / (tp + fn) if tp + fn else None
     report["probe_false_positive_rate"] = fp / (fp + tn) if fp + tn else None
     report["probes"] = int(tp + fp + fn + tn)
+    if sweep:
+        def rates(tp, fp, fn, tn):
+            return {"recall": tp / (tp + fn) if tp + fn else None,
+                    "false_positive_rate": fp / (fp + tn) if fp + tn else None}
+
+        swept = mx.distributed.all_sum(swept, stream=mx.cpu).tolist()
+        report["sweep"] = {t: {"query": rates(*row[:4]), "probe": rates(*row[4:])}
+                           for t, row in zip(sweep, swept)}
     return report
 
 

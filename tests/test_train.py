@@ -238,3 +238,20 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for name, g in results[0][1].items():
         np.testing.assert_allclose(np.array(g), np.array(results[1][1][name]), atol=1e-5)
+
+
+def test_validation_threshold_sweep_matches_the_main_report(tokenizer):
+    from mlx_safesig.train import Batcher, evaluate
+
+    model = make_model()
+    examples = [tokenize_example(tokenizer, r) for r in synthetic(6, seed=4)]
+    batcher = Batcher(model, tokenizer, TrainConfig(), mx.distributed.init())
+    report = evaluate(model, examples, batcher, 3, sweep=[0.5, 1e-9, 1.0 - 1e-9])
+    at_half = report["sweep"][0.5]
+    assert at_half["query"]["recall"] == pytest.approx(report["recall"])
+    assert at_half["probe"]["recall"] == pytest.approx(report["probe_recall"])
+    assert at_half["probe"]["false_positive_rate"] == pytest.approx(
+        report["probe_false_positive_rate"])
+    low, high = report["sweep"][1e-9], report["sweep"][1.0 - 1e-9]
+    assert low["probe"] == {"recall": 1.0, "false_positive_rate": 1.0}  # everything flagged
+    assert high["probe"] == {"recall": 0.0, "false_positive_rate": 0.0}  # nothing flagged

@@ -27,6 +27,8 @@ def main():
     ap.add_argument("--probes", type=int, default=4, help="window probes per response")
     ap.add_argument("--batch-size", type=int, default=8, help="rows per forward")
     ap.add_argument("--max-seq-length", type=int, default=768, help="longest row in tokens")
+    ap.add_argument("--sweep", type=float, action="append", default=[], metavar="T",
+                    help="also report recall / false-positive rate at threshold T (repeat)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
 
@@ -48,7 +50,7 @@ def main():
         rows = load_jsonl(f"{args.data}/valid.jsonl", tok, config.max_seq_length,
                           lambda ex, b=batcher: len(b.probes(ex)))
         model.eval()
-        report = evaluate(model, rows, batcher, config.batch_size)
+        report = evaluate(model, rows, batcher, config.batch_size, sweep=args.sweep)
         results[name] = {"adapter": path, "rows": len(rows), **{
             k: (round(v, 4) if isinstance(v, float) else v) for k, v in report.items()}}
         r = results[name]
@@ -56,6 +58,11 @@ def main():
               f"F1 {r['f1']:.3f}; probes ({r['probes']}) recall {r['probe_recall']:.3f} "
               f"FPR {r['probe_false_positive_rate']:.3f}; lm loss {r['lm_loss']:.3f}",
               file=sys.stderr)
+        for t, v in report.get("sweep", {}).items():
+            print(f"  threshold {t}: query recall {v['query']['recall']:.3f} FPR "
+                  f"{v['query']['false_positive_rate']:.3f}; probes recall "
+                  f"{v['probe']['recall']:.3f} FPR {v['probe']['false_positive_rate']:.3f}",
+                  file=sys.stderr)
     if args.json:
         print(json.dumps({"probes": args.probes, "results": results}))
 
