@@ -32,10 +32,15 @@ SCHEDULES = ("each", "first", "periodic:N", "annealing")
 @dataclass
 class SafetyConfig:
     """Safety-aware sampling settings. ``None`` fields take the model's ``safesig`` config values
-    (paper defaults: threshold 0.5, tau 3, r1 = r2 = r3 = 10, the refusal prefix above)."""
+    (paper defaults: threshold 0.5, tau 3, r1 = r2 = r3 = 10, the refusal prefix above).
+
+    ``window_threshold`` [ours]: the threshold of the probes over generated text (rules 2-3); the
+    query verdict uses ``threshold``. None: the model's value, else ``threshold``. A window of ten
+    tokens carries less evidence than a whole query, so a model may ship a higher one."""
 
     enabled: bool = True
     threshold: Optional[float] = None
+    window_threshold: Optional[float] = None
     tau: Optional[int] = None
     r1: Optional[int] = None
     r2: Optional[int] = None
@@ -46,8 +51,10 @@ class SafetyConfig:
 
     def __post_init__(self):
         parse_schedule(self.schedule)
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}.")
+        for name in ("threshold", "window_threshold"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}.")
         for name in ("tau", "r1", "r2", "r3"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -56,11 +63,13 @@ class SafetyConfig:
     def resolved(self, model_defaults: dict) -> "SafetyConfig":
         """A copy with every ``None`` filled from the model's ``safesig`` block."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("threshold", "tau", "r1", "r2", "r3", "refusal_prefix"):
+        for k in ("threshold", "window_threshold", "tau", "r1", "r2", "r3", "refusal_prefix"):
             if values[k] is None:
                 values[k] = model_defaults.get(k)
         if values["refusal_prefix"] is None:
             values["refusal_prefix"] = REFUSAL_PREFIX
+        if values["window_threshold"] is None:
+            values["window_threshold"] = values["threshold"]
         return SafetyConfig(**values)
 
 
@@ -127,13 +136,10 @@ class SafetyMonitor:
         self.latest_p: Optional[float] = None
         self.query_p: Optional[float] = None
 
-    def is_malicious(self, p: float) -> bool:
-        return p >= self.config.threshold
-
     def start(self, p0: float) -> Decision:
         """The query verdict (the ``[CLS]`` over the query span at prefill)."""
         self.latest_p = self.query_p = p0
-        self.query_malicious = self.is_malicious(p0)
+        self.query_malicious = p0 >= self.config.threshold
         events = [SafetyEvent("probe", -1, p0)]
         if self.query_malicious:
             self.inserted = True
@@ -161,7 +167,7 @@ class SafetyMonitor:
         d = Decision(events=[SafetyEvent("probe", t, p)])
         if self.inserted:
             return d
-        if not self.is_malicious(p):
+        if p < (self.config.window_threshold or self.config.threshold):
             if self.flip_step is not None:
                 d.events.append(SafetyEvent("flip-cleared", t, p))
             self.flip_step, self.streak = None, 0

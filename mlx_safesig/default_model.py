@@ -97,7 +97,9 @@ def default_model_path(progress: Optional[Callable[[str], None]] = None) -> Path
     adapter = default_adapter_dir()
     if not (adapter / "adapters.safetensors").is_file():
         raise SafesigError(f"the default safety adapter is missing from {adapter}.")
-    key = sha256_file(adapter / "adapters.safetensors")[:10]
+    key = hashlib.sha256("".join(sha256_file(adapter / name) for name in (
+        "adapters.safetensors", "safety_adapter.safetensors", "adapter_config.json")).encode()
+    ).hexdigest()[:10]
     quantized = mx.metal.is_available()
     target = cache_dir() / "models" / f"{DEFAULT_MODEL}-{key}-{'q4' if quantized else 'fp32'}"
     if (target / "config.json").is_file():

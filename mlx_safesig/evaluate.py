@@ -497,6 +497,7 @@ class EvalSettings:
     seed: int = 0
     schedule: str = "annealing"
     threshold: Optional[float] = None
+    window_threshold: Optional[float] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -505,7 +506,8 @@ class EvalSettings:
         """The settings every row of an output directory shares (a resume must match them)."""
         return {"model": model_id, "split": self.split, "max_tokens": self.max_tokens,
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
-                "threshold": self.threshold, "model_name": self.model_name,
+                "threshold": self.threshold, "window_threshold": self.window_threshold,
+                "model_name": self.model_name,
                 "exclude_categories": sorted(self.exclude_categories)}
 
 
@@ -539,8 +541,10 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     if settings.batch_size < 1:
         raise SafesigError(f"the batch size must be at least 1, got {settings.batch_size}.")
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
-    safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold)
-    threshold = safety.resolved(model.args.safesig).threshold
+    safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
+                          window_threshold=settings.window_threshold)
+    resolved = safety.resolved(model.args.safesig)
+    threshold = resolved.threshold
     out = Path(out_dir)
     fingerprint = settings.fingerprint(model_id)
     _check_resume(out, fingerprint, resume)
@@ -614,7 +618,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                         judge_given=judge is not None)
     results["config"] = {**fingerprint, "suites": list(settings.suites), "limit": settings.limit,
                          "grid_size": settings.grid_size, "modes": list(settings.modes),
-                         "threshold": threshold, "judge_model": judge_id or None}
+                         "threshold": threshold, "window_threshold": resolved.window_threshold,
+                         "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results
 
@@ -746,7 +751,9 @@ def format_report(results: dict) -> str:
         "# mlx-safesig evaluation", "",
         f"Model `{c['model']}`, split `{c['split']}`, prompts per suite: {c['limit'] or 'all'}, "
         f"max tokens {c['max_tokens']}, sampling {c['sampling']}, seed {c['seed']}; safety on = "
-        f"schedule `{c['schedule']}`, threshold {c['threshold']:g}. Responses are judged on the "
+        f"schedule `{c['schedule']}`, threshold {c['threshold']:g} (query verdict), "
+        f"{c.get('window_threshold') or c['threshold']:g} (checks of the generated text). "
+        "Responses are judged on the "
         "generated text (a prefill is not part of it).", "",
         "Judges (every number below names its judge):", "",
     ]
@@ -1042,6 +1049,9 @@ def _schedule(ctx, param, value):
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, help="p(malicious) that counts as malicious, for decoding and the "
               "detection rates (default: the model's, 0.5).")
+@click.option("--window-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              default=None, help="The same for the checks of the generated text while decoding "
+              "(default: the model's, else --threshold).")
 @click.option("--judge-model", type=click.Path(), default=None,
               help="A Python file defining judge(prompt, response) -> bool (True = harmful "
               "response), e.g. wrapping a local guard model.")
@@ -1054,7 +1064,7 @@ def _schedule(ctx, param, value):
               "the Markdown report.")
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, grid_size, temp, top_p, top_k, seed, safety, schedule, threshold,
-                 judge_model, batch_size, resume, as_json):
+                 window_threshold, judge_model, batch_size, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     Safety-off greedy generations are batched (--batch-size, same responses as one by one);
@@ -1065,7 +1075,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         suites=suites, split=split, limit=limit, max_tokens=max_tokens, grid_size=grid_size,
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
-        threshold=threshold, model_name=Path(model).name if model else "Assistant",
+        threshold=threshold, window_threshold=window_threshold,
+        model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
     try:

@@ -306,9 +306,15 @@ def save_adapters(model: Model, path: Path, config: TrainConfig, num_layers: int
     (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
 
 
+# decoding defaults an adapter_config.json may carry in a "safesig" block (e.g. a window
+# threshold chosen on dev data for that adapter); they become the model's defaults
+DECODING_KEYS = {"threshold", "window_threshold", "tau", "r1", "r2", "r3", "refusal_prefix"}
+
+
 def load_adapters(model: Model, adapter_path) -> Model:
     """Apply adapters written by ``train`` to a loaded safety model (in place): LoRA layers from
-    ``adapters.safetensors`` and the ``[CLS]`` row and head from ``safety_adapter.safetensors``."""
+    ``adapters.safetensors``, the ``[CLS]`` row and head from ``safety_adapter.safetensors`` and
+    the decoding defaults of ``adapter_config.json``'s optional ``safesig`` block."""
     path = Path(adapter_path)
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
@@ -322,6 +328,10 @@ def load_adapters(model: Model, adapter_path) -> Model:
     if config["num_layers"] > len(model.layers):
         raise SafesigError(f"{path}: the adapters need {config['num_layers']} layers but the "
                            f"model has {len(model.layers)}.")
+    decoding = config.get("safesig", {})
+    unknown = set(decoding) - DECODING_KEYS
+    if unknown:
+        raise SafesigError(f"{config_file}: unknown safesig setting {sorted(unknown)[0]!r}.")
     linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
     weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
     params = dict(tree_flatten(model.parameters()))
@@ -329,6 +339,7 @@ def load_adapters(model: Model, adapter_path) -> Model:
         if name not in params or params[name].shape != w.shape:
             raise SafesigError(f"{path}: tensor {name} does not fit this model.")
     model.load_weights(list(weights.items()), strict=False)
+    model.args.safesig.update(decoding)  # decoding defaults chosen for this adapter
     mx.eval(model.parameters())
     return model
 

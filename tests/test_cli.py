@@ -67,6 +67,8 @@ def test_chat_ends_on_end_of_input(model_dir):
          "unknown schedule 'often'"),
         (["generate", "--prompt", "", "--model", "{model}"], "the prompt is empty"),
         (["bench", "--model", "/no/such/model"], "/no/such/model does not exist."),
+        (["generate", "--prompt", "hi", "--model", "{model}", "--window-threshold", "1.5"],
+         "--window-threshold"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(model_dir, args, message):

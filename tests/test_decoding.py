@@ -130,8 +130,27 @@ def test_rule3_probes_every_step_whatever_the_schedule():
         (dict(schedule="periodic:0"), "unknown schedule"),
         (dict(threshold=1.5), "threshold must be between 0 and 1"),
         (dict(tau=0), "tau must be a positive integer"),
+        (dict(window_threshold=1.0), "window_threshold must be between 0 and 1"),
     ],
 )
 def test_bad_config_is_one_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SafetyConfig(**kwargs)
+
+
+def test_window_threshold_judges_the_generated_text_and_threshold_the_query():
+    # query 0.6 >= threshold 0.5: inserted at once whatever the window threshold
+    assert run([0.0] * 5, p0=0.6, window_threshold=0.9)[0] == "query"
+    # windows at 0.8 < window threshold 0.9: never; at 0.9: tau probes insert
+    assert run([0.8] * 6, window_threshold=0.9)[0] is None
+    assert run([0.8, 0.9, 0.9, 0.9], window_threshold=0.9)[0] == 3
+    # unset: the windows use the threshold
+    assert run([0.5] * 3)[0] == 2
+
+
+def test_window_threshold_comes_from_the_model_else_the_threshold():
+    assert SafetyConfig().resolved({"threshold": 0.4}).window_threshold == 0.4
+    assert SafetyConfig().resolved({"threshold": 0.4, "window_threshold": 0.8}).window_threshold \
+        == 0.8
+    assert SafetyConfig(window_threshold=0.6).resolved(
+        {"threshold": 0.4, "window_threshold": 0.8}).window_threshold == 0.6

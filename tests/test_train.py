@@ -255,3 +255,23 @@ def test_validation_threshold_sweep_matches_the_main_report(tokenizer):
     low, high = report["sweep"][1e-9], report["sweep"][1.0 - 1e-9]
     assert low["probe"] == {"recall": 1.0, "false_positive_rate": 1.0}  # everything flagged
     assert high["probe"] == {"recall": 0.0, "false_positive_rate": 0.0}  # nothing flagged
+
+
+def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(trained, tmp_path):
+    from mlx_safesig.model import SafesigError
+    from mlx_safesig.train import ADAPTER_CONFIG
+
+    base, adapters, _, _, _ = trained
+    tuned = tmp_path / "tuned"
+    shutil.copytree(adapters, tuned)
+    config = json.loads((tuned / ADAPTER_CONFIG).read_text())
+    (tuned / ADAPTER_CONFIG).write_text(json.dumps({**config, "safesig": {"window_threshold": 0.8}}))
+    model, _ = load(base, adapter_path=tuned)
+    assert model.args.safesig["window_threshold"] == 0.8
+    fused = json.loads((fuse(base, tuned, tmp_path / "fused") / "config.json").read_text())
+    assert fused["safesig"]["window_threshold"] == 0.8
+    assert fused["safesig"]["threshold"] == 0.5
+
+    (tuned / ADAPTER_CONFIG).write_text(json.dumps({**config, "safesig": {"windw": 0.8}}))
+    with pytest.raises(SafesigError, match="unknown safesig setting 'windw'"):
+        load(base, adapter_path=tuned)
