@@ -540,6 +540,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     parse_schedule(settings.schedule)
     if settings.batch_size < 1:
         raise SafesigError(f"the batch size must be at least 1, got {settings.batch_size}.")
+    if settings.max_tokens < 1:
+        raise SafesigError(f"max_tokens must be at least 1, got {settings.max_tokens}.")
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
                           window_threshold=settings.window_threshold)
@@ -556,8 +558,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
 
     def run(jobs: List[Job], desc: str):
         todo = [j for j in jobs if j.key not in log.rows]
-        batched = [j for j in todo if settings.batch_size > 1 and batchable(j)
-                   and (j.mode == "continuation" or settings.max_tokens >= 1)]  # else respond's error
+        batched = [j for j in todo if settings.batch_size > 1 and batchable(j)]
         if len(batched) < 2:  # a batch of one is the sequential path with overhead
             batched = []
         with _bar(len(jobs), len(jobs) - len(todo), desc, progress) as bar:

@@ -426,6 +426,11 @@ def confusion(rows, pred, label) -> list:
             (rows & ~pred & label).sum(), (rows & ~pred & ~label).sum()]
 
 
+def _rates(tp, fp, fn, tn) -> dict:
+    return {"recall": tp / (tp + fn) if tp + fn else None,
+            "false_positive_rate": fp / (fp + tn) if fp + tn else None}
+
+
 def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_size: int,
              num_batches: int = -1, sweep: Sequence[float] = ()) -> dict:
     """Validation: LM loss per response token, the query ``[CLS]`` accuracy / precision / recall /
@@ -449,7 +454,8 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
         logits = model.logits(h[batch["lm_index"]]).astype(mx.float32)
         lm_on = batch["lm_weight"] > 0
         ce = nn.losses.cross_entropy(logits, batch["lm_target"]) * lm_on
-        pred = model.safety_prob(h[batch["cls_index"]]) >= threshold
+        prob = model.safety_prob(h[batch["cls_index"]])
+        pred = prob >= threshold
         label = batch["cls_label"] > 0.5
         q = batch["query_weight"] > 0
         p = batch["probe_weight"] > 0
@@ -458,7 +464,6 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
             *confusion(q, pred, label), *confusion(p, pred, label),
         ]).astype(mx.float32)
         if sweep:
-            prob = model.safety_prob(h[batch["cls_index"]])
             swept = swept + mx.stack([
                 mx.stack([*confusion(q, prob >= t, label), *confusion(p, prob >= t, label)])
                 for t in sweep]).astype(mx.float32)
@@ -466,17 +471,14 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
     totals = mx.distributed.all_sum(totals, stream=mx.cpu).tolist()
     report = {"lm_loss": totals[0] / max(totals[1], 1), **f1_report(*totals[2:6])}
     tp, fp, fn, tn = totals[6:10]
+    probe = _rates(tp, fp, fn, tn)
     report["probe_accuracy"] = (tp + tn) / (tp + fp + fn + tn) if tp + fp + fn + tn else None
-    report["probe_recall"] = tp / (tp + fn) if tp + fn else None
-    report["probe_false_positive_rate"] = fp / (fp + tn) if fp + tn else None
+    report["probe_recall"] = probe["recall"]
+    report["probe_false_positive_rate"] = probe["false_positive_rate"]
     report["probes"] = int(tp + fp + fn + tn)
     if sweep:
-        def rates(tp, fp, fn, tn):
-            return {"recall": tp / (tp + fn) if tp + fn else None,
-                    "false_positive_rate": fp / (fp + tn) if fp + tn else None}
-
         swept = mx.distributed.all_sum(swept, stream=mx.cpu).tolist()
-        report["sweep"] = {t: {"query": rates(*row[:4]), "probe": rates(*row[4:])}
+        report["sweep"] = {t: {"query": _rates(*row[:4]), "probe": _rates(*row[4:])}
                            for t, row in zip(sweep, swept)}
     return report
 

@@ -359,6 +359,8 @@ def test_resume_after_an_interrupted_batch_skips_its_finished_rows(tokenizer, da
 def test_batch_size_below_one_is_refused(tokenizer, data_dir, tmp_path):
     with pytest.raises(evaluate.SafesigError, match="batch size must be at least 1, got 0"):
         run(tokenizer, data_dir, tmp_path, ["direct"], batch_size=0)
+    with pytest.raises(evaluate.SafesigError, match="max_tokens must be at least 1, got 0"):
+        run(tokenizer, data_dir, tmp_path, ["direct"], max_tokens=0)
     assert not (tmp_path / "rows.jsonl").exists()
 
 
