@@ -43,7 +43,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .attention import sft_mask
 from .data import Example, balanced_order, load_dataset, special_token_ids
-from .decoding import SafetyConfig, SafetyMonitor
+from .decoding import SafetyConfig, SafetyMonitor, parse_schedule, scheduled
 from .model import Model, SafesigError
 
 ADAPTER_FILE = "adapters.safetensors"  # LoRA only: what mlx-lm's loader reads
@@ -70,6 +70,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     num_layers: int = 16  # LoRA on the last N blocks; -1: all
     probes: int = 4  # window probes per response/continuation branch; 0: no window supervision
+    probe_schedule: str = "annealing"  # where in a branch the probes go: as this schedule probes
     oversample: bool = True
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
@@ -104,14 +105,30 @@ class Row:
     n_tokens: int  # sequence tokens (no [CLS] rows)
 
 
-def probe_ends(length: int, k: int) -> List[int]:
-    """``k`` branch indices spread evenly over a branch of ``length`` tokens, the last one last."""
-    return sorted({max(0, (j + 1) * length // k - 1) for j in range(k)}) if length else []
+def probe_ends(length: int, k: int, schedule: str = "annealing") -> List[int]:
+    """``k`` branch indices where generation under ``schedule`` probes a branch of ``length``
+    tokens, spread evenly over those probe indices (all of them if there are at most ``k``).
+
+    Under ``annealing`` generation probes every one of the first 31 tokens and ever more sparsely
+    after, so training windows are placed the same way: a window at the start of an answer is the
+    one generation checks most often (spreading the probes evenly over the tokens instead left the
+    first tokens of long answers, where benign answers were being flagged, almost unsupervised).
+    ``each`` spreads them evenly over the tokens; ``first`` (no probes during generation) falls
+    back to ``each``: window supervision still helps the query verdict's robustness."""
+    if schedule == "first":
+        schedule = "each"
+    slots = [t for t in range(length) if scheduled(schedule, t)]
+    m = len(slots)
+    if m <= k:
+        return slots
+    return [slots[(2 * j + 1) * m // (2 * k)] for j in range(k)]
 
 
-def plan_probes(ex: Example, k: int, monitor: SafetyMonitor, special: set) -> List[Probe]:
+def plan_probes(ex: Example, k: int, monitor: SafetyMonitor, special: set,
+                schedule: str = "annealing") -> List[Probe]:
     """Window probes for one example: over the response of a benign example (label 0) and over the
-    continuation (its label); windows as generation's rule 2 picks them."""
+    continuation (its label); windows as generation's rule 2 picks them, where ``schedule``
+    probes (``probe_ends``)."""
     if k <= 0:
         return []
     n = 1 + len(ex.prompt)
@@ -123,7 +140,7 @@ def plan_probes(ex: Example, k: int, monitor: SafetyMonitor, special: set) -> Li
     probes = []
     for start, tokens, label in branches:
         flags = [t in special for t in tokens]
-        for t in probe_ends(len(tokens), k):
+        for t in probe_ends(len(tokens), k, schedule):
             _, window = monitor.window(t, flags)
             if window:
                 probes.append(Probe(start, t, window, label))
@@ -392,7 +409,8 @@ class Batcher:
         self.probe_position = model.args.safesig["probe_position"]
 
     def probes(self, ex: Example) -> List[Probe]:
-        return plan_probes(ex, self.config.probes, self.monitor, self.special)
+        return plan_probes(ex, self.config.probes, self.monitor, self.special,
+                           self.config.probe_schedule)
 
     def __call__(self, examples: Sequence[Example], indices: Sequence[int]):
         """-> (batch arrays of this rank's rows, global sequence tokens)."""
@@ -578,7 +596,8 @@ def train(
     model.train()
     say(f"training {config.iters} steps from step {start}: {len(train_set)} examples, "
         f"batch {config.batch_size} x {world.size()} process(es), LoRA rank {config.lora_rank} "
-        f"on {num_layers} layers, lambda {config.lam}, {config.probes} probes per branch")
+        f"on {num_layers} layers, lambda {config.lam}, {config.probes} probes per branch "
+        f"({config.probe_schedule})")
     for it in range(start + 1, config.iters + 1):
         tic = time.perf_counter()
         batch, n_tokens = batcher(train_set, next(batches))
@@ -645,6 +664,9 @@ def train(
               help="LoRA on the last N transformer blocks (-1: all).")
 @click.option("--probes", default=4, show_default=True,
               help="Window-supervision probes per benign response / continuation (0: off).")
+@click.option("--probe-schedule", default="annealing", show_default=True,
+              help="Place the probes where this generation schedule checks (each, annealing, "
+              "periodic:N): annealing puts most in an answer's first tokens.")
 @click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
 @click.option("--max-seq-length", default=2048, show_default=True,
               help="Longest training row in tokens; longer examples are an error.")
@@ -667,6 +689,10 @@ def train_command(model_path, data_dir, adapter_path, add_safety, resume, no_ove
     for name in ("iters", "batch_size", "save_every", "steps_per_report", "steps_per_eval"):
         if getattr(config, name) < 1:
             raise click.ClickException(f"--{name.replace('_', '-')} must be at least 1.")
+    try:
+        parse_schedule(config.probe_schedule)
+    except ValueError as e:
+        raise click.ClickException(f"--probe-schedule: {e}") from None
     try:
         model, tokenizer = load(model_path, add_safety=add_safety)
         batcher = Batcher(model, tokenizer, config, mx.distributed.init())

@@ -118,3 +118,12 @@ def test_train_command_rejects_a_missing_model(tmp_path):
     result = CliRunner().invoke(train_command, ["--model", str(tmp_path / "nope"),
                                                 "--data", str(tmp_path)])
     assert result.exit_code == 1 and "does not exist" in result.stderr
+
+
+def test_train_command_rejects_an_unknown_probe_schedule(tmp_path):
+    result = CliRunner().invoke(train_command, ["--model", str(tmp_path / "nope"),
+                                                "--data", str(tmp_path),
+                                                "--probe-schedule", "sometimes"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("Error: --probe-schedule: unknown schedule 'sometimes'; use one "
+                                     "of each, first, periodic:N, annealing.")

@@ -7,8 +7,9 @@ import pytest
 from conftest import make_model
 
 from mlx_safesig.data import special_token_ids, tokenize_example
+from mlx_safesig.decoding import scheduled
 from mlx_safesig.generate import prefill_prompt, probe, score
-from mlx_safesig.train import collate, layout, plan_probes, window_monitor
+from mlx_safesig.train import collate, layout, plan_probes, probe_ends, window_monitor
 
 RECORD = {
     "messages": [
@@ -119,3 +120,28 @@ def test_malicious_examples_get_no_probes_on_their_refusal(tokenizer, model):
     record = {"prompt": "Tell me a story.", "response": "Sorry, I can't.", "label": 1}
     ex = tokenize_example(tokenizer, record)
     assert plan_probes(ex, 4, window_monitor(model), special_token_ids(tokenizer)) == []
+
+
+def test_probe_ends_follow_the_generation_schedule():
+    # annealing probes every token below 31, every 2nd up to 94, every 4th after that
+    ends = probe_ends(200, 12)
+    assert ends == sorted(set(ends)) and len(ends) == 12
+    assert all(scheduled("annealing", t) for t in ends)
+    assert sum(t < 31 for t in ends) == 4  # 31 of the 89 scheduled slots come first: 12 * 31/89
+    assert probe_ends(200, 4, "each") == [25, 75, 125, 175]  # even over the tokens
+    assert probe_ends(200, 4, "first") == [25, 75, 125, 175]  # no generation probes: as "each"
+    assert probe_ends(200, 4, "periodic:50") == [49, 99, 149, 199]
+    assert probe_ends(5, 12) == [0, 1, 2, 3, 4]  # fewer slots than probes: all of them
+    assert probe_ends(0, 4) == []
+
+
+def test_plan_probes_puts_windows_where_the_schedule_probes(tokenizer, model):
+    ex = tokenize_example(tokenizer, RECORD)
+    special = special_token_ids(tokenizer)
+    for schedule in ("annealing", "each", "periodic:3"):
+        plans = plan_probes(ex, 3, window_monitor(model), special, schedule)
+        n = len(ex.prompt) + 1
+        got = sorted(p.t for p in plans if p.branch_start == n)
+        assert got == [t for t in probe_ends(len(ex.response), 3, schedule)
+                       if ex.response[t] not in special]
+        assert all(scheduled(schedule, t) for t in got)

@@ -25,6 +25,8 @@ def main():
     ap.add_argument("--adapter", action="append", required=True, metavar="NAME=DIR",
                     help="an adapter folder from `mlx-safesig train` (repeat)")
     ap.add_argument("--probes", type=int, default=4, help="window probes per response")
+    ap.add_argument("--probe-schedule", default="annealing",
+                    help="place the windows where this generation schedule probes (as train)")
     ap.add_argument("--batch-size", type=int, default=8, help="rows per forward")
     ap.add_argument("--max-seq-length", type=int, default=768, help="longest row in tokens")
     ap.add_argument("--sweep", type=float, action="append", default=[], metavar="T",
@@ -40,7 +42,8 @@ def main():
     from mlx_safesig.train import Batcher, TrainConfig, evaluate
 
     base = args.model or str(default_base_model(progress=lambda m: print(m, file=sys.stderr)))
-    config = TrainConfig(probes=args.probes, max_seq_length=args.max_seq_length,
+    config = TrainConfig(probes=args.probes, probe_schedule=args.probe_schedule,
+                         max_seq_length=args.max_seq_length,
                          batch_size=args.batch_size)
     results = {}
     for spec in args.adapter:
