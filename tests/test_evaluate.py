@@ -62,15 +62,16 @@ def data_dir(tmp_path_factory):
 
 
 class Calls:
-    """Wraps evaluate.stream_generate / score / plain_batch: a head that says malicious exactly for
-    prompts with FLAG in them, a count of the generations (one by one or batched) and the keys of
-    the batched ones."""
+    """Wraps evaluate.stream_generate / score / plain_batch / safe_batch: a head that says malicious
+    exactly for prompts with FLAG in them, a count of the generations (one by one or batched) and
+    the keys of the batched ones. The head is one p per prompt, so safe_batch is handed one job at
+    a time (tests/test_safe_batch.py covers real batches)."""
 
     def __init__(self, monkeypatch):
         self.generations = self.scores = 0
         self.batched = []
-        real_stream, real_score, real_batch = (evaluate.stream_generate, evaluate.score,
-                                               evaluate.plain_batch)
+        real_stream, real_score, real_batch, real_safe = (
+            evaluate.stream_generate, evaluate.score, evaluate.plain_batch, evaluate.safe_batch)
 
         def head(model, messages):
             p = 0.9 if FLAG in messages[-1]["content"] else 0.1
@@ -92,7 +93,16 @@ class Calls:
                 self.batched.append(job.key)
                 yield job, outcome
 
+        def safe(model, tokenizer, jobs, *args, **kwargs):
+            for job in jobs:
+                head(model, job.messages)
+                for item in real_safe(model, tokenizer, [job], *args, **kwargs):
+                    self.generations += 1
+                    self.batched.append(job.key)
+                    yield item
+
         monkeypatch.setattr(evaluate, "stream_generate", stream)
+        monkeypatch.setattr(evaluate, "safe_batch", safe)
         monkeypatch.setattr(evaluate, "score", score)
         monkeypatch.setattr(evaluate, "plain_batch", batch)
 
@@ -334,9 +344,10 @@ def test_batched_prompt_ids_are_the_ones_the_sequential_path_feeds_mlx_lm(tokeni
     assert ids[0][: len(ids[1])] == ids[1] and len(ids[0]) > len(ids[1])  # the prefill follows
 
 
-def test_only_safety_off_greedy_generations_are_batched(tokenizer, data_dir, tmp_path, calls):
+def test_only_greedy_generations_are_batched(tokenizer, data_dir, tmp_path, calls):
     run(tokenizer, data_dir, tmp_path, ["direct", "decoding"], limit=2, grid_size=1)
-    assert sorted(calls.batched) == ["direct|direct||h0|off", "direct|direct||h1|off"]
+    assert sorted(calls.batched) == ["direct|direct||h0|off", "direct|direct||h0|on",
+                                     "direct|direct||h1|off", "direct|direct||h1|on"]
     assert calls.generations == 2 * 2 + 2 * 2 * len(decoding_grid(1))  # the rest one by one
 
 
