@@ -9,4 +9,4 @@ python examples/default_adapter/make_data.py --data data --out data/adapter
 BASE=$(python -c "from mlx_safesig.default_model import default_base_model; print(default_base_model())")
 mlx-safesig train --model "$BASE" --add-safety --data data/adapter --adapter-path "$OUT" \
   --iters 250 --batch-size 8 --learning-rate 2e-4 --lambda 0.1 --num-layers 16 --lora-rank 8 \
-  --probes 4 --max-seq-length 768 --warmup 20 --steps-per-eval 125 --val-batches -1 --save-every 25
+  --probes 12 --max-seq-length 768 --warmup 20 --steps-per-eval 125 --val-batches -1 --save-every 25
