@@ -62,7 +62,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 
 from .decoding import SCHEDULES, SafetyConfig, parse_schedule
-from .generate import _wrap, prompt_with_prefill, score, stream_generate
+from .generate import _wrap, prompt_with_prefill, score, stream_generate, streamed_text
 from .model import SafesigError
 from .safe_batch import safe_batch, safe_batchable
 
@@ -373,19 +373,6 @@ def plain_prompt_ids(model, tokenizer, job: Job) -> List[int]:
     return prepared.ids + prefill
 
 
-def _streamed_text(tokenizer, ids: Sequence[int], finish: str) -> str:
-    """The text mlx-lm's ``stream_generate`` yields for ``ids`` (EOS excluded), segment by segment
-    with the same streaming detokenizer calls, so batched and sequential responses are equal."""
-    detok = tokenizer.detokenizer
-    text = ""
-    for i, token in enumerate(ids):
-        detok.add_token(token)
-        if finish == "stop" or i < len(ids) - 1:  # on "length" the last token is read finalized
-            text += detok.last_segment
-    detok.finalize()
-    return text + detok.last_segment
-
-
 def plain_batch(model, tokenizer, jobs: Sequence[Job], max_tokens: int,
                 batch_size: int) -> Iterator[Tuple[Job, dict]]:
     """Generate ``batchable`` jobs with mlx-lm's ``BatchGenerator`` (greedy, up to ``batch_size``
@@ -423,7 +410,7 @@ def plain_batch(model, tokenizer, jobs: Sequence[Job], max_tokens: int,
                     yield job, {"ids": ids}
                 else:  # respond()'s dict; like mlx-lm, the count includes a final EOS
                     yield job, {
-                        "response": _streamed_text(tokenizer, ids, r.finish_reason),
+                        "response": streamed_text(tokenizer, ids, r.finish_reason),
                         "tokens": len(ids) + (r.finish_reason == "stop"),
                         "finish": r.finish_reason, "query_p": None, "inserted": False,
                         "inserted_at": None, "probes": [],

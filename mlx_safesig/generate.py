@@ -393,6 +393,19 @@ def safe_generate_step(
             out, y, logprobs, t = out_next, y_next, logprobs_next, t + 1
 
 
+def streamed_text(tokenizer, ids: Sequence[int], finish: str) -> str:
+    """The text mlx-lm's ``stream_generate`` yields for ``ids`` (EOS excluded), segment by segment
+    with the same streaming detokenizer calls, so batched and sequential responses are equal."""
+    detok = tokenizer.detokenizer
+    text = ""
+    for i, token in enumerate(ids):
+        detok.add_token(token)
+        if finish == "stop" or i < len(ids) - 1:  # on "length" the last token is read finalized
+            text += detok.last_segment
+    detok.finalize()
+    return text + detok.last_segment
+
+
 def prompt_with_prefill(model: Model, tokenizer, prompt: Prompt,
                         prefill_response: Optional[str] = None) -> tuple[PreparedPrompt, List[int]]:
     """The prepared prompt and the prefilled assistant text's ids, checked against the model's

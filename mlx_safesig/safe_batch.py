@@ -47,6 +47,7 @@ from .generate import (
     prefill_prompt,
     probe,
     prompt_with_prefill,
+    streamed_text,
 )
 from .model import Model, SafesigError
 
@@ -119,12 +120,10 @@ class _Row:
 
     def outcome(self, tokenizer, tables: _Tables) -> dict:
         """``evaluate.respond``'s dict for this generation."""
-        from .evaluate import _streamed_text  # evaluate imports this module
-
         finish = "stop" if self.token in tables.eos else "length"
         ids = self.emitted[:-1] if finish == "stop" else self.emitted
         return {
-            "response": _streamed_text(tokenizer, ids, finish), "tokens": len(self.emitted),
+            "response": streamed_text(tokenizer, ids, finish), "tokens": len(self.emitted),
             "finish": finish, "query_p": self.monitor.query_p,
             "inserted": self.inserted_at is not None, "inserted_at": self.inserted_at,
             "probes": self.probes,
