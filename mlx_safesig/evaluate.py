@@ -38,7 +38,7 @@ must match), then ``results.json``, ``report.md`` and ``*.png``. Responses are w
 
 Batching: greedy generations run ``--batch-size`` at a time and give the rows one by one gives
 (with safety on, a probe's rounded p may differ in its last digit: a batched product rounds
-differently; measured on the default model, 4 of 517 probes by 1e-5, responses identical).
+differently from a one-row one).
 Safety off (and the prefill suite's own answers): mlx-lm's ``BatchGenerator`` on the same prompt
 ids and with the same detokenization (``plain_batch``). Safety on: ``safe_batch.safe_batch``, the
 strategic decoding of ``safe_generate_step`` with every row's probes, windows and refusal its own.
