@@ -253,6 +253,7 @@ class Job:
     prefill_tokens: Optional[int] = None
     sampling: Optional[dict] = None
     sweeps: tuple = ()
+    source: str = ""  # the data row's source: per-source counts in the report, not in the key
 
     @property
     def key(self) -> str:
@@ -273,7 +274,8 @@ def plan_suite(suite: str, data: EvalData, modes: Sequence[str], limit: Optional
     """The generations of one suite, safety off and on next to each other."""
     if suite == "benign":
         return [j for r in data.sets["benign"][:limit]
-                for j in _pair(suite, "benign", str(r["id"]), r["text"], modes, sampling=sampling)]
+                for j in _pair(suite, "benign", str(r["id"]), r["text"], modes, sampling=sampling,
+                               source=r.get("source", ""))]
     jobs = []
     for r in data.sets["harmful"][:limit]:
         pid, text = str(r["id"]), r["text"]
@@ -299,11 +301,11 @@ def plan_verdicts(suites: Sequence[str], data: EvalData, limit: Optional[int],
     attacked messages of the templates suite."""
     jobs = []
     if any(s in suites for s in HARMFUL_SUITES):
-        jobs += [Job("detection", "harmful", str(r["id"]), "verdict", r["text"])
-                 for r in data.sets["harmful"][:limit]]
+        jobs += [Job("detection", "harmful", str(r["id"]), "verdict", r["text"],
+                     source=r.get("source", "")) for r in data.sets["harmful"][:limit]]
     if "benign" in suites:
-        jobs += [Job("detection", "benign", str(r["id"]), "verdict", r["text"])
-                 for r in data.sets["benign"][:limit]]
+        jobs += [Job("detection", "benign", str(r["id"]), "verdict", r["text"],
+                     source=r.get("source", "")) for r in data.sets["benign"][:limit]]
     if "templates" in suites:
         for r in data.sets["harmful"][:limit]:
             for attack, (variant, content) in template_attacks(data, r, model_name).items():
@@ -492,6 +494,7 @@ class EvalSettings:
     schedule: str = "annealing"
     threshold: Optional[float] = None
     window_threshold: Optional[float] = None
+    tau: Optional[int] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -501,7 +504,7 @@ class EvalSettings:
         return {"model": model_id, "split": self.split, "max_tokens": self.max_tokens,
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
                 "threshold": self.threshold, "window_threshold": self.window_threshold,
-                "model_name": self.model_name,
+                "tau": self.tau, "model_name": self.model_name,
                 "exclude_categories": sorted(self.exclude_categories)}
 
 
@@ -538,7 +541,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
         raise SafesigError(f"max_tokens must be at least 1, got {settings.max_tokens}.")
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
-                          window_threshold=settings.window_threshold)
+                          window_threshold=settings.window_threshold, tau=settings.tau)
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
@@ -620,7 +623,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     results["config"] = {**fingerprint, "suites": list(settings.suites), "limit": settings.limit,
                          "grid_size": settings.grid_size, "modes": list(settings.modes),
                          "threshold": threshold, "window_threshold": resolved.window_threshold,
-                         "judge_model": judge_id or None}
+                         "tau": resolved.tau, "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results
 
@@ -678,6 +681,10 @@ def _group(rows: List[dict], keywords, judges: Sequence[str], benign: bool) -> d
     return out
 
 
+def _verdict_cell() -> dict:
+    return {"flagged": 0, "n": 0, "rate": None, "ids": []}
+
+
 def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, KeywordList],
               threshold: float, judge_given: bool = False) -> dict:
     """Aggregate the rows of ``jobs``.
@@ -688,30 +695,45 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
     prompt once if any of its attacks / settings broke it; decoding's single settings are under
     ``suites["decoding"]["settings"]``. ``suites[suite]["skipped"][mode]``: rows that failed (e.g.
     a prompt longer than the context). ``detection[attack]`` = ``{"flagged", "n", "rate", "ids"}``:
-    query verdicts at or above ``threshold``."""
+    query verdicts at or above ``threshold``. Where the prompts of the benign suite or of a
+    detection attack come from more than one data source, ``"<attack> / <source>"`` entries
+    count each source alone."""
     judges = list(KEYWORD_JUDGES) + ["refusal-inserted", "kw-prefix+inserted"]
     judges += ["judge-model"] if judge_given else []
     detection: Dict[str, dict] = {}
     by_suite: Dict[str, Dict[str, List[dict]]] = {}
     sweeps: Dict[str, tuple] = {}
+    # attack -> source -> its rows / verdict cell: shown when an attack's prompts come from
+    # more than one source
+    benign_sources: Dict[str, List[dict]] = {}
+    verdict_sources: Dict[str, Dict[str, dict]] = {}
     for job in jobs:
         row = rows.get(job.key)
         if row is None:
             continue
         if job.mode == "verdict":
-            cell = detection.setdefault(job.attack, {"flagged": 0, "n": 0, "rate": None, "ids": []})
-            if row.get("query_p") is not None:
-                cell["n"] += 1
-                if row["query_p"] >= threshold:
-                    cell["flagged"] += 1
-                    cell["ids"].append(job.prompt_id)
-                cell["rate"] = cell["flagged"] / cell["n"]
+            for cell in (detection.setdefault(job.attack, _verdict_cell()),
+                         verdict_sources.setdefault(job.attack, {}).setdefault(
+                             job.source, _verdict_cell())):
+                if row.get("query_p") is not None:
+                    cell["n"] += 1
+                    if row["query_p"] >= threshold:
+                        cell["flagged"] += 1
+                        cell["ids"].append(job.prompt_id)
+                    cell["rate"] = cell["flagged"] / cell["n"]
             continue
         by_suite.setdefault(job.suite, {}).setdefault(job.attack, []).append(row)
         sweeps[job.attack] = job.sweeps
+        if job.suite == "benign":
+            benign_sources.setdefault(job.source, []).append(row)
+    for attack, cells in verdict_sources.items():
+        if len(cells) > 1:
+            detection.update({f"{attack} / {src}": cells[src] for src in sorted(cells)})
     suites = {}
     for suite, attacks in by_suite.items():
         groups = dict(attacks)
+        if suite == "benign" and len(benign_sources) > 1:
+            groups.update({f"benign / {src}": benign_sources[src] for src in sorted(benign_sources)})
         if suite == "decoding":
             groups = {sweep: [r for a, rs in attacks.items() if sweep in sweeps[a] for r in rs]
                       for sweep in ("temperature", "top-p", "top-k")}
@@ -756,9 +778,10 @@ def format_report(results: dict) -> str:
         f"Model `{c['model']}`, split `{c['split']}`, prompts per suite: {c['limit'] or 'all'}, "
         f"max tokens {c['max_tokens']}, sampling {c['sampling']}, seed {c['seed']}; safety on = "
         f"schedule `{c['schedule']}`, threshold {c['threshold']:g} (query verdict), "
-        f"{c.get('window_threshold') or c['threshold']:g} (checks of the generated text). "
-        "Responses are judged on the "
-        "generated text (a prefill is not part of it).", "",
+        f"{c.get('window_threshold') or c['threshold']:g} (checks of the generated text)"
+        + (f", tau {c['tau']} (consecutive malicious checks insert the refusal)" if c.get("tau")
+           else "")
+        + ". Responses are judged on the generated text (a prefill is not part of it).", "",
         "Judges (every number below names its judge):", "",
     ]
     lines += [f"- `{j}`: {d}" for j, d in results["judges"].items()]
@@ -766,7 +789,9 @@ def format_report(results: dict) -> str:
         lines += ["", f"## [CLS] query verdict: p(malicious) >= {c['threshold']:g}", "",
                   "| prompts | flagged |", "|---|---|"]
         for attack, cell in results["detection"].items():
-            what = DETECTION_ROWS.get(attack, f"harmful under {attack} (detection rate)")
+            base, _, source = attack.partition(" / ")
+            what = DETECTION_ROWS.get(base, f"harmful under {base} (detection rate)")
+            what += f", source `{source}`" if source else ""
             value = f"{100 * cell['rate']:.1f}% ({cell['flagged']}/{cell['n']})" if cell["n"] else "n/a"
             lines.append(f"| {what} | {value} |")
     for suite, summary in results["suites"].items():
@@ -1056,6 +1081,9 @@ def _schedule(ctx, param, value):
 @click.option("--window-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               default=None, help="The same for the checks of the generated text while decoding "
               "(default: the model's, else --threshold).")
+@click.option("--tau", type=click.IntRange(1), default=None,
+              help="Consecutive malicious checks of the generated text that insert the refusal "
+              "(default: the model's, 3).")
 @click.option("--judge-model", type=click.Path(), default=None,
               help="A Python file defining judge(prompt, response) -> bool (True = harmful "
               "response), e.g. wrapping a local guard model.")
@@ -1068,7 +1096,7 @@ def _schedule(ctx, param, value):
               "the Markdown report.")
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, grid_size, temp, top_p, top_k, seed, safety, schedule, threshold,
-                 window_threshold, judge_model, batch_size, resume, as_json):
+                 window_threshold, tau, judge_model, batch_size, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     Greedy generations are batched, safety on and off (--batch-size, same responses as one by
@@ -1079,7 +1107,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         suites=suites, split=split, limit=limit, max_tokens=max_tokens, grid_size=grid_size,
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
-        threshold=threshold, window_threshold=window_threshold,
+        threshold=threshold, window_threshold=window_threshold, tau=tau,
         model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )

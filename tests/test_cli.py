@@ -67,6 +67,7 @@ def test_chat_ends_on_end_of_input(model_dir):
          "unknown schedule 'often'"),
         (["generate", "--prompt", "", "--model", "{model}"], "the prompt is empty"),
         (["bench", "--model", "/no/such/model"], "/no/such/model does not exist."),
+        (["eval", "--model", "{model}", "--tau", "0"], "--tau"),
         (["generate", "--prompt", "hi", "--model", "{model}", "--window-threshold", "1.5"],
          "--window-threshold"),
     ],

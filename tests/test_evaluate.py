@@ -428,6 +428,56 @@ def test_judge_model_hook_is_loaded_and_named(tokenizer, data_dir, tmp_path, cal
     assert "judge-model" in results["judges"]
 
 
+def test_benign_and_detection_counts_per_data_source(tokenizer, data_dir, tmp_path, calls):
+    d = tmp_path / "data"
+    d.mkdir()
+    for f in data_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    write_jsonl(d / "benign.dev.jsonl", [
+        {"id": "b0", "text": BENIGN[0], "source": "ours"},
+        {"id": "b1", "text": f"{BENIGN[1]} {FLAG}", "source": "ours"},
+        {"id": "b2", "text": "Name a colour", "source": "theirs"}])
+    write_jsonl(d / "harmful.dev.jsonl", [
+        {"id": "h0", "text": f"{HARMFUL[0]} {FLAG}", "source": "x"},
+        {"id": "h1", "text": HARMFUL[1], "source": "y"}])
+    results = run(tokenizer, d, tmp_path / "out", ["direct", "benign"])
+    attacks = results["suites"]["benign"]["attacks"]
+    assert list(attacks) == ["benign", "benign / ours", "benign / theirs"]
+    inserted = {a: attacks[a]["on"]["refusal-inserted"] for a in attacks}
+    assert inserted["benign / ours"] == {"count": 1, "n": 2, "refusal_rate": 0.5, "ids": ["b1"]}
+    assert inserted["benign / theirs"] == {"count": 0, "n": 1, "refusal_rate": 0.0, "ids": []}
+    assert inserted["benign"]["n"] == 3
+    det = results["detection"]
+    assert (det["benign / ours"]["flagged"], det["benign / ours"]["n"]) == (1, 2)
+    assert (det["harmful / x"]["flagged"], det["harmful / y"]["flagged"]) == (1, 0)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| benign / theirs | `kw-prefix+inserted` | 100.0% (1/1) | 100.0% (1/1) |" in report
+    assert "| benign (false positives), source `ours` | 50.0% (1/2) |" in report
+    # one source (the shared fake data has none): no per-source rows
+    single = run(tokenizer, data_dir, tmp_path / "single", ["benign"])
+    assert list(single["suites"]["benign"]["attacks"]) == ["benign"]
+    assert set(single["detection"]) == {"benign"}
+
+
+def test_tau_reaches_the_generations_the_report_and_the_resume_check(tokenizer, data_dir, tmp_path,
+                                                                     calls, monkeypatch):
+    seen = []
+    real = evaluate.stream_generate
+
+    def stream(model, tokenizer, messages, *args, **kwargs):
+        seen.append(kwargs["safety"].tau if kwargs["safety"].enabled else None)
+        yield from real(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "stream_generate", stream)
+    results = run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, tau=5, batch_size=1)
+    assert sorted(seen, key=str) == [5, None]
+    assert results["config"]["tau"] == 5
+    assert "tau 5 (consecutive malicious checks insert the refusal)" in (
+        tmp_path / "report.md").read_text()
+    with pytest.raises(evaluate.SafesigError, match="tau=5, not 4"):
+        run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, tau=4, resume=True)
+
+
 # -- the command as a user drives it -----------------------------------------------------------
 
 @pytest.fixture(scope="module")
