@@ -22,6 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "data" / "build_data.py"
 EDGY = ROOT / "examples" / "data" / "edgy_benign.txt"
+TASKS = ROOT / "examples" / "data" / "everyday_tasks.txt"
 
 _spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
 bd = importlib.util.module_from_spec(_spec)
@@ -142,7 +143,8 @@ def built(tmp_path_factory):
     return base / "out", manifest, lines
 
 
-N_EDGY = len(bd.read_edgy(EDGY))
+N_EDGY = len(bd.read_prompts(EDGY, "edgy_benign"))
+N_TASKS = len(bd.read_prompts(TASKS, "everyday_tasks"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +175,10 @@ def test_counts_and_dedup(built):
     assert joined["response"] == "answer B"
     edgy = [r for r in benign if r["source"] == "edgy_benign"]
     assert len(edgy) == N_EDGY and all(r["label"] == 0 and "non_commercial" not in r for r in edgy)
+    tasks = [r for r in benign if r["source"] == "everyday_tasks"]
+    assert len(tasks) == N_TASKS and all(r["label"] == 0 and r["license"] == "Apache-2.0"
+                                         and r["category"] for r in tasks)
+    assert manifest["sources"]["everyday_tasks"]["raw_items"] == N_TASKS
     assert all(r["label"] == 0 for r in benign)
 
     assert manifest["files"]["gcg.jsonl"]["rows"] == 2
@@ -298,8 +304,9 @@ def test_summary_prints_counts_only(built):
     _, manifest, lines = built
     assert len(lines) == len(manifest["files"]) + 1
     text = "\n".join(lines).casefold()
-    edgy = [ln for ln in EDGY.read_text().splitlines() if ln and not ln.startswith("#")]
-    for s in ALL_FAKE_TEXT + edgy:
+    ours = [ln for f in (EDGY, TASKS) for ln in f.read_text().splitlines()
+            if ln and not ln.startswith("#")]
+    for s in ALL_FAKE_TEXT + ours:
         assert " ".join(s.split()).casefold() not in text
 
 
@@ -481,6 +488,7 @@ def test_cli(tmp_path):
         (("--artefacts", tmp_path / "nope", "--no-verify"), "not found"),
         (("--artefacts", art, "--no-verify", "--holdout-source", "bogus"), "invalid choice"),
         (("--artefacts", art, "--no-verify", "--edgy", tmp_path / "missing.txt"), "cannot read"),
+        (("--artefacts", art, "--no-verify", "--tasks", tmp_path / "gone.txt"), "gone.txt"),
     ]
     for args, msg in errors:
         r = _cli(*args, cwd=tmp_path)
@@ -489,8 +497,9 @@ def test_cli(tmp_path):
         assert msg in r.stderr, r.stderr
 
 
-def test_edgy_benign_file():
-    rows = bd.read_edgy(EDGY)
+@pytest.mark.parametrize("path, source", [(EDGY, "edgy_benign"), (TASKS, "everyday_tasks")])
+def test_our_prompt_files(path, source):
+    rows = bd.read_prompts(path, source)
     assert len(rows) >= 400
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({r["text"].lower() for r in rows}) == len(rows)  # no case-only duplicates

