@@ -16,12 +16,12 @@ Rows (the JSONL format of `mlx_safesig.data`):
   ``human_chatbox`` and ``misinformation_harms``: mostly health, emotional-support and "should I
   believe this?" questions a safe assistant answers with care, not harmful requests; labelling them
   malicious teaches the [CLS] to flag ordinary questions);
-* benign prompts (train split, label 0): Alpaca rows keep their reference answer; our edgy-benign
-  prompts get the base model's own answer, up to ``--benign-max-tokens``: an answer cut by that
-  limit is trimmed back to its last full sentence (the trainer ends every response with the end of
-  turn, so a mid-sentence cut would teach the model to stop mid-sentence), and dropped if it has
-  none (window probes over benign responses are built by the trainer itself); rows longer than
-  MAX_BENIGN_CHARS are left out.
+* benign prompts (train split, label 0): Alpaca rows keep their reference answer; our own prompts
+  (``edgy_benign.txt``, ``everyday_tasks.txt``) get the base model's own answer, up to
+  ``--benign-max-tokens``: an answer cut by that limit is trimmed back to its last full sentence
+  (the trainer ends every response with the end of turn, so a mid-sentence cut would teach the
+  model to stop mid-sentence), and dropped if it has none (window probes over benign responses are
+  built by the trainer itself); rows longer than MAX_BENIGN_CHARS are left out.
 The base model's generations are cached in ``--out`` (``generations.jsonl`` for the harmful
 continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id) so a re-run
 only generates what is missing. ``valid.jsonl`` is built the same way from the dev split.
