@@ -47,3 +47,14 @@ def test_only_window_sources_carry_a_continuation():
     built = md.build(harmful, [], {"a": "ca", "m": "cm"}, {}, "\nSorry")
     assert sorted(r.get("continuation", "-") for r in built) == ["-", "ca", "cm"]
     assert all(r["label"] == 1 for r in built)
+
+
+def test_summary_counts_rows_per_label_and_source():
+    harmful = [{"id": "a", "text": "qa", "source": "advbench"},
+               {"id": "d", "text": "qd", "source": "donotanswer"}]
+    benign = [{"id": "b", "text": "qb", "source": "alpaca", "response": "Sure."},
+              {"id": "e", "text": "qe", "source": "ours"}]  # no answer: left out
+    rows = md.build(harmful, benign, {"a": "ca"}, {}, "\nSorry")
+    assert md.summary(rows, harmful + benign) == (
+        "3 rows (2 malicious: advbench 1, donotanswer 1; 1 benign: alpaca 1); "
+        "1 with a continuation: advbench 1")

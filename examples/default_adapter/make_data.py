@@ -33,6 +33,7 @@ import hashlib
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
@@ -129,6 +130,22 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix):
     return out
 
 
+def summary(rows, sources) -> str:
+    """Counts of the written rows per label and source (``sources``: the input rows), and of the
+    continuations (window supervision), for the log and PROVENANCE.md."""
+    source = {r["text"]: r.get("source", "?") for r in sources}
+    counts = {0: Counter(), 1: Counter()}
+    for row in rows:
+        counts[row["label"]][source[row["messages"][0]["content"]]] += 1
+    conts = Counter(source[row["messages"][0]["content"]] for row in rows if "continuation" in row)
+
+    def part(c):
+        return ", ".join(f"{k} {n}" for k, n in sorted(c.items()))
+    return (f"{len(rows)} rows ({sum(counts[1].values())} malicious: {part(counts[1])}; "
+            f"{sum(counts[0].values())} benign: {part(counts[0])}); "
+            f"{sum(conts.values())} with a continuation: {part(conts)}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data", help="output folder of examples/data/build_data.py")
@@ -175,9 +192,7 @@ def main():
         with open(out / f"{name}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        n1 = sum(r["label"] for r in rows)
-        print(f"{name}.jsonl: {len(rows)} rows ({n1} malicious, {len(rows) - n1} benign)",
-              file=sys.stderr)
+        print(f"{name}.jsonl: {summary(rows, harmful + benign)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
