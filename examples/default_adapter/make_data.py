@@ -37,6 +37,8 @@ from collections import Counter
 from pathlib import Path
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
+# the shipped adapter (v6); v7 added everyday_tasks (see the README)
+BENIGN_SOURCES = "alpaca_gpt4_demo,edgy_benign"
 WINDOW_SOURCES = "advbench,harmbench,donotanswer:malicious_uses"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
 JUSTIFICATIONS = [
@@ -156,6 +158,9 @@ def main():
     ap.add_argument("--benign-max-tokens", type=int, default=192,
                     help="tokens per base-model answer to a benign prompt")
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--benign-sources", default=BENIGN_SOURCES,
+                    help="comma-separated benign sources to train on (build_data.py's: "
+                         "alpaca_gpt4_demo, edgy_benign, everyday_tasks)")
     ap.add_argument("--drop-categories", default=DROP_CATEGORIES,
                     help="comma-separated harmful-row categories to leave out ('' keeps all)")
     ap.add_argument("--window-sources", default=WINDOW_SOURCES,
@@ -178,8 +183,9 @@ def main():
                    if r.get("category") not in drop]
         if args.limit_harmful and split == "train":
             harmful = sorted(harmful, key=lambda r: r["id"])[: args.limit_harmful]
+        keep = set(filter(None, args.benign_sources.split(",")))
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
-                  read_jsonl(data / f"benign.{split}.jsonl")]
+                  read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
         sources = set(filter(None, args.window_sources.split(",")))
         gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
                                   out / "generations.jsonl", model_dir, args.max_tokens, args.batch)
