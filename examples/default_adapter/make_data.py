@@ -37,8 +37,8 @@ from collections import Counter
 from pathlib import Path
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
-# the shipped adapter (v6); v7 added everyday_tasks (see the README)
-BENIGN_SOURCES = "alpaca_gpt4_demo,edgy_benign"
+# the shipped adapter's (v7); v6 had no everyday_tasks (see the README)
+BENIGN_SOURCES = "alpaca_gpt4_demo,edgy_benign,everyday_tasks"
 WINDOW_SOURCES = "advbench,harmbench,donotanswer:malicious_uses"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
 JUSTIFICATIONS = [
