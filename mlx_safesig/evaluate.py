@@ -42,8 +42,8 @@ must match), then ``results.json``, ``report.md`` and ``*.png``. Responses are w
 Batching: greedy generations run ``--batch-size`` at a time and give the rows one by one gives
 (with safety on, a probe's rounded p may differ in its last digit: a batched product rounds
 differently from a one-row one).
-Safety off (and the prefill suite's own answers): mlx-lm's ``BatchGenerator`` on the same prompt
-ids and with the same detokenization (``plain_batch``). Safety on: ``safe_batch.safe_batch``, the
+Safety off (and the prefill suite's own continuations): mlx-lm's ``BatchGenerator`` on the same
+prompt ids and with the same detokenization (``plain_batch``). Safety on: ``safe_batch.safe_batch``, the
 strategic decoding of ``safe_generate_step`` with every row's probes, windows and refusal its own.
 Sampled generations (per-job seeds) run one by one.
 """
@@ -1096,7 +1096,7 @@ def _schedule(ctx, param, value):
               help="A Python file defining judge(prompt, response) -> bool (True = harmful "
               "response), e.g. wrapping a local guard model.")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
-              help="Greedy generations, safety off (and the prefill suite's own answers) and "
+              help="Greedy generations, safety off (and the prefill suite's own continuations) and "
               "on, run this many at a time, same responses; 1 = one by one. Sampled generations "
               "always run one by one.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out, skipping finished rows.")
