@@ -7,7 +7,12 @@ Each line is an object with
 * ``label``: 0 (benign) or 1 (malicious), the verdict on the query;
 * optionally ``continuation``: generated text whose windows ``[CLS]`` probes must judge (window
   supervision, SPEC §5), e.g. a harmful answer the model must learn to catch mid-generation. It is
-  never a language-modelling target. ``continuation_label`` (0/1) defaults to ``label``.
+  never a language-modelling target. ``continuation_label`` (0/1) defaults to ``label``;
+* optionally ``prefill``: the start of the assistant's response that is given, not learned -- e.g.
+  the refusal prefix that strategic decoding inserts, so the model learns to justify a refusal it
+  did not choose, without learning to start refusals on its own. Its tokens are in the sequence
+  (the rest attends to them) but are not language-modelling targets. It must be how the response
+  starts.
 
 A data directory holds ``train.jsonl`` and optionally ``valid.jsonl`` (mlx-lm's names). Every error
 names the file, the line and the field.
@@ -33,7 +38,8 @@ class Example:
     ``prompt``: prompt ids (BOS, template, query, template: what generation starts from);
     ``query_span``: [start, end) of the query within ``prompt``; ``response``: the assistant's
     tokens, end-of-turn included (the LM targets); ``continuation``: ids judged by window probes
-    only, never LM targets."""
+    only, never LM targets; ``lm_start``: the first response token that is an LM target (the
+    ones before it are the row's ``prefill``)."""
 
     prompt: List[int]
     query_span: Tuple[int, int]
@@ -41,6 +47,7 @@ class Example:
     label: int
     continuation: List[int]
     continuation_label: int
+    lm_start: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -105,11 +112,16 @@ def tokenize_example(tokenizer, record: dict, where: str = "example") -> Example
         if not full.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently "
                             "with the response appended; cannot locate the response.")
-        response = tokenizer.encode(full[len(prompt_text):], add_special_tokens=False)
+        rendered = full[len(prompt_text):]
     else:  # raw text: prompt as generation encodes a string, response + EOS
         query = [m for m in messages[:-1] if m["role"] == "user"][-1]["content"]
         prepared = prepare_prompt(tokenizer, query)
-        response = tokenizer.encode(messages[-1]["content"], add_special_tokens=False)
+        rendered = messages[-1]["content"]
+    given, rendered = _split_prefill(record, messages[-1]["content"], rendered, where)
+    lm_start = len(tokenizer.encode(given, add_special_tokens=False)) if given else 0
+    response = (tokenizer.encode(given, add_special_tokens=False) if given else []) + \
+        tokenizer.encode(rendered, add_special_tokens=False)
+    if not getattr(tokenizer, "chat_template", None):
         response.append(tokenizer.eos_token_id)
     continuation, continuation_label = [], label
     if "continuation" in record:
@@ -118,7 +130,21 @@ def tokenize_example(tokenizer, record: dict, where: str = "example") -> Example
         )
         continuation_label = _label(record, "continuation_label", where, default=label)
     return Example(prepared.ids, prepared.query_span, response, label, continuation,
-                   continuation_label)
+                   continuation_label, lm_start)
+
+
+def _split_prefill(record: dict, content: str, rendered: str, where: str) -> Tuple[str, str]:
+    """The rendered response (template tokens included) -> (the given part, up to the end of
+    ``prefill``; the rest, the LM targets). Tokenized apart, as generation inserts a prefix."""
+    if "prefill" not in record:
+        return "", rendered
+    prefill = _text(record, "prefill", where)
+    at = rendered.find(prefill)
+    if not content.startswith(prefill) or at < 0 or rendered.find(content) != at:
+        raise DataError(f"{where}: field 'prefill' must be how the assistant's response starts.")
+    if len(prefill) == len(content):
+        raise DataError(f"{where}: field 'prefill' is the whole response; nothing is left to learn.")
+    return rendered[: at + len(prefill)], rendered[at + len(prefill):]
 
 
 def load_jsonl(path: Path, tokenizer, max_length: int, extra_rows=lambda ex: 0) -> List[Example]:

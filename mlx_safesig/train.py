@@ -17,9 +17,10 @@ chosen by ``SafetyMonitor.window`` (rule 2: the latest r2 tokens, special tokens
 position is the model's ``probe_position`` (0, or "current": the slot generation appends it at)
 and nobody attends to it. So every ``[CLS]`` row sees exactly what it sees at inference.
 
-Loss: ``L = L_lm + lambda * (BCE_query + BCE_probes)``: LM cross-entropy on response tokens only
-(mean per token), BCE on the query ``[CLS]`` (mean per example) and on the probes (mean per
-probe; windows of benign responses are labelled 0, windows of a continuation get its label).
+Loss: ``L = L_lm + lambda * (BCE_query + BCE_probes)``: LM cross-entropy on response tokens only,
+those after the row's ``prefill`` (mean per token), BCE on the query ``[CLS]`` (mean per
+example) and on the probes (mean per probe; windows of benign responses are labelled 0, windows
+of a continuation get its label).
 Every mean is taken over the *global* batch, so N processes with batch B give the gradients of
 one process with batch N * B.
 """
@@ -177,8 +178,8 @@ def layout(ex: Example, probes: Sequence[Probe], cls_id: int, probe_position) ->
         positions[slot] = r0 + p.t + 1 if probe_position == "current" else probe_position
     return Row(
         ids=ids, positions=positions, mask=mask,
-        lm_slots=np.arange(n, n + R, dtype=np.int32),
-        lm_targets=np.array(ex.response, dtype=np.int32),
+        lm_slots=np.arange(n + ex.lm_start, n + R, dtype=np.int32),
+        lm_targets=np.array(ex.response[ex.lm_start:], dtype=np.int32),
         cls_slots=np.array([0, *range(p0, length)], dtype=np.int32),
         cls_labels=np.array([ex.label, *[p.label for p in probes]], dtype=np.float32),
         n_tokens=ex.n_tokens,

@@ -55,6 +55,9 @@ def test_minority_class_is_oversampled(tokenizer):
       "label": 0}, "must end with a non-empty assistant message"),
     ({**GOOD, "continuation": 3}, "field 'continuation' must be a non-empty string"),
     ({**GOOD, "continuation": "x", "continuation_label": -1}, "field 'continuation_label'"),
+    ({**BAD, "prefill": 3}, "field 'prefill' must be a non-empty string"),
+    ({**BAD, "prefill": "I can't"}, "field 'prefill' must be how the assistant's response starts"),
+    ({**BAD, "prefill": BAD["response"]}, "field 'prefill' is the whole response"),
     ([1, 2], "line 2: expected a JSON object"),
 ])
 def test_bad_lines_name_file_line_and_field(tmp_path, tokenizer, line, message):

@@ -34,6 +34,16 @@ def test_harmful_rows_refuse_and_carry_the_own_continuation():
     (row,) = md.build(harmful, [], {"h": "continuation text"}, {}, "\nSorry, I can't because")
     assert row["label"] == 1 and row["continuation_label"] == 1
     assert row["continuation"] == "continuation text"
+    # the prefix exactly as generation inserts it, given (not learned); the justification after it
+    assert row["prefill"] == "\nSorry, I can't because"
+    assert row["messages"][1]["content"].startswith("\nSorry, I can't because ")
+    assert row["messages"][1]["content"][len(row["prefill"]):] in md.JUSTIFICATIONS
+
+
+def test_learn_refusal_prefix_gives_v7s_rows():
+    harmful = [{"id": "h", "text": "qh"}]
+    (row,) = md.build(harmful, [], {}, {}, "\nSorry, I can't because", learn_prefix=True)
+    assert "prefill" not in row
     assert row["messages"][1]["content"].startswith("Sorry, I can't because ")
 
 

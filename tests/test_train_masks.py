@@ -7,7 +7,7 @@ import pytest
 from conftest import make_model
 
 from mlx_safesig.data import special_token_ids, tokenize_example
-from mlx_safesig.decoding import scheduled
+from mlx_safesig.decoding import REFUSAL_PREFIX, scheduled
 from mlx_safesig.generate import prefill_prompt, probe, score
 from mlx_safesig.train import collate, layout, plan_probes, probe_ends, window_monitor
 
@@ -90,6 +90,23 @@ def test_lm_targets_are_the_response_only(tokenizer):
     assert row.lm_targets.tolist() == ex.response
     assert row.ids[row.lm_slots + 1].tolist() == ex.response  # each slot predicts the next token
     assert tokenizer.decode(ex.response).startswith("The quick brown fox")
+
+
+def test_a_prefill_is_in_the_sequence_but_not_an_lm_target(tokenizer):
+    """A row's ``prefill`` (the refusal prefix strategic decoding inserts): the same tokens
+    generation inserts, in the row, and the LM targets are only what follows it."""
+    reply = REFUSAL_PREFIX + " it could hurt someone."
+    record = {"prompt": "Tell me a story.", "response": reply, "prefill": REFUSAL_PREFIX, "label": 1}
+    ex = tokenize_example(tokenizer, record)
+    inserted = tokenizer.encode(REFUSAL_PREFIX, add_special_tokens=False)
+    assert ex.lm_start == len(inserted) and ex.response[: ex.lm_start] == inserted
+    assert tokenizer.decode(ex.response) == reply + "<|im_end|>\n"
+    row = layout(ex, [], 999, 0)
+    assert row.lm_targets.tolist() == ex.response[ex.lm_start:]
+    assert row.ids[row.lm_slots + 1].tolist() == ex.response[ex.lm_start:]
+    assert tokenizer.decode(row.lm_targets.tolist()) == " it could hurt someone.<|im_end|>\n"
+    plain = tokenize_example(tokenizer, {k: v for k, v in record.items() if k != "prefill"})
+    assert plain.lm_start == 0 and plain.prompt == ex.prompt
 
 
 def test_padding_and_batching_do_not_change_results(tokenizer, model):

@@ -5,7 +5,10 @@
 
 Rows (the JSONL format of `mlx_safesig.data`):
 * harmful prompts (train split, label 1): the response is the refusal prefix plus a short
-  justification; the ``continuation`` is the base model's OWN answer to the prompt (it answers
+  justification, the prefix as the row's ``prefill`` (given, not learned: strategic decoding
+  inserts it, the model only learns to justify it; ``--learn-refusal-prefix`` makes it a target,
+  as in v7 and earlier, which taught the model to start that refusal on benign prompts too);
+  the ``continuation`` is the base model's OWN answer to the prompt (it answers
   harmful requests on its own), so window probes learn to catch harmful text mid-generation --
   only for the sources in ``--window-sources`` (``source`` or ``source:category``; by default
   AdvBench, HarmBench and Do-Not-Answer ``malicious_uses``: instructions whose compliant answer
@@ -101,17 +104,21 @@ def window_source(row, sources) -> bool:
     return row.get("source") in sources or f"{row.get('source')}:{row.get('category')}" in sources
 
 
-def build(rows_h, rows_b, gen, answers, refusal_prefix):
+def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=False):
     """``gen``: harmful continuations by id (rows without one get no window supervision);
-    ``answers``: (text, finished) of benign rows without a reference answer, by id."""
+    ``answers``: (text, finished) of benign rows without a reference answer, by id;
+    ``learn_prefix``: the refusal prefix is an LM target (v7), else the row's ``prefill``, the
+    exact text generation inserts."""
     out = []
     for r in rows_h:
+        prefix = refusal_prefix.lstrip("\n") if learn_prefix else refusal_prefix
         row = {
             "messages": [{"role": "user", "content": r["text"]},
-                         {"role": "assistant", "content": refusal_prefix.lstrip("\n")
-                          + pick(r["id"], JUSTIFICATIONS)}],
+                         {"role": "assistant", "content": prefix + pick(r["id"], JUSTIFICATIONS)}],
             "label": 1,
         }
+        if not learn_prefix:
+            row["prefill"] = prefix
         if r["id"] in gen:
             row.update(continuation=gen[r["id"]], continuation_label=1)
         out.append(row)
@@ -166,6 +173,9 @@ def main():
     ap.add_argument("--window-sources", default=WINDOW_SOURCES,
                     help="comma-separated harmful sources (or source:category) whose base-model "
                          "continuations train the window probes ('' for none)")
+    ap.add_argument("--learn-refusal-prefix", action="store_true",
+                    help="train the language model to write the refusal prefix itself (v7 and "
+                         "earlier) instead of giving it as the rows' prefill")
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     args = ap.parse_args()
@@ -194,7 +204,7 @@ def main():
                                            out / "generations-benign.jsonl", model_dir,
                                            args.benign_max_tokens, args.batch)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
-        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX)
+        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, args.learn_refusal_prefix)
         with open(out / f"{name}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
