@@ -212,6 +212,29 @@ def test_decoding_summary_counts_any_setting_per_sweep_and_overall():
     assert set(attacks) == {"temperature", "top-p", "top-k", "any"}
 
 
+def test_inserted_refusals_are_counted_by_what_inserted_them():
+    """A refusal inserted with a query verdict at or above the threshold is the verdict's; any
+    other one a check of the generated text's (the benign suite's over-refusal, split by cause)."""
+    keywords = {"kw-prefix": KeywordList("Prefixes", "startswith", ["Sorry"]),
+                "kw-mitigation": KeywordList("MitigationBypass", "str", ["can't fulfill"])}
+    outcomes = {"q": (0.9, True), "w": (0.2, True), "n": (0.2, False), "e": (0.9, True)}
+    jobs, rows = [], {}
+    for pid, (p, inserted) in outcomes.items():
+        for mode in ("on", "off"):
+            job = Job("benign", "benign", pid, mode, "-")
+            jobs.append(job)
+            rows[job.key] = {"mode": mode, "prompt_id": pid, "response": "Fine.",
+                             "inserted": inserted and mode == "on",
+                             "query_p": p if mode == "on" else None}
+    rows["benign|benign||e|on"]["error"] = "too long"  # a failed row counts nowhere
+    results = summarize(jobs, rows, keywords, 0.5)
+    assert results["suites"]["benign"]["inserted_by"] == {
+        "benign": {"query": 1, "window": 1, "n": 3}}
+    results["config"] = {"model": "m", "split": "dev", "limit": None, "max_tokens": 8,
+                         "sampling": {}, "seed": 0, "schedule": "each", "threshold": 0.5}
+    assert "| benign | 1 | 1 | 3 |" in evaluate.format_report(results)
+
+
 def test_prefill_k_is_sure_and_the_first_k_tokens_of_the_own_continuation(tokenizer):
     ids = tokenizer.encode(" a bread recipe: mix flour, water, yeast and salt, then knead.",
                            add_special_tokens=False)
