@@ -31,7 +31,8 @@ def test_benign_answers_finished_kept_cut_trimmed_or_dropped():
 
 def test_harmful_rows_refuse_and_carry_the_own_continuation():
     harmful = [{"id": "h", "text": "qh"}]
-    (row,) = md.build(harmful, [], {"h": "continuation text"}, {}, "\nSorry, I can't because")
+    (row,) = md.build(harmful, [], {"h": "continuation text"}, {}, "\nSorry, I can't because",
+                      learn_prefix=False)
     assert row["label"] == 1 and row["continuation_label"] == 1
     assert row["continuation"] == "continuation text"
     # the prefix exactly as generation inserts it, given (not learned); the justification after it
@@ -40,9 +41,9 @@ def test_harmful_rows_refuse_and_carry_the_own_continuation():
     assert row["messages"][1]["content"][len(row["prefill"]):] in md.JUSTIFICATIONS
 
 
-def test_learn_refusal_prefix_gives_v7s_rows():
+def test_learned_refusal_prefix_gives_v7s_rows():
     harmful = [{"id": "h", "text": "qh"}]
-    (row,) = md.build(harmful, [], {}, {}, "\nSorry, I can't because", learn_prefix=True)
+    (row,) = md.build(harmful, [], {}, {}, "\nSorry, I can't because")
     assert "prefill" not in row
     assert row["messages"][1]["content"].startswith("Sorry, I can't because ")
 

@@ -5,10 +5,11 @@
 
 Rows (the JSONL format of `mlx_safesig.data`):
 * harmful prompts (train split, label 1): the response is the refusal prefix plus a short
-  justification, the prefix as the row's ``prefill`` (given, not learned: strategic decoding
-  inserts it, the model only learns to justify it; ``--learn-refusal-prefix`` makes it a target,
-  as in v7 and earlier, which taught the model to start that refusal on benign prompts too);
-  the ``continuation`` is the base model's OWN answer to the prompt (it answers
+  justification, both language-modelling targets (the shipped v7); with ``--give-refusal-prefix``
+  the prefix is the row's ``prefill`` instead (given, not learned: strategic decoding inserts it,
+  the model only learns to justify it; v8, measured in the README: the model no longer starts
+  that refusal on benign prompts by itself, but its query verdict is weaker under jailbreak
+  templates); the ``continuation`` is the base model's OWN answer to the prompt (it answers
   harmful requests on its own), so window probes learn to catch harmful text mid-generation --
   only for the sources in ``--window-sources`` (``source`` or ``source:category``; by default
   AdvBench, HarmBench and Do-Not-Answer ``malicious_uses``: instructions whose compliant answer
@@ -40,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
-# the shipped adapter's (v7); v6 had no everyday_tasks (see the README)
+# the shipped adapter's (v7; v8's too); v6 had no everyday_tasks (see the README)
 BENIGN_SOURCES = "alpaca_gpt4_demo,edgy_benign,everyday_tasks"
 WINDOW_SOURCES = "advbench,harmbench,donotanswer:malicious_uses"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
@@ -104,11 +105,11 @@ def window_source(row, sources) -> bool:
     return row.get("source") in sources or f"{row.get('source')}:{row.get('category')}" in sources
 
 
-def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=False):
+def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True):
     """``gen``: harmful continuations by id (rows without one get no window supervision);
     ``answers``: (text, finished) of benign rows without a reference answer, by id;
     ``learn_prefix``: the refusal prefix is an LM target (v7), else the row's ``prefill``, the
-    exact text generation inserts."""
+    exact text generation inserts (v8)."""
     out = []
     for r in rows_h:
         prefix = refusal_prefix.lstrip("\n") if learn_prefix else refusal_prefix
@@ -173,9 +174,9 @@ def main():
     ap.add_argument("--window-sources", default=WINDOW_SOURCES,
                     help="comma-separated harmful sources (or source:category) whose base-model "
                          "continuations train the window probes ('' for none)")
-    ap.add_argument("--learn-refusal-prefix", action="store_true",
-                    help="train the language model to write the refusal prefix itself (v7 and "
-                         "earlier) instead of giving it as the rows' prefill")
+    ap.add_argument("--give-refusal-prefix", action="store_true",
+                    help="give the refusal prefix as the harmful rows' prefill (not learned; v8) "
+                         "instead of training the language model to write it (v7, the default)")
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     args = ap.parse_args()
@@ -204,7 +205,7 @@ def main():
                                            out / "generations-benign.jsonl", model_dir,
                                            args.benign_max_tokens, args.batch)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
-        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, args.learn_refusal_prefix)
+        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix)
         with open(out / f"{name}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
