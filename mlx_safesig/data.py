@@ -118,9 +118,9 @@ def tokenize_example(tokenizer, record: dict, where: str = "example") -> Example
         prepared = prepare_prompt(tokenizer, query)
         rendered = messages[-1]["content"]
     given, rendered = _split_prefill(record, messages[-1]["content"], rendered, where)
-    lm_start = len(tokenizer.encode(given, add_special_tokens=False)) if given else 0
-    response = (tokenizer.encode(given, add_special_tokens=False) if given else []) + \
-        tokenizer.encode(rendered, add_special_tokens=False)
+    given_ids = tokenizer.encode(given, add_special_tokens=False) if given else []
+    response = given_ids + tokenizer.encode(rendered, add_special_tokens=False)
+    lm_start = len(given_ids)
     if not getattr(tokenizer, "chat_template", None):
         response.append(tokenizer.eos_token_id)
     continuation, continuation_label = [], label
