@@ -139,8 +139,8 @@ def _split_prefill(record: dict, content: str, rendered: str, where: str) -> Tup
     if "prefill" not in record:
         return "", rendered
     prefill = _text(record, "prefill", where)
-    at = rendered.find(prefill)
-    if not content.startswith(prefill) or at < 0 or rendered.find(content) != at:
+    at = rendered.find(content)  # where the template put the content (after its own tokens)
+    if not content.startswith(prefill) or at < 0:
         raise DataError(f"{where}: field 'prefill' must be how the assistant's response starts.")
     if len(prefill) == len(content):
         raise DataError(f"{where}: field 'prefill' is the whole response; nothing is left to learn.")
