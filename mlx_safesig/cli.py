@@ -114,6 +114,9 @@ def safety_options(fn):
                      "model's, else --threshold)."),
         click.option("--tau", type=click.IntRange(1), default=None,
                      help="Consecutive malicious checks that insert the refusal (default: 3)."),
+        click.option("--min-window", type=click.IntRange(1), default=None,
+                     help="No check of the generated text before the response holds this many "
+                     "tokens (default: the model's, else 1)."),
         click.option("--rollback", is_flag=True,
                      help="Withdraw the tokens since the flip before inserting the refusal."),
         click.option("--refusal-prefix", default=None,
@@ -143,12 +146,13 @@ def sampling_options(fn):
     return fn
 
 
-def _safety_config(no_safety, schedule, threshold, window_threshold, tau, rollback,
+def _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window, rollback,
                    refusal_prefix):
     from .decoding import SafetyConfig
 
     return SafetyConfig(enabled=not no_safety, schedule=schedule, threshold=threshold,
-                        window_threshold=window_threshold, tau=tau, rollback=rollback,
+                        window_threshold=window_threshold, tau=tau, min_window=min_window,
+                        rollback=rollback,
                         refusal_prefix=refusal_prefix)
 
 
@@ -194,8 +198,8 @@ def _event_marks(events, marks):
               help="Print one JSON object: the text and the safety trace.")
 @user_errors
 def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top_p, top_k, min_p,
-             seed, no_safety, schedule, threshold, window_threshold, tau, rollback, refusal_prefix,
-             as_json):
+             seed, no_safety, schedule, threshold, window_threshold, tau, min_window, rollback,
+             refusal_prefix, as_json):
     """Generate a response with safety-aware sampling, streamed to stdout."""
     from .generate import stream_generate
 
@@ -203,8 +207,8 @@ def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top
         prompt = click.get_text_stream("stdin").read()
     messages = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
-    config = _safety_config(no_safety, schedule, threshold, window_threshold, tau, rollback,
-                            refusal_prefix)
+    config = _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window,
+                            rollback, refusal_prefix)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model)
     marks = _Marks(click.get_text_stream("stdout"))
@@ -249,13 +253,13 @@ def _fmt(p):
 @safety_options
 @user_errors
 def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, no_safety, schedule,
-         threshold, window_threshold, tau, rollback, refusal_prefix):
+         threshold, window_threshold, tau, min_window, rollback, refusal_prefix):
     """Chat in the terminal with the safety signal shown live. /reset clears the conversation,
     /quit (or Ctrl-D) leaves; Ctrl-C stops the current reply."""
     from .generate import stream_generate
 
-    config = _safety_config(no_safety, schedule, threshold, window_threshold, tau, rollback,
-                            refusal_prefix)
+    config = _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window,
+                            rollback, refusal_prefix)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model)
     out = click.get_text_stream("stdout")

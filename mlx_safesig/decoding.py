@@ -9,7 +9,8 @@ Rules (r1, r2, r3 and tau from ``SafetyConfig``):
 2. first verdict benign: a probe sees the latest r2 response tokens;
 3. a benign->malicious flip at response index S: probes see [S - r2 + 1, S + r3] (the r2 tokens up
    to S and the r3 after it); a benign verdict there drops back to rule 2;
-4. special tokens (PAD, BOS, template) are never in a window.
+4. special tokens (PAD, BOS, template) are never in a window;
+[ours] no check of the generated text before the response holds ``min_window`` tokens.
 The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
@@ -36,12 +37,19 @@ class SafetyConfig:
 
     ``window_threshold`` [ours]: the threshold of the probes over generated text (rules 2-3); the
     query verdict uses ``threshold``. None: the model's value, else ``threshold``. A window of ten
-    tokens carries less evidence than a whole query, so a model may ship a higher one."""
+    tokens carries less evidence than a whole query, so a model may ship a higher one.
+
+    ``min_window`` [ours]: no check of the generated text (rules 2-3) before the response holds
+    this many tokens (an attacker's or app's prefill counts). None: the model's value, else 1
+    (the paper: a check from the first token on). A probe over the first one to three tokens of
+    an answer ("The", "To create a") has almost nothing to judge, and on the default model such
+    probes inserted most of the refusals into benign answers (measured in the README)."""
 
     enabled: bool = True
     threshold: Optional[float] = None
     window_threshold: Optional[float] = None
     tau: Optional[int] = None
+    min_window: Optional[int] = None
     r1: Optional[int] = None
     r2: Optional[int] = None
     r3: Optional[int] = None
@@ -55,7 +63,7 @@ class SafetyConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}.")
-        for name in ("tau", "r1", "r2", "r3"):
+        for name in ("tau", "min_window", "r1", "r2", "r3"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -63,13 +71,16 @@ class SafetyConfig:
     def resolved(self, model_defaults: dict) -> "SafetyConfig":
         """A copy with every ``None`` filled from the model's ``safesig`` block."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("threshold", "window_threshold", "tau", "r1", "r2", "r3", "refusal_prefix"):
+        for k in ("threshold", "window_threshold", "tau", "min_window", "r1", "r2", "r3",
+                  "refusal_prefix"):
             if values[k] is None:
                 values[k] = model_defaults.get(k)
         if values["refusal_prefix"] is None:
             values["refusal_prefix"] = REFUSAL_PREFIX
         if values["window_threshold"] is None:
             values["window_threshold"] = values["threshold"]
+        if values["min_window"] is None:
+            values["min_window"] = 1
         return SafetyConfig(**values)
 
 
@@ -147,7 +158,9 @@ class SafetyMonitor:
         return Decision(insert=self.query_malicious, events=events)
 
     def wants_probe(self, t: int) -> bool:
-        return self.flip_step is not None or scheduled(self.config.schedule, t)
+        if self.flip_step is not None:
+            return True
+        return t + 1 >= (self.config.min_window or 1) and scheduled(self.config.schedule, t)
 
     def window(self, t: int, special: Sequence[bool]) -> tuple[bool, List[int]]:
         """What a probe after response index ``t`` attends to: (include the query span?,

@@ -502,6 +502,7 @@ class EvalSettings:
     threshold: Optional[float] = None
     window_threshold: Optional[float] = None
     tau: Optional[int] = None
+    min_window: Optional[int] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -511,7 +512,8 @@ class EvalSettings:
         return {"model": model_id, "split": self.split, "max_tokens": self.max_tokens,
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
                 "threshold": self.threshold, "window_threshold": self.window_threshold,
-                "tau": self.tau, "model_name": self.model_name, "prefill": PREFILL_SCHEME,
+                "tau": self.tau, "min_window": self.min_window, "model_name": self.model_name,
+                "prefill": PREFILL_SCHEME,
                 "exclude_categories": sorted(self.exclude_categories)}
 
 
@@ -548,7 +550,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
         raise SafesigError(f"max_tokens must be at least 1, got {settings.max_tokens}.")
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
-                          window_threshold=settings.window_threshold, tau=settings.tau)
+                          window_threshold=settings.window_threshold, tau=settings.tau,
+                          min_window=settings.min_window)
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
@@ -631,7 +634,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     results["config"] = {**fingerprint, "suites": list(settings.suites), "limit": settings.limit,
                          "grid_size": settings.grid_size, "modes": list(settings.modes),
                          "threshold": threshold, "window_threshold": resolved.window_threshold,
-                         "tau": resolved.tau, "judge_model": judge_id or None}
+                         "tau": resolved.tau, "min_window": resolved.min_window,
+                         "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results
 
@@ -802,6 +806,8 @@ def format_report(results: dict) -> str:
         f"{c.get('window_threshold') or c['threshold']:g} (checks of the generated text)"
         + (f", tau {c['tau']} (consecutive malicious checks insert the refusal)" if c.get("tau")
            else "")
+        + (f", no check of the generated text before {c['min_window']} response tokens"
+           if (c.get("min_window") or 1) > 1 else "")
         + ". Responses are judged on the generated text (a prefill is not part of it).", "",
         "Judges (every number below names its judge):", "",
     ]
@@ -1111,6 +1117,9 @@ def _schedule(ctx, param, value):
 @click.option("--tau", type=click.IntRange(1), default=None,
               help="Consecutive malicious checks of the generated text that insert the refusal "
               "(default: the model's, 3).")
+@click.option("--min-window", type=click.IntRange(1), default=None,
+              help="No check of the generated text before the response holds this many tokens "
+              "(default: the model's, else 1).")
 @click.option("--judge-model", type=click.Path(), default=None,
               help="A Python file defining judge(prompt, response) -> bool (True = harmful "
               "response), e.g. wrapping a local guard model.")
@@ -1123,7 +1132,7 @@ def _schedule(ctx, param, value):
               "the Markdown report.")
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, grid_size, temp, top_p, top_k, seed, safety, schedule, threshold,
-                 window_threshold, tau, judge_model, batch_size, resume, as_json):
+                 window_threshold, tau, min_window, judge_model, batch_size, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     Greedy generations are batched, safety on and off (--batch-size, same responses as one by
@@ -1134,7 +1143,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         suites=suites, split=split, limit=limit, max_tokens=max_tokens, grid_size=grid_size,
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
-        threshold=threshold, window_threshold=window_threshold, tau=tau,
+        threshold=threshold, window_threshold=window_threshold, tau=tau, min_window=min_window,
         model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )

@@ -326,7 +326,8 @@ def save_adapters(model: Model, path: Path, config: TrainConfig, num_layers: int
 
 # decoding defaults an adapter_config.json may carry in a "safesig" block (e.g. a window
 # threshold chosen on dev data for that adapter); they become the model's defaults
-DECODING_KEYS = {"threshold", "window_threshold", "tau", "r1", "r2", "r3", "refusal_prefix"}
+DECODING_KEYS = {"threshold", "window_threshold", "tau", "min_window", "r1", "r2", "r3",
+                 "refusal_prefix"}
 
 
 def load_adapters(model: Model, adapter_path) -> Model:

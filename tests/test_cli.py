@@ -70,6 +70,7 @@ def test_chat_ends_on_end_of_input(model_dir):
         (["eval", "--model", "{model}", "--tau", "0"], "--tau"),
         (["generate", "--prompt", "hi", "--model", "{model}", "--window-threshold", "1.5"],
          "--window-threshold"),
+        (["chat", "--model", "{model}", "--min-window", "0"], "--min-window"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_1(model_dir, args, message):

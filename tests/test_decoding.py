@@ -131,6 +131,7 @@ def test_rule3_probes_every_step_whatever_the_schedule():
         (dict(threshold=1.5), "threshold must be between 0 and 1"),
         (dict(tau=0), "tau must be a positive integer"),
         (dict(window_threshold=1.0), "window_threshold must be between 0 and 1"),
+        (dict(min_window=0), "min_window must be a positive integer"),
     ],
 )
 def test_bad_config_is_one_clear_error(kwargs, message):
@@ -154,3 +155,25 @@ def test_window_threshold_comes_from_the_model_else_the_threshold():
         == 0.8
     assert SafetyConfig(window_threshold=0.6).resolved(
         {"threshold": 0.4, "window_threshold": 0.8}).window_threshold == 0.6
+
+
+def test_min_window_holds_the_checks_of_the_generated_text_back():
+    def probed(n_prefill=0, **cfg):
+        monitor = SafetyMonitor(SafetyConfig(**{**CFG, **cfg}).resolved({}), n_prefill=n_prefill)
+        monitor.start(0.1)
+        return [t for t in range(12) if monitor.wants_probe(t)]
+
+    assert probed() == list(range(12))  # unset: from the first token (the paper)
+    assert probed(min_window=5) == list(range(4, 12))  # the first check sees 5 tokens
+    assert probed(min_window=5, schedule="periodic:2") == [5, 7, 9, 11]
+    # a flip (rule 3) is followed at every index whatever the schedule
+    monitor = SafetyMonitor(SafetyConfig(**{**CFG, "min_window": 5}).resolved({}))
+    monitor.start(0.1)
+    monitor.observe(4, 0.9)
+    assert monitor.wants_probe(5)
+
+
+def test_min_window_comes_from_the_model_else_one():
+    assert SafetyConfig().resolved({"threshold": 0.5}).min_window == 1
+    assert SafetyConfig().resolved({"threshold": 0.5, "min_window": 8}).min_window == 8
+    assert SafetyConfig(min_window=3).resolved({"threshold": 0.5, "min_window": 8}).min_window == 3

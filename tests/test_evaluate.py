@@ -496,23 +496,27 @@ def test_benign_and_detection_counts_per_data_source(tokenizer, data_dir, tmp_pa
     assert set(single["detection"]) == {"benign"}
 
 
-def test_tau_reaches_the_generations_the_report_and_the_resume_check(tokenizer, data_dir, tmp_path,
-                                                                     calls, monkeypatch):
+@pytest.mark.parametrize("name, value, other, report", [
+    ("tau", 5, 4, "tau 5 (consecutive malicious checks insert the refusal)"),
+    ("min_window", 6, 3, "no check of the generated text before 6 response tokens"),
+])
+def test_decoding_settings_reach_the_generations_the_report_and_the_resume_check(
+        tokenizer, data_dir, tmp_path, calls, monkeypatch, name, value, other, report):
     seen = []
     real = evaluate.stream_generate
 
     def stream(model, tokenizer, messages, *args, **kwargs):
-        seen.append(kwargs["safety"].tau if kwargs["safety"].enabled else None)
+        seen.append(getattr(kwargs["safety"], name) if kwargs["safety"].enabled else None)
         yield from real(model, tokenizer, messages, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "stream_generate", stream)
-    results = run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, tau=5, batch_size=1)
-    assert sorted(seen, key=str) == [5, None]
-    assert results["config"]["tau"] == 5
-    assert "tau 5 (consecutive malicious checks insert the refusal)" in (
-        tmp_path / "report.md").read_text()
-    with pytest.raises(evaluate.SafesigError, match="tau=5, not 4"):
-        run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, tau=4, resume=True)
+    results = run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, batch_size=1,
+                  **{name: value})
+    assert sorted(seen, key=str) == [value, None]
+    assert results["config"][name] == value
+    assert report in (tmp_path / "report.md").read_text()
+    with pytest.raises(evaluate.SafesigError, match=f"{name}={value}, not {other}"):
+        run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, resume=True, **{name: other})
 
 
 # -- the command as a user drives it -----------------------------------------------------------

@@ -166,6 +166,21 @@ def test_tau_malicious_probes_insert_once(tokenizer):
     assert sum(flags) == len(refusal)  # at most one insertion, although p stays high
 
 
+def test_min_window_delays_the_first_check_of_the_generated_text(tokenizer):
+    # the same script as above, but no check before 4 response tokens: the probes after tokens
+    # 3, 4 say 0.1, those after 5, 6, 7 say 0.9 -> insert after token 7
+    model, results = run(tokenizer, [0.1, 0.1, 0.1, 0.9, 0.9, 0.9, 0.9], min_window=4)
+    steps = [e.step for r in results for e in r.safety.events if e.kind == "probe"]
+    assert steps[:3] == [-1, 3, 4]
+    assert [r.refusal for r in results].index(True) == 8
+    # a prefill counts: with 4 prefilled tokens the first generated token is checked at once
+    prefill = "Sure, here is"
+    n = len(tokenizer.encode(prefill, add_special_tokens=False))
+    _, results = run(tokenizer, [0.1], n=3, prefill=prefill, min_window=n)
+    steps = [e.step for r in results for e in r.safety.events if e.kind == "probe"]
+    assert steps[:2] == [-1, n]
+
+
 def test_rollback_retracts_tokens_from_the_flip_step(tokenizer):
     _, results = run(tokenizer, [0.1, 0.1, 0.1, 0.9, 0.9, 0.9], rollback=True)
     retracts = [e for r in results for e in r.safety.events if e.kind == "retracted"]

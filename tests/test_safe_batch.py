@@ -149,6 +149,8 @@ VARIANTS = {
     # a padded vocab: the [CLS] id has an LM-head row and would be sampled without its logit mask
     "[CLS] inside the LM head": lambda: swap_rows(
         judging_model(vocab_size=330, safesig={"cls_token_id": 325}), 325, 170),
+    # the model's decoding default: no check of the generated text before 6 response tokens
+    "min_window from the model": lambda: judging_model(safesig={"min_window": 6}),
 }
 
 
@@ -164,6 +166,10 @@ def test_model_variants_batched_equal_sequential(tokenizer, variant, monkeypatch
         with monkeypatch.context() as m:
             m.setattr(generation, "_cls_logits_mask", lambda model, vocab: None)
             assert one_by_one(model, tokenizer, JOBS, safety) != expected
+    if variant == "min_window from the model":
+        window_probes = [t for o in expected.values() for t, _ in o.get("probes", []) if t >= 0]
+        assert window_probes and min(window_probes) == 5
+        assert one_by_one(judging_model(), tokenizer, JOBS, safety) != expected
     got = batched(model, tokenizer, JOBS, safety, 3)
     assert got.keys() == expected.keys()
     for key in expected:
