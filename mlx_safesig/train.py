@@ -72,6 +72,7 @@ class TrainConfig:
     num_layers: int = 16  # LoRA on the last N blocks; -1: all
     probes: int = 4  # window probes per response/continuation branch; 0: no window supervision
     probe_schedule: str = "annealing"  # where in a branch the probes go: as this schedule probes
+    min_window: Optional[int] = None  # no probe before this many tokens; None: the model's (1)
     oversample: bool = True
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
@@ -106,7 +107,7 @@ class Row:
     n_tokens: int  # sequence tokens (no [CLS] rows)
 
 
-def probe_ends(length: int, k: int, schedule: str = "annealing") -> List[int]:
+def probe_ends(length: int, k: int, schedule: str = "annealing", min_window: int = 1) -> List[int]:
     """``k`` branch indices where generation under ``schedule`` probes a branch of ``length``
     tokens, spread evenly over those probe indices (all of them if there are at most ``k``).
 
@@ -115,10 +116,11 @@ def probe_ends(length: int, k: int, schedule: str = "annealing") -> List[int]:
     one generation checks most often (spreading the probes evenly over the tokens instead left the
     first tokens of long answers, where benign answers were being flagged, almost unsupervised).
     ``each`` spreads them evenly over the tokens; ``first`` (no probes during generation) falls
-    back to ``each``: window supervision still helps the query verdict's robustness."""
+    back to ``each``: window supervision still helps the query verdict's robustness. Like
+    generation, no probe before the branch holds ``min_window`` tokens."""
     if schedule == "first":
         schedule = "each"
-    slots = [t for t in range(length) if scheduled(schedule, t)]
+    slots = [t for t in range(min_window - 1, length) if scheduled(schedule, t)]
     m = len(slots)
     if m <= k:
         return slots
@@ -141,16 +143,17 @@ def plan_probes(ex: Example, k: int, monitor: SafetyMonitor, special: set,
     probes = []
     for start, tokens, label in branches:
         flags = [t in special for t in tokens]
-        for t in probe_ends(len(tokens), k, schedule):
+        for t in probe_ends(len(tokens), k, schedule, monitor.config.min_window):
             _, window = monitor.window(t, flags)
             if window:
                 probes.append(Probe(start, t, window, label))
     return probes
 
 
-def window_monitor(model: Model) -> SafetyMonitor:
-    """A monitor in rule 2 (query verdict benign, no flip): the windows probes see most."""
-    monitor = SafetyMonitor(SafetyConfig().resolved(model.args.safesig))
+def window_monitor(model: Model, min_window: Optional[int] = None) -> SafetyMonitor:
+    """A monitor in rule 2 (query verdict benign, no flip): the windows probes see most.
+    ``min_window``: None, the model's."""
+    monitor = SafetyMonitor(SafetyConfig(min_window=min_window).resolved(model.args.safesig))
     monitor.query_malicious = False
     return monitor
 
@@ -321,6 +324,8 @@ def save_adapters(model: Model, path: Path, config: TrainConfig, num_layers: int
         "lora_parameters": lora_parameters(config),
         "safesig_training": asdict(config),
     }
+    if config.min_window:  # trained without shorter windows: generation must not check them
+        adapter_config["safesig"] = {"min_window": config.min_window}
     (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
 
 
@@ -406,7 +411,7 @@ class Batcher:
 
     def __init__(self, model: Model, tokenizer, config: TrainConfig, world):
         self.model, self.config, self.world = model, config, world
-        self.monitor = window_monitor(model)
+        self.monitor = window_monitor(model, config.min_window)
         self.special = special_token_ids(tokenizer)
         self.probe_position = model.args.safesig["probe_position"]
 
@@ -669,6 +674,10 @@ def train(
 @click.option("--probe-schedule", default="annealing", show_default=True,
               help="Place the probes where this generation schedule checks (each, annealing, "
               "periodic:N): annealing puts most in an answer's first tokens.")
+@click.option("--min-window", type=click.IntRange(1), default=None,
+              help="No window probe before a response holds this many tokens, as generation with "
+              "the same min_window checks (written to the adapter's decoding defaults; default: "
+              "the model's, else 1).")
 @click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
 @click.option("--max-seq-length", default=2048, show_default=True,
               help="Longest training row in tokens; longer examples are an error.")

@@ -150,6 +150,10 @@ def test_probe_ends_follow_the_generation_schedule():
     assert probe_ends(200, 4, "periodic:50") == [49, 99, 149, 199]
     assert probe_ends(5, 12) == [0, 1, 2, 3, 4]  # fewer slots than probes: all of them
     assert probe_ends(0, 4) == []
+    # generation with min_window 8 checks nothing before 8 tokens: neither does training
+    assert probe_ends(5, 12, min_window=3) == [2, 3, 4]
+    assert min(probe_ends(200, 12, min_window=8)) >= 7
+    assert probe_ends(6, 4, min_window=8) == []
 
 
 def test_plan_probes_puts_windows_where_the_schedule_probes(tokenizer, model):
@@ -162,3 +166,6 @@ def test_plan_probes_puts_windows_where_the_schedule_probes(tokenizer, model):
         assert got == [t for t in probe_ends(len(ex.response), 3, schedule)
                        if ex.response[t] not in special]
         assert all(scheduled(schedule, t) for t in got)
+    # a min_window from the model's config or the train option reaches the plan
+    plans = plan_probes(ex, 64, window_monitor(model, min_window=6), special, "each")
+    assert min(p.t for p in plans) == 5
