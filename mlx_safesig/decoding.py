@@ -42,8 +42,9 @@ class SafetyConfig:
     ``min_window`` [ours]: no check of the generated text (rules 2-3) before the response holds
     this many tokens (an attacker's or app's prefill counts). None: the model's value, else 1
     (the paper: a check from the first token on). A probe over the first one to three tokens of
-    an answer ("The", "To create a") has almost nothing to judge, and on the default model such
-    probes inserted most of the refusals into benign answers (measured in the README)."""
+    an answer ("The", "To create a") has little to judge; on the default model's benign answers
+    holding the checks back did not change which answers get flagged, only when (README), so
+    no shipped model sets it."""
 
     enabled: bool = True
     threshold: Optional[float] = None
