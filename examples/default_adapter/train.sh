@@ -2,11 +2,20 @@
 # Rebuild the default model's safety adapter (mlx_safesig/default_adapter/) from pinned data.
 # Run from the repository root; takes ~1 h on a 2-core x86 CPU with OpenBLAS (training ~40 min
 # alone on the machine, the base-model answers ~15 min), less on a Mac.
+#   examples/default_adapter/train.sh [OUT [extra train options]]
+# The README's other versions: MAKE_DATA_ARGS="--give-refusal-prefix" (v8; v9a with
+# "--lambda 0.3" as extra train option); v9b adds "--max-tokens 128" to MAKE_DATA_ARGS with
+# ADAPTER_DATA=data/adapter-c128 (make_data's generation cache does not record the token limit,
+# so another limit needs its own folder).
 set -euo pipefail
 OUT=${1:-adapters}
+shift $(( $# > 0 ? 1 : 0 ))
+ADAPTER_DATA=${ADAPTER_DATA:-data/adapter}
 python examples/data/build_data.py --out data
-python examples/default_adapter/make_data.py --data data --out data/adapter
+# shellcheck disable=SC2086  # MAKE_DATA_ARGS is a list of options
+python examples/default_adapter/make_data.py --data data --out "$ADAPTER_DATA" ${MAKE_DATA_ARGS:-}
 BASE=$(python -c "from mlx_safesig.default_model import default_base_model; print(default_base_model())")
-mlx-safesig train --model "$BASE" --add-safety --data data/adapter --adapter-path "$OUT" \
+mlx-safesig train --model "$BASE" --add-safety --data "$ADAPTER_DATA" --adapter-path "$OUT" \
   --iters 250 --batch-size 8 --learning-rate 2e-4 --lambda 0.1 --num-layers 16 --lora-rank 8 \
-  --probes 12 --max-seq-length 768 --warmup 20 --steps-per-eval 125 --val-batches -1 --save-every 25
+  --probes 12 --max-seq-length 768 --warmup 20 --steps-per-eval 125 --val-batches -1 --save-every 25 \
+  "$@"
