@@ -84,3 +84,38 @@ def test_mismatched_continuations_put_harmful_windows_after_benign_questions():
                      if "continuation" in r]  # the same rows every time
     assert md.build([], benign, {}, {}, "\nSorry", mismatched=0.25) == md.build(
         [], benign, {}, {}, "\nSorry")  # no harmful continuations: nothing to add
+
+
+def test_generation_cache_is_keyed_by_token_limit(tmp_path, monkeypatch):
+    """A cached answer is reused only for the same max_tokens: rows made with another limit (or
+    before the limit was recorded) are generated again and appended with theirs."""
+    import json
+    from types import SimpleNamespace
+
+    import mlx_lm
+
+    cache = tmp_path / "generations.jsonl"
+    cache.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "text": "a48", "finished": False, "max_tokens": 48},
+        {"id": "a", "text": "a128", "finished": True, "max_tokens": 128},
+        {"id": "b", "text": "b-legacy", "finished": False}]))
+    asked = []
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt):
+            return [1, 2]
+
+    def fake_batch_generate(model, tok, prompts, max_tokens, return_token_ids):
+        asked.append((len(prompts), max_tokens))
+        return SimpleNamespace(texts=["new"] * len(prompts), token_ids=[[5]] * len(prompts))
+
+    monkeypatch.setattr(mlx_lm, "load", lambda path: (None, Tok()))
+    monkeypatch.setattr(mlx_lm, "batch_generate", fake_batch_generate)
+    rows = [{"id": "a", "text": "qa"}, {"id": "b", "text": "qb"}]
+    texts, finished = md.generate_missing(rows, cache, "model", 128, 16)
+    assert texts == {"a": "a128", "b": "new"} and finished == {"a": True, "b": True}
+    assert asked == [(1, 128)]
+    texts, _ = md.generate_missing(rows, cache, "model", 48, 16)
+    assert texts == {"a": "a48", "b": "new"} and asked == [(1, 128), (1, 48)]
+    texts, _ = md.generate_missing(rows, cache, "model", 128, 16)  # all cached now
+    assert texts == {"a": "a128", "b": "new"} and len(asked) == 2

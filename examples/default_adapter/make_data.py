@@ -27,8 +27,9 @@ Rows (the JSONL format of `mlx_safesig.data`):
   model to stop mid-sentence), and dropped if it has none (window probes over benign responses are
   built by the trainer itself); rows longer than MAX_BENIGN_CHARS are left out.
 The base model's generations are cached in ``--out`` (``generations.jsonl`` for the harmful
-continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id) so a re-run
-only generates what is missing. ``valid.jsonl`` is built the same way from the dev split.
+continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id and token
+limit) so a re-run only generates what is missing. ``valid.jsonl`` is built the same way from
+the dev split.
 Nothing here prints prompt or response text: counts only.
 """
 
@@ -71,11 +72,14 @@ def full_sentences(text: str) -> str:
 
 def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int):
     """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
-    ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file."""
+    ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file. Cache rows
+    record their ``max_tokens``: rows made with another limit (or before the limit was recorded)
+    are not used, so one folder serves every limit."""
     cache, finished = {}, {}
     if cache_path.exists():
         for r in read_jsonl(cache_path):
-            cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
+            if r.get("max_tokens") == max_tokens:
+                cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
     todo = [r for r in rows if r["id"] not in cache]
     if not todo:
         return cache, finished
@@ -92,8 +96,8 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
                                     return_token_ids=True)
             for r, text, ids in zip(chunk, result.texts, result.token_ids):
                 cache[r["id"]], finished[r["id"]] = text, len(ids) < max_tokens
-                out.write(json.dumps({"id": r["id"], "text": text,
-                                      "finished": finished[r["id"]]}) + "\n")
+                out.write(json.dumps({"id": r["id"], "text": text, "finished": finished[r["id"]],
+                                      "max_tokens": max_tokens}) + "\n")
             out.flush()
             print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
     return cache, finished

@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
 # Rebuild the default model's safety adapter (mlx_safesig/default_adapter/) from pinned data.
-# Run from the repository root; takes ~1 h on a 2-core x86 CPU with OpenBLAS (training ~40 min
-# alone on the machine, the base-model answers ~15 min), less on a Mac.
+# Run from the repository root; takes ~1 h on a 2-core x86 CPU with OpenBLAS (training ~50 min
+# alone on the machine, the base-model answers ~20 min), less on a Mac.
 #   examples/default_adapter/train.sh [OUT [extra train options]]
-# The README's other versions: MAKE_DATA_ARGS="--give-refusal-prefix" (v8; v9a with
-# "--lambda 0.3" as extra train option); v9b adds "--max-tokens 128" to MAKE_DATA_ARGS with
-# ADAPTER_DATA=data/adapter-c128 (make_data's generation cache does not record the token limit,
-# so another limit needs its own folder).
+# Defaults: the shipped adapter (v9b: the refusal prefix given, 128-token harmful continuations,
+# lambda 0.3). The README's other versions: MAKE_DATA_ARGS="" with "--lambda 0.1" (v7);
+# MAKE_DATA_ARGS="--give-refusal-prefix" with "--lambda 0.1" (v8) or without (v9a). Extra train
+# options come last, and click takes the last of a repeated option.
 set -euo pipefail
 OUT=${1:-adapters}
 shift $(( $# > 0 ? 1 : 0 ))
 ADAPTER_DATA=${ADAPTER_DATA:-data/adapter}
+MAKE_DATA_ARGS=${MAKE_DATA_ARGS---give-refusal-prefix --max-tokens 128}
 python examples/data/build_data.py --out data
 # shellcheck disable=SC2086  # MAKE_DATA_ARGS is a list of options
-python examples/default_adapter/make_data.py --data data --out "$ADAPTER_DATA" ${MAKE_DATA_ARGS:-}
+python examples/default_adapter/make_data.py --data data --out "$ADAPTER_DATA" $MAKE_DATA_ARGS
 BASE=$(python -c "from mlx_safesig.default_model import default_base_model; print(default_base_model())")
 mlx-safesig train --model "$BASE" --add-safety --data "$ADAPTER_DATA" --adapter-path "$OUT" \
-  --iters 250 --batch-size 8 --learning-rate 2e-4 --lambda 0.1 --num-layers 16 --lora-rank 8 \
+  --iters 250 --batch-size 8 --learning-rate 2e-4 --lambda 0.3 --num-layers 16 --lora-rank 8 \
   --probes 12 --max-seq-length 768 --warmup 20 --steps-per-eval 125 --val-batches -1 --save-every 25 \
   "$@"
