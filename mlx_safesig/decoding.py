@@ -10,7 +10,8 @@ Rules (r1, r2, r3 and tau from ``SafetyConfig``):
 3. a benign->malicious flip at response index S: probes see [S - r2 + 1, S + r3] (the r2 tokens up
    to S and the r3 after it); a benign verdict there drops back to rule 2;
 4. special tokens (PAD, BOS, template) are never in a window;
-[ours] no check of the generated text before the response holds ``min_window`` tokens.
+[ours] no check of the generated text before the response holds ``min_window`` tokens;
+[ours, experimental] with ``window_query`` the probes of rules 2-3 see the query span too.
 The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
@@ -44,13 +45,19 @@ class SafetyConfig:
     (the paper: a check from the first token on). A probe over the first one to three tokens of
     an answer ("The", "To create a") has little to judge; on the default model's benign answers
     holding the checks back hardly changed which answers get flagged (README), so no shipped
-    model sets it."""
+    model sets it.
+
+    ``window_query`` [ours, experimental]: the checks of the generated text (rules 2-3) see the
+    query span as well as their window (rule 1's probes always do). None: the model's value, else
+    False (the paper). Meant for a model trained so (``train --window-query``): a window such as
+    "X is a type of cybercrime that ..." is harmful or not depending on what was asked."""
 
     enabled: bool = True
     threshold: Optional[float] = None
     window_threshold: Optional[float] = None
     tau: Optional[int] = None
     min_window: Optional[int] = None
+    window_query: Optional[bool] = None
     r1: Optional[int] = None
     r2: Optional[int] = None
     r3: Optional[int] = None
@@ -72,8 +79,8 @@ class SafetyConfig:
     def resolved(self, model_defaults: dict) -> "SafetyConfig":
         """A copy with every ``None`` filled from the model's ``safesig`` block."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("threshold", "window_threshold", "tau", "min_window", "r1", "r2", "r3",
-                  "refusal_prefix"):
+        for k in ("threshold", "window_threshold", "tau", "min_window", "window_query", "r1",
+                  "r2", "r3", "refusal_prefix"):
             if values[k] is None:
                 values[k] = model_defaults.get(k)
         if values["refusal_prefix"] is None:
@@ -82,6 +89,7 @@ class SafetyConfig:
             values["window_threshold"] = values["threshold"]
         if values["min_window"] is None:
             values["min_window"] = 1
+        values["window_query"] = bool(values["window_query"])
         return SafetyConfig(**values)
 
 
@@ -170,9 +178,10 @@ class SafetyMonitor:
         if self.query_malicious:
             include_query, lo, hi = True, 0, min(t, c.r1 - 1)
         elif self.flip_step is not None:
-            include_query, lo, hi = False, self.flip_step - c.r2 + 1, min(t, self.flip_step + c.r3)
+            include_query, lo = bool(c.window_query), self.flip_step - c.r2 + 1
+            hi = min(t, self.flip_step + c.r3)
         else:
-            include_query, lo, hi = False, t - c.r2 + 1, t
+            include_query, lo, hi = bool(c.window_query), t - c.r2 + 1, t
         return include_query, [i for i in range(max(lo, 0), hi + 1) if not special[i]]
 
     def observe(self, t: int, p: float) -> Decision:

@@ -73,6 +73,7 @@ class TrainConfig:
     probes: int = 4  # window probes per response/continuation branch; 0: no window supervision
     probe_schedule: str = "annealing"  # where in a branch the probes go: as this schedule probes
     min_window: Optional[int] = None  # no probe before this many tokens; None: the model's (1)
+    window_query: bool = False  # window probes see the query span too (experimental)
     oversample: bool = True
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
@@ -93,6 +94,7 @@ class Probe:
     t: int  # branch index the probe follows
     window: List[int]  # branch indices it sees
     label: int
+    query: bool = False  # it sees the query span too (window_query)
 
 
 @dataclass
@@ -144,16 +146,18 @@ def plan_probes(ex: Example, k: int, monitor: SafetyMonitor, special: set,
     for start, tokens, label in branches:
         flags = [t in special for t in tokens]
         for t in probe_ends(len(tokens), k, schedule, monitor.config.min_window):
-            _, window = monitor.window(t, flags)
+            include_query, window = monitor.window(t, flags)
             if window:
-                probes.append(Probe(start, t, window, label))
+                probes.append(Probe(start, t, window, label, include_query))
     return probes
 
 
-def window_monitor(model: Model, min_window: Optional[int] = None) -> SafetyMonitor:
+def window_monitor(model: Model, min_window: Optional[int] = None,
+                   window_query: bool = False) -> SafetyMonitor:
     """A monitor in rule 2 (query verdict benign, no flip): the windows probes see most.
-    ``min_window``: None, the model's."""
-    monitor = SafetyMonitor(SafetyConfig(min_window=min_window).resolved(model.args.safesig))
+    ``min_window`` None and ``window_query`` False: the model's."""
+    config = SafetyConfig(min_window=min_window, window_query=window_query or None)
+    monitor = SafetyMonitor(config.resolved(model.args.safesig))
     monitor.query_malicious = False
     return monitor
 
@@ -177,6 +181,8 @@ def layout(ex: Example, probes: Sequence[Probe], cls_id: int, probe_position) ->
     for j, p in enumerate(probes):
         slot = p0 + j
         mask[slot, [p.branch_start + i for i in p.window]] = True
+        if p.query:
+            mask[slot, 1 + q0 : 1 + q1] = True
         mask[slot, slot] = True
         positions[slot] = r0 + p.t + 1 if probe_position == "current" else probe_position
     return Row(
@@ -324,15 +330,20 @@ def save_adapters(model: Model, path: Path, config: TrainConfig, num_layers: int
         "lora_parameters": lora_parameters(config),
         "safesig_training": asdict(config),
     }
-    if config.min_window:  # trained without shorter windows: generation must not check them
-        adapter_config["safesig"] = {"min_window": config.min_window}
+    decoding = {}  # how generation must check to match what the probes were trained on
+    if config.min_window:
+        decoding["min_window"] = config.min_window
+    if config.window_query:
+        decoding["window_query"] = True
+    if decoding:
+        adapter_config["safesig"] = decoding
     (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
 
 
 # decoding defaults an adapter_config.json may carry in a "safesig" block (e.g. a window
 # threshold chosen on dev data for that adapter); they become the model's defaults
-DECODING_KEYS = {"threshold", "window_threshold", "tau", "min_window", "r1", "r2", "r3",
-                 "refusal_prefix"}
+DECODING_KEYS = {"threshold", "window_threshold", "tau", "min_window", "window_query", "r1", "r2",
+                 "r3", "refusal_prefix"}
 
 
 def load_adapters(model: Model, adapter_path) -> Model:
@@ -411,7 +422,7 @@ class Batcher:
 
     def __init__(self, model: Model, tokenizer, config: TrainConfig, world):
         self.model, self.config, self.world = model, config, world
-        self.monitor = window_monitor(model, config.min_window)
+        self.monitor = window_monitor(model, config.min_window, config.window_query)
         self.special = special_token_ids(tokenizer)
         self.probe_position = model.args.safesig["probe_position"]
 
@@ -678,6 +689,9 @@ def train(
               help="No window probe before a response holds this many tokens, as generation with "
               "the same min_window checks (written to the adapter's decoding defaults; default: "
               "the model's, else 1).")
+@click.option("--window-query", is_flag=True,
+              help="Experimental: window probes see the query span too (written to the adapter's "
+              "decoding defaults, so generation checks alike).")
 @click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
 @click.option("--max-seq-length", default=2048, show_default=True,
               help="Longest training row in tokens; longer examples are an error.")

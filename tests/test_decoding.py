@@ -177,3 +177,14 @@ def test_min_window_comes_from_the_model_else_one():
     assert SafetyConfig().resolved({"threshold": 0.5}).min_window == 1
     assert SafetyConfig().resolved({"threshold": 0.5, "min_window": 8}).min_window == 8
     assert SafetyConfig(min_window=3).resolved({"threshold": 0.5, "min_window": 8}).min_window == 3
+
+
+def test_window_query_lets_the_checks_of_the_generated_text_see_the_query():
+    special = [False] * 20
+    for window_query, expected in ((None, False), (False, False), (True, True)):
+        monitor = SafetyMonitor(SafetyConfig(**CFG, window_query=window_query).resolved({}))
+        monitor.start(0.1)
+        assert monitor.window(5, special) == (expected, [3, 4, 5])  # rule 2
+        monitor.observe(5, 0.9)
+        assert monitor.window(6, special) == (expected, [3, 4, 5, 6])  # rule 3
+    assert SafetyConfig().resolved({"threshold": 0.5, "window_query": True}).window_query is True

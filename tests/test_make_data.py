@@ -71,6 +71,21 @@ def test_summary_counts_rows_per_label_and_source():
         "1 with a continuation: advbench 1")
 
 
+def test_mismatched_continuations_put_harmful_windows_after_benign_questions():
+    benign = [{"id": f"b{i}", "text": f"q{i}", "response": "An answer."} for i in range(200)]
+    gen = {"h1": "harmful one", "h2": "harmful two"}
+    assert all("continuation" not in r for r in md.build([], benign, gen, {}, "\nSorry"))
+    rows = md.build([], benign, gen, {}, "\nSorry", mismatched=0.25)
+    mixed = [r for r in rows if "continuation" in r]
+    assert 30 <= len(mixed) <= 70  # about a quarter, chosen by row id
+    assert all(r["label"] == 0 and r["continuation_label"] == 1 for r in mixed)
+    assert {r["continuation"] for r in mixed} == {"harmful one", "harmful two"}
+    assert mixed == [r for r in md.build([], benign, gen, {}, "\nSorry", mismatched=0.25)
+                     if "continuation" in r]  # the same rows every time
+    assert md.build([], benign, {}, {}, "\nSorry", mismatched=0.25) == md.build(
+        [], benign, {}, {}, "\nSorry")  # no harmful continuations: nothing to add
+
+
 def test_generation_cache_is_keyed_by_token_limit(tmp_path, monkeypatch):
     """A cached answer is reused only for the same max_tokens: rows made with another limit (or
     before the limit was recorded) are generated again and appended with theirs."""

@@ -151,6 +151,8 @@ VARIANTS = {
         judging_model(vocab_size=330, safesig={"cls_token_id": 325}), 325, 170),
     # the model's decoding default: no check of the generated text before 6 response tokens
     "min_window from the model": lambda: judging_model(safesig={"min_window": 6}),
+    # experimental: the checks of the generated text see the query span too
+    "window probes see the query": lambda: judging_model(safesig={"window_query": True}),
 }
 
 
@@ -169,6 +171,8 @@ def test_model_variants_batched_equal_sequential(tokenizer, variant, monkeypatch
     if variant == "min_window from the model":
         window_probes = [t for o in expected.values() for t, _ in o.get("probes", []) if t >= 0]
         assert window_probes and min(window_probes) == 5
+        assert one_by_one(judging_model(), tokenizer, JOBS, safety) != expected
+    if variant == "window probes see the query":
         assert one_by_one(judging_model(), tokenizer, JOBS, safety) != expected
     got = batched(model, tokenizer, JOBS, safety, 3)
     assert got.keys() == expected.keys()

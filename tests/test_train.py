@@ -275,8 +275,10 @@ def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(t
     # trained with --min-window: written as a decoding default, so generation checks alike
     from mlx_safesig.train import save_adapters
 
-    save_adapters(trained[2], tmp_path / "mw", TrainConfig(min_window=8), config["num_layers"])
-    assert load(base, adapter_path=tmp_path / "mw")[0].args.safesig["min_window"] == 8
+    save_adapters(trained[2], tmp_path / "mw", TrainConfig(min_window=8, window_query=True),
+                  config["num_layers"])
+    safesig = load(base, adapter_path=tmp_path / "mw")[0].args.safesig
+    assert safesig["min_window"] == 8 and safesig["window_query"] is True
     assert "safesig" not in json.loads((adapters / ADAPTER_CONFIG).read_text())
 
     (tuned / ADAPTER_CONFIG).write_text(json.dumps({**config, "safesig": {"windw": 0.8}}))

@@ -48,15 +48,18 @@ def inference_probe(model, ex, branch_tokens, p):
     base = len(ex.prompt) + 1
     slot = cache[0].offset
     position = slot if model.args.safesig["probe_position"] == "current" else 0
-    return probe(model, cache, [base + i for i in p.window], position=position).item()
+    query = list(range(*ex.query_span)) if p.query else []
+    return probe(model, cache, query + [base + i for i in p.window], position=position).item()
 
 
+@pytest.mark.parametrize("window_query", [False, True])
 @pytest.mark.parametrize("probe_position", [0, "current"])
-def test_probes_match_generation_time_probes(tokenizer, probe_position):
-    model = make_model(safesig={"probe_position": probe_position})
+def test_probes_match_generation_time_probes(tokenizer, probe_position, window_query):
+    model = make_model(safesig={"probe_position": probe_position, "window_query": window_query})
     ex = tokenize_example(tokenizer, RECORD)
     plans, rows, batch, h = training_forward(model, tokenizer, [ex])
     assert len(plans[0]) >= 4  # probes over both the response and the continuation
+    assert all(p.query == window_query for p in plans[0])
     L = batch["ids"].shape[1]
     trained = model.safety_prob(h.reshape(-1, h.shape[-1])[mx.array(rows[0].cls_slots)])
     n = len(ex.prompt) + 1

@@ -109,11 +109,14 @@ def window_source(row, sources) -> bool:
     return row.get("source") in sources or f"{row.get('source')}:{row.get('category')}" in sources
 
 
-def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True):
+def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, mismatched=0.0):
     """``gen``: harmful continuations by id (rows without one get no window supervision);
     ``answers``: (text, finished) of benign rows without a reference answer, by id;
     ``learn_prefix``: the refusal prefix is an LM target (v7), else the row's ``prefill``, the
-    exact text generation inserts (v8)."""
+    exact text generation inserts (v8); ``mismatched``: the share of benign rows that also get
+    one of those harmful continuations (label 1) after their benign question, so that window
+    probes which see the question (``train --window-query``) must still read the window."""
+    harmful_texts = [gen[k] for k in sorted(gen)]
     out = []
     for r in rows_h:
         prefix = refusal_prefix.lstrip("\n") if learn_prefix else refusal_prefix
@@ -135,11 +138,15 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True):
         answer = answer or ""
         if not answer.strip() or len(r["text"]) + len(answer) > MAX_BENIGN_CHARS:
             continue
-        out.append({
+        row = {
             "messages": [{"role": "user", "content": r["text"]},
                          {"role": "assistant", "content": answer}],
             "label": 0,
-        })
+        }
+        share = int(hashlib.sha256(f"{r['id']}:mismatched".encode()).hexdigest(), 16) % 1000
+        if harmful_texts and share < 1000 * mismatched:
+            row.update(continuation=pick(r["id"], harmful_texts), continuation_label=1)
+        out.append(row)
     out.sort(key=lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest())
     return out
 
@@ -181,6 +188,9 @@ def main():
     ap.add_argument("--give-refusal-prefix", action="store_true",
                     help="give the refusal prefix as the harmful rows' prefill (not learned; v8) "
                          "instead of training the language model to write it (v7, the default)")
+    ap.add_argument("--mismatched-continuations", type=float, default=0.0,
+                    help="share of benign rows that also get a harmful continuation (label 1) "
+                         "after their own question, for `train --window-query` (default 0)")
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     args = ap.parse_args()
@@ -209,7 +219,8 @@ def main():
                                            out / "generations-benign.jsonl", model_dir,
                                            args.benign_max_tokens, args.batch)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
-        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix)
+        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix,
+                     args.mismatched_continuations)
         with open(out / f"{name}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
