@@ -86,9 +86,10 @@ def test_mismatched_continuations_put_harmful_windows_after_benign_questions():
         [], benign, {}, {}, "\nSorry")  # no harmful continuations: nothing to add
 
 
-def test_generation_cache_is_keyed_by_token_limit(tmp_path, monkeypatch):
-    """A cached answer is reused only for the same max_tokens: rows made with another limit (or
-    before the limit was recorded) are generated again and appended with theirs."""
+def test_generation_cache_is_keyed_by_token_limit_and_model(tmp_path, monkeypatch):
+    """A cached answer is reused only for the same max_tokens and base model: rows made with
+    another limit or model (or before these were recorded) are generated again and appended
+    with theirs."""
     import json
     from types import SimpleNamespace
 
@@ -96,9 +97,10 @@ def test_generation_cache_is_keyed_by_token_limit(tmp_path, monkeypatch):
 
     cache = tmp_path / "generations.jsonl"
     cache.write_text("".join(json.dumps(r) + "\n" for r in [
-        {"id": "a", "text": "a48", "finished": False, "max_tokens": 48},
-        {"id": "a", "text": "a128", "finished": True, "max_tokens": 128},
-        {"id": "b", "text": "b-legacy", "finished": False}]))
+        {"id": "a", "text": "a48", "finished": False, "max_tokens": 48, "model": "m1"},
+        {"id": "a", "text": "a128", "finished": True, "max_tokens": 128, "model": "m1"},
+        {"id": "b", "text": "b-other-model", "finished": True, "max_tokens": 128, "model": "m2"},
+        {"id": "b", "text": "b-legacy", "finished": False, "max_tokens": 128}]))
     asked = []
 
     class Tok:
@@ -112,10 +114,28 @@ def test_generation_cache_is_keyed_by_token_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(mlx_lm, "load", lambda path: (None, Tok()))
     monkeypatch.setattr(mlx_lm, "batch_generate", fake_batch_generate)
     rows = [{"id": "a", "text": "qa"}, {"id": "b", "text": "qb"}]
-    texts, finished = md.generate_missing(rows, cache, "model", 128, 16)
+    texts, finished = md.generate_missing(rows, cache, "model", 128, 16, "m1")
     assert texts == {"a": "a128", "b": "new"} and finished == {"a": True, "b": True}
     assert asked == [(1, 128)]
-    texts, _ = md.generate_missing(rows, cache, "model", 48, 16)
+    texts, _ = md.generate_missing(rows, cache, "model", 48, 16, "m1")
     assert texts == {"a": "a48", "b": "new"} and asked == [(1, 128), (1, 48)]
-    texts, _ = md.generate_missing(rows, cache, "model", 128, 16)  # all cached now
+    texts, _ = md.generate_missing(rows, cache, "model", 128, 16, "m1")  # all cached now
     assert texts == {"a": "a128", "b": "new"} and len(asked) == 2
+    texts, _ = md.generate_missing(rows, cache, "model", 128, 16, "m2")
+    assert texts == {"a": "new", "b": "b-other-model"} and asked[2:] == [(1, 128)]
+    assert json.loads(cache.read_text().splitlines()[-1])["model"] == "m2"
+
+
+def test_model_fingerprint_follows_content_not_path(tmp_path):
+    """Same config and weights under another folder: same key; other weights: another key;
+    other files in the folder (tokenizer, README) do not count."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, weights in ((a, b"w1"), (b, b"w1")):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "model.safetensors").write_bytes(weights)
+    (b / "README.md").write_text("other notes")
+    assert md.model_fingerprint(a) == md.model_fingerprint(b)
+    assert len(md.model_fingerprint(a)) == 16
+    (b / "model.safetensors").write_bytes(b"w2")
+    assert md.model_fingerprint(a) != md.model_fingerprint(b)

@@ -27,9 +27,9 @@ Rows (the JSONL format of `mlx_safesig.data`):
   model to stop mid-sentence), and dropped if it has none (window probes over benign responses are
   built by the trainer itself); rows longer than MAX_BENIGN_CHARS are left out.
 The base model's generations are cached in ``--out`` (``generations.jsonl`` for the harmful
-continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id and token
-limit) so a re-run only generates what is missing. ``valid.jsonl`` is built the same way from
-the dev split.
+continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id, token limit
+and a fingerprint of the base model's files) so a re-run only generates what is missing.
+``valid.jsonl`` is built the same way from the dev split.
 Nothing here prints prompt or response text: counts only.
 """
 
@@ -70,15 +70,31 @@ def full_sentences(text: str) -> str:
     return text[: ends[-1]].rstrip() if ends else ""
 
 
-def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int):
+def model_fingerprint(model_dir) -> str:
+    """sha256 (16 hex digits) of a model folder's config and weights, in name order: the same
+    model gives the same key on any machine and under any path."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir()
+                   if p.name == "config.json" or p.suffix == ".safetensors")
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int,
+                     model_key: str):
     """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
     ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file. Cache rows
-    record their ``max_tokens``: rows made with another limit (or before the limit was recorded)
-    are not used, so one folder serves every limit."""
+    record their ``max_tokens`` and ``model`` (``model_fingerprint``): rows made with another
+    limit or base model (or before these were recorded) are not used, so one folder serves every
+    limit and model."""
     cache, finished = {}, {}
     if cache_path.exists():
         for r in read_jsonl(cache_path):
-            if r.get("max_tokens") == max_tokens:
+            if r.get("max_tokens") == max_tokens and r.get("model") == model_key:
                 cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
     todo = [r for r in rows if r["id"] not in cache]
     if not todo:
@@ -97,7 +113,7 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
             for r, text, ids in zip(chunk, result.texts, result.token_ids):
                 cache[r["id"]], finished[r["id"]] = text, len(ids) < max_tokens
                 out.write(json.dumps({"id": r["id"], "text": text, "finished": finished[r["id"]],
-                                      "max_tokens": max_tokens}) + "\n")
+                                      "max_tokens": max_tokens, "model": model_key}) + "\n")
             out.flush()
             print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
     return cache, finished
@@ -201,6 +217,7 @@ def main():
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model or str(default_base_model(progress=lambda m: print(m, file=sys.stderr)))
+    model_key = model_fingerprint(model_dir)
     benign_source = {r["id"]: r for r in read_jsonl(data / "benign.jsonl")}
     for split, name in (("train", "train"), ("dev", "valid")):
         drop = set(filter(None, args.drop_categories.split(",")))
@@ -213,11 +230,12 @@ def main():
                   read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
         sources = set(filter(None, args.window_sources.split(",")))
         gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
-                                  out / "generations.jsonl", model_dir, args.max_tokens, args.batch)
+                                  out / "generations.jsonl", model_dir, args.max_tokens, args.batch,
+                                  model_key)
         gen = {r["id"]: gen[r["id"]] for r in harmful if window_source(r, sources)}
         texts, finished = generate_missing([r for r in benign if not r.get("response")],
                                            out / "generations-benign.jsonl", model_dir,
-                                           args.benign_max_tokens, args.batch)
+                                           args.benign_max_tokens, args.batch, model_key)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
         rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix,
                      args.mismatched_continuations)
