@@ -689,7 +689,7 @@ def train(
               help="No window probe before a response holds this many tokens, as generation with "
               "the same min_window checks (written to the adapter's decoding defaults; default: "
               "the model's, else 1).")
-@click.option("--window-query", is_flag=True,
+@click.option("--window-query/--no-window-query", default=False, show_default=True,
               help="Experimental: window probes see the query span too (written to the adapter's "
               "decoding defaults, so generation checks alike).")
 @click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")

@@ -218,6 +218,25 @@ def test_train_command_writes_adapters_and_reports_on_stderr(tmp_path, tokenizer
     load(tmp_path / "fused")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--window-query"], True), (["--window-query", "--no-window-query"], None), ([], None)])
+def test_train_command_window_query_flag_reaches_the_adapters_decoding_defaults(
+        tmp_path, tokenizer, flags, expected):
+    """--window-query is written to the adapter's decoding defaults; the last of
+    --window-query / --no-window-query wins."""
+    import json
+
+    base = write_model_dir(tmp_path / "base", make_model(), tokenizer)
+    data = write_data(tmp_path / "data", synthetic(8, 0), synthetic(4, 1))
+    result = CliRunner().invoke(train_command, [
+        "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
+        "--iters", "1", "--batch-size", "4", "--num-layers", "1", *flags])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config.get("safesig", {}).get("window_query") is expected
+    assert config["safesig_training"]["window_query"] is bool(expected)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
     import mlx.nn as nn
     from mlx.utils import tree_flatten
