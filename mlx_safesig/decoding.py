@@ -44,8 +44,8 @@ class SafetyConfig:
     this many tokens (an attacker's or app's prefill counts). None: the model's value, else 1
     (the paper: a check from the first token on). A probe over the first one to three tokens of
     an answer ("The", "To create a") has little to judge; on the default model's benign answers
-    holding the checks back hardly changed which answers get flagged (README), so no shipped
-    model sets it.
+    holding the checks back hardly changed which answers get flagged (docs/default-model.md), so
+    no shipped model sets it.
 
     ``window_query`` [ours, experimental]: the checks of the generated text (rules 2-3) see the
     query span as well as their window (rule 1's probes always do). None: the model's value, else

@@ -4,7 +4,7 @@
 # alone on the machine, the base-model answers ~20 min), less on a Mac.
 #   examples/default_adapter/train.sh [OUT [extra train options]]
 # Defaults: the shipped adapter (v9b: the refusal prefix given, 128-token harmful continuations,
-# lambda 0.3). The README's other versions: MAKE_DATA_ARGS="" with "--lambda 0.1" (v7);
+# lambda 0.3). The other versions (docs/default-model.md): MAKE_DATA_ARGS="" with "--lambda 0.1" (v7);
 # MAKE_DATA_ARGS="--give-refusal-prefix" with "--lambda 0.1" (v8) or without (v9a); v10c / v10d:
 # MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128 --mismatched-continuations 0.25" / "... 0.1"
 # with "--window-query". Extra train options come last, and click takes the last of a repeated
