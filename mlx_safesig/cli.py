@@ -117,6 +117,9 @@ def safety_options(fn):
         click.option("--min-window", type=click.IntRange(1), default=None,
                      help="No check of the generated text before the response holds this many "
                      "tokens (default: the model's, else 1)."),
+        click.option("--window-query/--no-window-query", default=None,
+                     help="Let the checks of the generated text see the query span too, or not "
+                     "(default: the model's, else not)."),
         click.option("--rollback", is_flag=True,
                      help="Withdraw the tokens since the flip before inserting the refusal."),
         click.option("--refusal-prefix", default=None,
@@ -146,13 +149,13 @@ def sampling_options(fn):
     return fn
 
 
-def _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window, rollback,
-                   refusal_prefix):
+def _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window, window_query,
+                   rollback, refusal_prefix):
     from .decoding import SafetyConfig
 
     return SafetyConfig(enabled=not no_safety, schedule=schedule, threshold=threshold,
                         window_threshold=window_threshold, tau=tau, min_window=min_window,
-                        rollback=rollback,
+                        window_query=window_query, rollback=rollback,
                         refusal_prefix=refusal_prefix)
 
 
@@ -198,8 +201,7 @@ def _event_marks(events, marks):
               help="Print one JSON object: the text and the safety trace.")
 @user_errors
 def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top_p, top_k, min_p,
-             seed, no_safety, schedule, threshold, window_threshold, tau, min_window, rollback,
-             refusal_prefix, as_json):
+             seed, as_json, **safety):
     """Generate a response with safety-aware sampling, streamed to stdout."""
     from .generate import stream_generate
 
@@ -207,8 +209,7 @@ def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top
         prompt = click.get_text_stream("stdin").read()
     messages = prompt if raw else ([{"role": "system", "content": system}] if system else []) + [
         {"role": "user", "content": prompt}]
-    config = _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window,
-                            rollback, refusal_prefix)
+    config = _safety_config(**safety)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model)
     marks = _Marks(click.get_text_stream("stdout"))
@@ -252,21 +253,19 @@ def _fmt(p):
 @sampling_options
 @safety_options
 @user_errors
-def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, no_safety, schedule,
-         threshold, window_threshold, tau, min_window, rollback, refusal_prefix):
+def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, **safety):
     """Chat in the terminal with the safety signal shown live. /reset clears the conversation,
     /quit (or Ctrl-D) leaves; Ctrl-C stops the current reply."""
     from .generate import stream_generate
 
-    config = _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window,
-                            rollback, refusal_prefix)
+    config = _safety_config(**safety)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model)
     out = click.get_text_stream("stdout")
     marks = _Marks(out)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
-    click.echo(f"[safety {'off' if no_safety else 'on: ' + schedule}] "
+    click.echo(f"[safety {'on: ' + config.schedule if config.enabled else 'off'}] "
                "Type a message; /reset clears, /quit leaves.")
     while True:
         try:
@@ -301,7 +300,7 @@ def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, no_safety, 
         except KeyboardInterrupt:
             out.write(marks(" [stopped]", "yellow"))
         out.write("\n")
-        if last is not None and not no_safety:
+        if last is not None and config.enabled:
             s = last.safety
             status = f"[safety: query p={_fmt(s.query_p)}, latest p={_fmt(s.p)}"
             status += ", refusal inserted]" if s.inserted else "]"

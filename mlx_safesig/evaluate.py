@@ -503,6 +503,7 @@ class EvalSettings:
     window_threshold: Optional[float] = None
     tau: Optional[int] = None
     min_window: Optional[int] = None
+    window_query: Optional[bool] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -512,8 +513,8 @@ class EvalSettings:
         return {"model": model_id, "split": self.split, "max_tokens": self.max_tokens,
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
                 "threshold": self.threshold, "window_threshold": self.window_threshold,
-                "tau": self.tau, "min_window": self.min_window, "model_name": self.model_name,
-                "prefill": PREFILL_SCHEME,
+                "tau": self.tau, "min_window": self.min_window, "window_query": self.window_query,
+                "model_name": self.model_name, "prefill": PREFILL_SCHEME,
                 "exclude_categories": sorted(self.exclude_categories)}
 
 
@@ -551,7 +552,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
                           window_threshold=settings.window_threshold, tau=settings.tau,
-                          min_window=settings.min_window)
+                          min_window=settings.min_window, window_query=settings.window_query)
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
@@ -635,7 +636,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                          "grid_size": settings.grid_size, "modes": list(settings.modes),
                          "threshold": threshold, "window_threshold": resolved.window_threshold,
                          "tau": resolved.tau, "min_window": resolved.min_window,
-                         "judge_model": judge_id or None}
+                         "window_query": resolved.window_query, "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results
 
@@ -808,6 +809,8 @@ def format_report(results: dict) -> str:
            else "")
         + (f", no check of the generated text before {c['min_window']} response tokens"
            if (c.get("min_window") or 1) > 1 else "")
+        + (", the checks of the generated text see the query too" if c.get("window_query")
+           else "")
         + ". Responses are judged on the generated text (a prefill is not part of it).", "",
         "Judges (every number below names its judge):", "",
     ]
@@ -1120,6 +1123,9 @@ def _schedule(ctx, param, value):
 @click.option("--min-window", type=click.IntRange(1), default=None,
               help="No check of the generated text before the response holds this many tokens "
               "(default: the model's, else 1).")
+@click.option("--window-query/--no-window-query", default=None,
+              help="Let the checks of the generated text see the query span too, or not "
+              "(default: the model's, else not).")
 @click.option("--judge-model", type=click.Path(), default=None,
               help="A Python file defining judge(prompt, response) -> bool (True = harmful "
               "response), e.g. wrapping a local guard model.")
@@ -1132,7 +1138,8 @@ def _schedule(ctx, param, value):
               "the Markdown report.")
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, grid_size, temp, top_p, top_k, seed, safety, schedule, threshold,
-                 window_threshold, tau, min_window, judge_model, batch_size, resume, as_json):
+                 window_threshold, tau, min_window, window_query, judge_model, batch_size, resume,
+                 as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     Greedy generations are batched, safety on and off (--batch-size, same responses as one by
@@ -1144,7 +1151,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
         threshold=threshold, window_threshold=window_threshold, tau=tau, min_window=min_window,
-        model_name=Path(model).name if model else "Assistant",
+        window_query=window_query, model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
     try:

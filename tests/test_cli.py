@@ -43,6 +43,31 @@ def test_generate_without_safety_matches_the_api(model_dir):
     assert json.loads(r.stdout)["text"] == expected
 
 
+def test_generate_window_query_flag_reaches_the_checks_of_the_generated_text(model_dir):
+    from mlx_safesig import SafetyConfig, load, stream_generate
+
+    model, tok = load(model_dir)
+    messages = [{"role": "user", "content": "Tell me a story"}]
+
+    def api(window_query):
+        config = SafetyConfig(schedule="each", window_query=window_query)
+        return [e.p for r in stream_generate(model, tok, messages, 8, safety=config)
+                for e in r.safety.events if e.kind == "probe"]
+
+    def command(flag):
+        r = cli("generate", "--model", model_dir, "--prompt", messages[0]["content"], "-m", "8",
+                "--schedule", "each", flag, "--json")
+        assert r.returncode == 0, r.stderr
+        return [e["p"] for e in json.loads(r.stdout)["events"] if e["kind"] == "probe"]
+
+    seeing, not_seeing = command("--window-query"), command("--no-window-query")
+    assert seeing == pytest.approx(api(True), abs=1e-6)
+    assert not_seeing == pytest.approx(api(False), abs=1e-6)
+    # the query verdict is the same; the window checks see a different span
+    assert seeing[0] == pytest.approx(not_seeing[0], abs=1e-6)
+    assert max(abs(a - b) for a, b in zip(seeing[1:], not_seeing[1:])) > 1e-4
+
+
 def test_chat_answers_resets_and_quits(model_dir):
     r = cli("chat", "--model", model_dir, "-m", "8", "--threshold", "0.01",
             stdin="hello there\n/reset\nTell me a story\n/quit\n")

@@ -499,6 +499,7 @@ def test_benign_and_detection_counts_per_data_source(tokenizer, data_dir, tmp_pa
 @pytest.mark.parametrize("name, value, other, report", [
     ("tau", 5, 4, "tau 5 (consecutive malicious checks insert the refusal)"),
     ("min_window", 6, 3, "no check of the generated text before 6 response tokens"),
+    ("window_query", True, False, "the checks of the generated text see the query too"),
 ])
 def test_decoding_settings_reach_the_generations_the_report_and_the_resume_check(
         tokenizer, data_dir, tmp_path, calls, monkeypatch, name, value, other, report):
@@ -512,7 +513,7 @@ def test_decoding_settings_reach_the_generations_the_report_and_the_resume_check
     monkeypatch.setattr(evaluate, "stream_generate", stream)
     results = run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, batch_size=1,
                   **{name: value})
-    assert sorted(seen, key=str) == [value, None]
+    assert sorted(seen, key=lambda v: v is None) == [value, None]
     assert results["config"][name] == value
     assert report in (tmp_path / "report.md").read_text()
     with pytest.raises(evaluate.SafesigError, match=f"{name}={value}, not {other}"):
