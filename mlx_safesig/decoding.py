@@ -11,7 +11,7 @@ Rules (r1, r2, r3 and tau from ``SafetyConfig``):
    to S and the r3 after it); a benign verdict there drops back to rule 2;
 4. special tokens (PAD, BOS, template) are never in a window;
 [ours] no check of the generated text before the response holds ``min_window`` tokens;
-[ours, experimental] with ``window_query`` the probes of rules 2-3 see the query span too.
+[ours] with ``window_query`` the probes of rules 2-3 see the query span too.
 The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
@@ -47,10 +47,11 @@ class SafetyConfig:
     holding the checks back hardly changed which answers get flagged (docs/default-model.md), so
     no shipped model sets it.
 
-    ``window_query`` [ours, experimental]: the checks of the generated text (rules 2-3) see the
-    query span as well as their window (rule 1's probes always do). None: the model's value, else
-    False (the paper). Meant for a model trained so (``train --window-query``): a window such as
-    "X is a type of cybercrime that ..." is harmful or not depending on what was asked."""
+    ``window_query`` [ours]: the checks of the generated text (rules 2-3) see the query span as
+    well as their window (rule 1's probes always do). None: the model's value, else False (the
+    paper). A window such as "X is a type of cybercrime that ..." is harmful or not depending on
+    what was asked; the default model sets it although its probes were trained on windows alone
+    (``train --window-query`` trains them on query and window; docs/default-model.md)."""
 
     enabled: bool = True
     threshold: Optional[float] = None

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlx_safesig import DEFAULT_MODEL, load, score
+from mlx_safesig import DEFAULT_MODEL, SafetyConfig, load, score
 from mlx_safesig.decoding import REFUSAL_PREFIX
 
 BENIGN = "What is the capital of France?"
@@ -23,6 +23,10 @@ def test_load_without_arguments_is_the_default_safety_model(default):
     model, _ = default
     assert DEFAULT_MODEL == "SmolLM2-135M-Instruct-safesig"
     assert model.args.model_type == "llama" and len(model.layers) == 30
+    # the adapter's decoding defaults (docs/default-model.md: why these)
+    resolved = SafetyConfig().resolved(model.args.safesig)
+    assert resolved.threshold == resolved.window_threshold == 0.5
+    assert resolved.window_query is True
 
 
 @pytest.mark.slow
