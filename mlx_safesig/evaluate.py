@@ -55,7 +55,7 @@ import os
 import struct
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -508,14 +508,16 @@ class EvalSettings:
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
 
-    def fingerprint(self, model_id: str) -> dict:
-        """The settings every row of an output directory shares (a resume must match them)."""
+    def fingerprint(self, model_id: str, decoding: Optional[dict] = None) -> dict:
+        """The settings every row of an output directory shares (a resume must match them);
+        ``decoding``: the safety-on decoding rules resolved against the model's defaults, so a
+        model whose defaults changed (a new adapter config) cannot be resumed into old rows."""
         return {"model": model_id, "split": self.split, "max_tokens": self.max_tokens,
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
                 "threshold": self.threshold, "window_threshold": self.window_threshold,
                 "tau": self.tau, "min_window": self.min_window, "window_query": self.window_query,
                 "model_name": self.model_name, "prefill": PREFILL_SCHEME,
-                "exclude_categories": sorted(self.exclude_categories)}
+                "exclude_categories": sorted(self.exclude_categories), "decoding": decoding}
 
 
 def _check_resume(out: Path, fingerprint: dict, resume: bool):
@@ -530,6 +532,14 @@ def _check_resume(out: Path, fingerprint: dict, resume: bool):
                            "choose another --out.")
     before = json.loads(run_file.read_text())
     for k, v in fingerprint.items():
+        if k == "decoding" and before.get(k) != v:
+            if not before.get(k):
+                raise SafesigError(f"cannot resume {out}: it was run by an earlier mlx-safesig, "
+                                   "which did not record the decoding rules; choose another --out.")
+            name = next(n for n in v if before[k].get(n) != v[n])
+            raise SafesigError(f"cannot resume {out}: it was run with {name}="
+                               f"{before[k].get(name)!r}, not {v[name]!r} (the model's decoding "
+                               "defaults changed).")
         if before.get(k) != v:
             raise SafesigError(f"cannot resume {out}: it was run with {k}={before.get(k)!r}, "
                                f"not {v!r}.")
@@ -556,7 +566,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
-    fingerprint = settings.fingerprint(model_id)
+    fingerprint = settings.fingerprint(model_id, asdict(resolved))
     _check_resume(out, fingerprint, resume)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / RUN_FILE, json.dumps(fingerprint, indent=1))
@@ -1144,6 +1154,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
 
     Greedy generations are batched, safety on and off (--batch-size, same responses as one by
     one); sampled generations run one by one."""
+    from .default_model import default_model_path
     from .loading import load
 
     settings = EvalSettings(
@@ -1160,7 +1171,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         net, tokenizer = load(model, add_safety=add_safety) if model else load()
         results = run_eval(
             net, tokenizer, data_dir, out_dir, settings,
-            model_id=str(model or "default") + (" (+random head)" if add_safety else ""),
+            model_id=(str(model) if model else f"default ({default_model_path().name})")
+            + (" (+random head)" if add_safety else ""),
             judge=judge, judge_id=str(judge_model or ""), resume=resume,
         )
     except SafesigError as e:

@@ -307,6 +307,24 @@ def test_resume_skips_finished_rows(tokenizer, data_dir, tmp_path, calls):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=3, resume=True, max_tokens=9)
 
 
+def test_resume_refuses_rows_made_under_other_decoding_defaults_of_the_model(
+        tokenizer, data_dir, tmp_path, calls):
+    """Settings left to the model (None) are recorded resolved: a model whose adapter config
+    changed its decoding defaults must not be resumed into rows generated under the old ones."""
+    model = make_model()
+    run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model)
+    run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model, resume=True)
+    model.args.safesig = {**model.args.safesig, "window_query": True}
+    with pytest.raises(evaluate.SafesigError,
+                       match=r"window_query=False, not True \(the model's decoding defaults changed"):
+        run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model, resume=True)
+    run_file = tmp_path / "run.json"  # as an earlier version wrote it
+    before = json.loads(run_file.read_text())
+    run_file.write_text(json.dumps({k: v for k, v in before.items() if k != "decoding"}))
+    with pytest.raises(evaluate.SafesigError, match="earlier mlx-safesig, which did not record"):
+        run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model, resume=True)
+
+
 # -- batched safety-off generation -------------------------------------------------------------
 
 def eos_prone_model(tokenizer, scale=5.0):
