@@ -139,3 +139,21 @@ def test_model_fingerprint_follows_content_not_path(tmp_path):
     assert len(md.model_fingerprint(a)) == 16
     (b / "model.safetensors").write_bytes(b"w2")
     assert md.model_fingerprint(a) != md.model_fingerprint(b)
+
+
+def test_extra_benign_prompts_leave_out_known_rows_and_near_copies_of_held_out_ones(tmp_path):
+    """Training-only prompts get build_data.py's ids; one that is already a row of the data, or
+    mostly repeats a dev/test prompt's words, is left out (counted), so nothing held out leaks."""
+    bd = md._build_data()
+    f = tmp_path / "extra.txt"
+    f.write_text("# a header\n\nHow do I kill a stuck   process?\nWhat is a Ponzi scheme?\n"
+                 "Best way to photograph the night sky\nbest way to photograph the night sky\n"
+                 "How do I descale a kettle?\n")
+    known = {bd.text_id("What is a Ponzi scheme?")}
+    held_out = ["What is the best way to photograph the night sky?"]
+    rows, left_out = md.extra_benign_rows(f, known, held_out)
+    assert [r["text"] for r in rows] == ["How do I kill a stuck process?",
+                                         "How do I descale a kettle?"]
+    assert rows[0]["id"] == bd.text_id("how do i kill a stuck process?")
+    assert all(r["label"] == 0 and r["source"] == "edgy_extra" for r in rows)
+    assert left_out == {"duplicate": 1, "near_held_out": 2}

@@ -30,6 +30,10 @@ The base model's generations are cached in ``--out`` (``generations.jsonl`` for 
 continuations, ``generations-benign.jsonl`` for the benign answers, keyed by row id, token limit
 and a fingerprint of the base model's files) so a re-run only generates what is missing.
 ``valid.jsonl`` is built the same way from the dev split.
+``--extra-benign FILE`` adds prompts written for training only (``extra_benign.txt``, v11): they
+join the train split with the base model's answers like ours above; a prompt that is already a row
+of the data (any split), or whose words mostly repeat a dev or test prompt's, is left out, so the
+dev and test splits stay as build_data.py made them and nothing of them leaks into training.
 Nothing here prints prompt or response text: counts only.
 """
 
@@ -117,6 +121,45 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
             out.flush()
             print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
     return cache, finished
+
+
+def words(text: str) -> frozenset:
+    return frozenset(re.findall(r"[a-z0-9']+", text.casefold()))
+
+
+def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.6):
+    """Benign rows (label 0, source ``edgy_extra``) from a prompt file written for training only
+    (one prompt per line, '#' lines and blank lines ignored), with build_data.py's ids. Left out,
+    and counted: prompts whose id is in ``known_ids`` (already a row of the data, in any split)
+    and near-copies of ``held_out_texts`` (the dev and test prompts): word-set Jaccard >= overlap.
+    Returns (rows, {"duplicate": n, "near_held_out": n})."""
+    bd = _build_data()
+    held = [words(t) for t in held_out_texts]
+    rows, left_out, seen = [], Counter(), set(known_ids)
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        text = bd.normalize(line)
+        if not text or text.startswith("#"):
+            continue
+        row_id, w = bd.text_id(text), words(text)
+        if row_id in seen:
+            left_out["duplicate"] += 1
+        elif any(len(w & h) >= overlap * len(w | h) for h in held):
+            left_out["near_held_out"] += 1
+        else:
+            seen.add(row_id)
+            rows.append({"id": row_id, "text": text, "source": "edgy_extra", "label": 0})
+    return rows, dict(left_out)
+
+
+def _build_data():
+    """examples/data/build_data.py as a module (its normalization and ids)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "data" / "build_data.py"
+    spec = importlib.util.spec_from_file_location("build_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def window_source(row, sources) -> bool:
@@ -209,6 +252,10 @@ def main():
                          "after their own question, for `train --window-query` (default 0)")
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
+    ap.add_argument("--extra-benign", type=Path, default=None,
+                    help="prompt file written for training only (e.g. examples/default_adapter/"
+                         "extra_benign.txt, v11): train rows with the base model's answers; "
+                         "duplicates and near-copies of dev/test prompts are left out")
     args = ap.parse_args()
 
     from mlx_safesig.decoding import REFUSAL_PREFIX
@@ -228,6 +275,14 @@ def main():
         keep = set(filter(None, args.benign_sources.split(",")))
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
                   read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
+        if args.extra_benign and split == "train":
+            held_out = [r["text"] for kind in ("benign", "harmful") for sp in ("dev", "test")
+                        for r in read_jsonl(data / f"{kind}.{sp}.jsonl")]
+            known = set(benign_source) | {r["id"] for r in read_jsonl(data / "harmful.jsonl")}
+            extra, left_out = extra_benign_rows(args.extra_benign, known, held_out)
+            print(f"{args.extra_benign}: {len(extra)} prompts kept, left out: "
+                  f"{left_out or 'none'}", file=sys.stderr)
+            benign += extra
         sources = set(filter(None, args.window_sources.split(",")))
         gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
                                   out / "generations.jsonl", model_dir, args.max_tokens, args.batch,
