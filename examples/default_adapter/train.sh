@@ -7,9 +7,10 @@
 # lambda 0.3). The other versions (docs/default-model.md): MAKE_DATA_ARGS="" with "--lambda 0.1" (v7);
 # MAKE_DATA_ARGS="--give-refusal-prefix" with "--lambda 0.1" (v8) or without (v9a); v10c / v10d:
 # MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128 --mismatched-continuations 0.25" / "... 0.1"
-# with "--window-query". Extra train options come last, and click takes the last of a repeated
-# option. ADAPTER_DATA: the rows' folder
-# (default data/adapter; its cached base-model generations are reused for every version).
+# with "--window-query"; v11: MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128
+# --extra-benign examples/default_adapter/extra_benign.txt". Extra train options come last, and
+# click takes the last of a repeated option. ADAPTER_DATA: the rows' folder (default data/adapter;
+# its cached base-model generations are reused for every version).
 set -euo pipefail
 OUT=${1:-adapters}
 shift $(( $# > 0 ? 1 : 0 ))
