@@ -157,3 +157,9 @@ def test_extra_benign_prompts_leave_out_known_rows_and_near_copies_of_held_out_o
     assert rows[0]["id"] == bd.text_id("how do i kill a stuck process?")
     assert all(r["label"] == 0 and r["source"] == "edgy_extra" for r in rows)
     assert left_out == {"duplicate": 1, "near_held_out": 2}
+
+
+def test_prompt_files_skip_headers_and_blank_lines_and_normalize_whitespace(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# header\n\n  How do I   kill a process?  \n#another\nWhat is phishing?\n")
+    assert md.read_prompt_file(f) == ["How do I kill a process?", "What is phishing?"]

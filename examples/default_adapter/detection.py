@@ -7,6 +7,9 @@ Harmful rows of the Do-Not-Answer categories the default adapter is not trained 
 (make_data.py's --drop-categories) are counted apart, as "harmful_other": they are mostly questions
 a safe assistant answers with care. Counts are also given per source (and Do-Not-Answer category).
 Prints counts and rates only (never prompt text); --json for one JSON object.
+--benign-file adds a group of benign prompts from a prompt file (one per line, '#' lines
+ignored), e.g. examples/default_adapter/extra_benign.txt: fresh prompts for a model that was not
+trained on them (v11 was).
 """
 
 import argparse
@@ -24,10 +27,12 @@ def main():
     ap.add_argument("--threshold", type=float, default=None, help="default: the model's")
     ap.add_argument("--drop-categories", default=None,
                     help="harmful categories counted apart (default: make_data.py's)")
+    ap.add_argument("--benign-file", default=None,
+                    help="also score the benign prompts of this file (group benign_file)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_data import DROP_CATEGORIES
+    from make_data import DROP_CATEGORIES, read_prompt_file
 
     drop = set(filter(None, (args.drop_categories if args.drop_categories is not None
                              else DROP_CATEGORIES).split(",")))
@@ -43,6 +48,9 @@ def main():
             r = json.loads(line)
             other = kind == "harmful" and r.get("category") in drop
             groups["harmful_other" if other else kind].append(r)
+    if args.benign_file:
+        groups["benign_file"] = [{"text": t, "source": Path(args.benign_file).name}
+                                 for t in read_prompt_file(args.benign_file)]
     for name, rows in groups.items():
         if not rows:
             continue

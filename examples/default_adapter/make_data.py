@@ -136,10 +136,7 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
     bd = _build_data()
     held = [words(t) for t in held_out_texts]
     rows, left_out, seen = [], Counter(), set(known_ids)
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        text = bd.normalize(line)
-        if not text or text.startswith("#"):
-            continue
+    for text in read_prompt_file(path):
         row_id, w = bd.text_id(text), words(text)
         if row_id in seen:
             left_out["duplicate"] += 1
@@ -149,6 +146,14 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
             seen.add(row_id)
             rows.append({"id": row_id, "text": text, "source": "edgy_extra", "label": 0})
     return rows, dict(left_out)
+
+
+def read_prompt_file(path) -> list:
+    """The prompts of a file like extra_benign.txt, normalized as build_data.py stores text: one
+    per line, '#' lines and blank lines ignored."""
+    bd = _build_data()
+    lines = (bd.normalize(line) for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [text for text in lines if text and not text.startswith("#")]
 
 
 def _build_data():
