@@ -163,3 +163,16 @@ def test_prompt_files_skip_headers_and_blank_lines_and_normalize_whitespace(tmp_
     f = tmp_path / "p.txt"
     f.write_text("# header\n\n  How do I   kill a process?  \n#another\nWhat is phishing?\n")
     assert md.read_prompt_file(f) == ["How do I kill a process?", "What is phishing?"]
+
+
+def test_a_missing_extra_benign_file_is_one_line_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--out",
+                        str(tmp_path / "out"), "--extra-benign", str(tmp_path / "nope.txt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1] == (
+        f"make_data.py: error: --extra-benign: no such file: {tmp_path / 'nope.txt'}")
+    assert not (tmp_path / "out").exists()

@@ -31,6 +31,8 @@ def main():
                     help="also score the benign prompts of this file (group benign_file)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    if args.benign_file and not Path(args.benign_file).is_file():
+        ap.error(f"--benign-file: no such file: {args.benign_file}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from make_data import DROP_CATEGORIES, read_prompt_file
 

@@ -262,6 +262,8 @@ def main():
                          "extra_benign.txt, v11): train rows with the base model's answers; "
                          "duplicates and near-copies of dev/test prompts are left out")
     args = ap.parse_args()
+    if args.extra_benign and not args.extra_benign.is_file():
+        ap.error(f"--extra-benign: no such file: {args.extra_benign}")
 
     from mlx_safesig.decoding import REFUSAL_PREFIX
     from mlx_safesig.default_model import default_base_model
