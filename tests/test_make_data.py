@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "default_adapter" / "make_data.py"
 spec = importlib.util.spec_from_file_location("make_data", SCRIPT)
 md = importlib.util.module_from_spec(spec)
@@ -163,6 +165,9 @@ def test_prompt_files_skip_headers_and_blank_lines_and_normalize_whitespace(tmp_
     f = tmp_path / "p.txt"
     f.write_text("# header\n\n  How do I   kill a process?  \n#another\nWhat is phishing?\n")
     assert md.read_prompt_file(f) == ["How do I kill a process?", "What is phishing?"]
+    f.write_text("# only a header\n")
+    with pytest.raises(SystemExit, match=f"error: {f} has no prompts$"):
+        md.read_prompt_file(f)
 
 
 def test_a_missing_extra_benign_file_is_one_line_not_a_traceback(tmp_path):

@@ -38,6 +38,7 @@ Nothing here prints prompt or response text: counts only.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import re
@@ -149,13 +150,17 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
 
 
 def read_prompt_file(path) -> list:
-    """The prompts of a file like extra_benign.txt, normalized as build_data.py stores text: one
-    per line, '#' lines and blank lines ignored."""
+    """The prompts of a file like extra_benign.txt, read and normalized by build_data.py's reader
+    of our prompt files (one per line, '#' lines and blank lines ignored); a file it cannot use
+    ends the script with its one-line message."""
     bd = _build_data()
-    lines = (bd.normalize(line) for line in Path(path).read_text(encoding="utf-8").splitlines())
-    return [text for text in lines if text and not text.startswith("#")]
+    try:
+        return [r["text"] for r in bd.read_prompts(path, "edgy_benign")]
+    except bd.BuildError as e:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
 
 
+@functools.lru_cache(maxsize=None)
 def _build_data():
     """examples/data/build_data.py as a module (its normalization and ids)."""
     import importlib.util
