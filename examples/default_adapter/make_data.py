@@ -34,6 +34,14 @@ and a fingerprint of the base model's files) so a re-run only generates what is 
 join the train split with the base model's answers like ours above; a prompt that is already a row
 of the data (any split), or whose words mostly repeat a dev or test prompt's, is left out, so the
 dev and test splits stay as build_data.py made them and nothing of them leaks into training.
+``--framings FILE`` (``framings.txt``, v12) wraps a share of the train split's harmful prompts
+(``--framed-harmful``) and of its benign ones (``--framed-benign``) in framings written for this
+project in the styles of jailbreak prompts (role-play, fiction, fake system messages, refusal
+suppression, noise suffixes, ...), as extra rows next to the plain ones: a framed harmful prompt
+keeps its label and gets a refusal (no continuation), a framed benign one keeps its label and the
+plain prompt's answer, so the [CLS] has to read the request, not the framing. A framing whose words
+mostly repeat one of the data's jailbreak templates (PyRIT, AutoDAN, DAN, GCG: what the templates
+suite uses) is left out, so the templates suite still measures framings the adapter never saw.
 Nothing here prints prompt or response text: counts only.
 """
 
@@ -160,6 +168,63 @@ def read_prompt_file(path) -> list:
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
 
 
+SLOT = "{prompt}"
+
+
+def read_framings(path) -> list:
+    """The framings of a file like framings.txt: blocks separated by lines that are exactly '%%',
+    '#' lines are comments; each framing has the slot ``{prompt}`` exactly once and no other
+    braces. A file that breaks these rules ends the script with one line naming the framing."""
+    name = Path(sys.argv[0]).name
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or e
+        raise SystemExit(f"{name}: error: cannot read {path}: {why}") from None
+    blocks, cur = [], []
+    for ln in text.splitlines() + ["%%"]:
+        if ln.strip() == "%%":
+            if "\n".join(cur).strip():
+                blocks.append("\n".join(cur).strip())
+            cur = []
+        elif not ln.lstrip().startswith("#"):
+            cur.append(ln.rstrip())
+    for i, b in enumerate(blocks, 1):
+        if b.count(SLOT) != 1 or b.replace(SLOT, "").count("{") or b.replace(SLOT, "").count("}"):
+            raise SystemExit(f"{name}: error: {path}: framing {i} must have {SLOT} exactly once "
+                             "and no other braces")
+    if not blocks:
+        raise SystemExit(f"{name}: error: {path} has no framings")
+    return blocks
+
+
+def usable_framings(framings, attack_texts, overlap: float = 0.6):
+    """``framings`` without those whose word set (slot left out) mostly repeats one of
+    ``attack_texts`` (word-set Jaccard >= overlap). Returns (kept, number left out)."""
+    attacks = [words(t) for t in attack_texts]
+    kept = [f for f in framings
+            if not any(len(w & a) >= overlap * len(w | a)
+                       for w in [words(f.replace(SLOT, " "))] for a in attacks)]
+    return kept, len(framings) - len(kept)
+
+
+def framed_rows(rows, framings, share: float):
+    """Extra rows: about ``share`` of ``rows`` (chosen by id, so the same rows on every run), each
+    wrapped in one framing (also chosen by id). A framed row has the plain row's label and
+    category, ``source`` "framed:<source>", the id of its own text and ``answer_of`` the plain
+    row's id (benign rows reuse its answer)."""
+    bd = _build_data()
+    out = []
+    for r in rows:
+        if int(hashlib.sha256(f"{r['id']}:framed".encode()).hexdigest(), 16) % 1000 >= 1000 * share:
+            continue
+        text = pick(f"{r['id']}:framing", framings).replace(SLOT, r["text"])
+        row = {k: v for k, v in r.items() if k not in ("id", "text", "source")}
+        out.append(dict(row, id=bd.text_id(text), text=text, source=f"framed:{r.get('source')}",
+                        answer_of=r.get("answer_of", r["id"])))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _build_data():
     """examples/data/build_data.py as a module (its normalization and ids)."""
@@ -200,9 +265,9 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
             row.update(continuation=gen[r["id"]], continuation_label=1)
         out.append(row)
     for r in rows_b:
-        answer = r.get("response")
-        if not answer and r["id"] in answers:
-            text, finished = answers[r["id"]]
+        answer, plain_id = r.get("response"), r.get("answer_of", r["id"])
+        if not answer and plain_id in answers:
+            text, finished = answers[plain_id]
             answer = text if finished else full_sentences(text)
         answer = answer or ""
         if not answer.strip() or len(r["text"]) + len(answer) > MAX_BENIGN_CHARS:
@@ -266,9 +331,21 @@ def main():
                     help="prompt file written for training only (e.g. examples/default_adapter/"
                          "extra_benign.txt, v11): train rows with the base model's answers; "
                          "duplicates and near-copies of dev/test prompts are left out")
+    ap.add_argument("--framings", type=Path, default=None,
+                    help="framings file (e.g. examples/default_adapter/framings.txt, v12): wrap "
+                         "shares of the train prompts in them as extra rows")
+    ap.add_argument("--framed-harmful", type=float, default=0.3,
+                    help="with --framings: share of harmful train prompts also framed (default 0.3)")
+    ap.add_argument("--framed-benign", type=float, default=0.15,
+                    help="with --framings: share of benign train prompts also framed (default 0.15)")
     args = ap.parse_args()
-    if args.extra_benign and not args.extra_benign.is_file():
-        ap.error(f"--extra-benign: no such file: {args.extra_benign}")
+    for opt in ("extra_benign", "framings"):
+        if getattr(args, opt) and not getattr(args, opt).is_file():
+            ap.error(f"--{opt.replace('_', '-')}: no such file: {getattr(args, opt)}")
+    for opt in ("framed_harmful", "framed_benign"):
+        if not 0 <= getattr(args, opt) <= 1:
+            ap.error(f"--{opt.replace('_', '-')} must be between 0 and 1, got {getattr(args, opt)}")
+    framings = read_framings(args.framings) if args.framings else None
 
     from mlx_safesig.decoding import REFUSAL_PREFIX
     from mlx_safesig.default_model import default_base_model
@@ -304,6 +381,22 @@ def main():
                                            out / "generations-benign.jsonl", model_dir,
                                            args.benign_max_tokens, args.batch, model_key)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
+        if framings and split == "train":
+            attack_texts = [r["text"] for f in ("templates", "autodan", "dan", "gcg")
+                            for r in read_jsonl(data / f"{f}.jsonl")]
+            usable, near = usable_framings(framings, attack_texts)
+            if not usable:
+                raise SystemExit(f"{Path(sys.argv[0]).name}: error: every framing in "
+                                 f"{args.framings} is near a jailbreak template of the data")
+            known = {r["id"] for r in harmful + benign}
+            framed_h = [r for r in framed_rows(harmful, usable, args.framed_harmful)
+                        if r["id"] not in known]
+            framed_b = [r for r in framed_rows(benign, usable, args.framed_benign)
+                        if r["id"] not in known]
+            print(f"{args.framings}: {len(usable)} framings used ({near} left out as near a "
+                  f"jailbreak template); {len(framed_h)} harmful and {len(framed_b)} benign "
+                  "prompts framed", file=sys.stderr)
+            harmful, benign = harmful + framed_h, benign + framed_b
         rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix,
                      args.mismatched_continuations)
         with open(out / f"{name}.jsonl", "w") as f:
