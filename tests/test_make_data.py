@@ -233,3 +233,18 @@ def test_framed_rows_keep_label_and_reuse_the_plain_answer():
     for r in fb:
         assert by_prompt[r["text"]]["label"] == 0
         assert by_prompt[r["text"]]["messages"][1]["content"] == f"Answer {r['answer_of']}."
+
+
+def test_the_fresh_benign_dev_set_repeats_none_of_our_training_prompt_files():
+    """fresh_benign_dev.txt measures over-refusal on prompts written apart from the training data:
+    none of its prompts is an exact or near copy (word-set Jaccard >= 0.6) of a prompt of the
+    repository's prompt files that training reads (build_data's Alpaca/harmful rows were checked
+    when the file was made: its header says so)."""
+    here = SCRIPT.parent
+    fresh = md.read_prompt_rows(here / "fresh_benign_dev.txt")
+    assert len(fresh) == 262 and len({r["category"] for r in fresh}) == 12
+    train_files = [here / "extra_benign.txt", here.parent / "data" / "edgy_benign.txt",
+                   here.parent / "data" / "everyday_tasks.txt"]
+    pool = [t for f in train_files for t in md.read_prompt_file(f)]
+    rows, left_out = md.extra_benign_rows(here / "fresh_benign_dev.txt", set(), pool)
+    assert left_out == {} and len(rows) == 262

@@ -8,8 +8,9 @@ Harmful rows of the Do-Not-Answer categories the default adapter is not trained 
 a safe assistant answers with care. Counts are also given per source (and Do-Not-Answer category).
 Prints counts and rates only (never prompt text); --json for one JSON object.
 --benign-file adds a group of benign prompts from a prompt file (one per line, '#' lines
-ignored), e.g. examples/default_adapter/extra_benign.txt: fresh prompts for a model that was not
-trained on them (v11 was).
+ignored), counted per '#' category: examples/default_adapter/fresh_benign_dev.txt (held out, never
+trained on, written apart from the other prompt files), or extra_benign.txt for a model that was not
+trained on it (v11 and v12 were).
 """
 
 import argparse
@@ -34,7 +35,7 @@ def main():
     if args.benign_file and not Path(args.benign_file).is_file():
         ap.error(f"--benign-file: no such file: {args.benign_file}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_data import DROP_CATEGORIES, read_prompt_file
+    from make_data import DROP_CATEGORIES, read_prompt_rows
 
     drop = set(filter(None, (args.drop_categories if args.drop_categories is not None
                              else DROP_CATEGORIES).split(",")))
@@ -51,16 +52,16 @@ def main():
             other = kind == "harmful" and r.get("category") in drop
             groups["harmful_other" if other else kind].append(r)
     if args.benign_file:
-        groups["benign_file"] = [{"text": t, "source": Path(args.benign_file).name}
-                                 for t in read_prompt_file(args.benign_file)]
+        groups["benign_file"] = [dict(r, source=Path(args.benign_file).name)
+                                 for r in read_prompt_rows(args.benign_file)]
     for name, rows in groups.items():
         if not rows:
             continue
         by_source = {}
         for r in rows:
             p = score(model, tok, [{"role": "user", "content": r["text"]}])
-            by_category = r["source"] in ("donotanswer", "edgy_benign")
-            key = r["source"] + ("/" + r["category"] if by_category else "")
+            by_category = r["source"] in ("donotanswer", "edgy_benign") or name == "benign_file"
+            key = r["source"] + ("/" + r["category"] if by_category and r.get("category") else "")
             n, k = by_source.get(key, (0, 0))
             by_source[key] = (n + 1, k + int(p >= threshold))
         flagged = sum(k for _, k in by_source.values())

@@ -157,15 +157,21 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
     return rows, dict(left_out)
 
 
-def read_prompt_file(path) -> list:
-    """The prompts of a file like extra_benign.txt, read and normalized by build_data.py's reader
-    of our prompt files (one per line, '#' lines and blank lines ignored); a file it cannot use
-    ends the script with its one-line message."""
+def read_prompt_rows(path) -> list:
+    """The prompts of a file like extra_benign.txt as build_data.py's rows (``text``, ``id``, and
+    ``category``: the '#' header above the prompt), read and normalized by its reader of our prompt
+    files (one per line, '#' lines and blank lines ignored); a file it cannot use ends the script
+    with its one-line message."""
     bd = _build_data()
     try:
-        return [r["text"] for r in bd.read_prompts(path, "edgy_benign")]
+        return bd.read_prompts(path, "edgy_benign")
     except bd.BuildError as e:
         raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
+
+
+def read_prompt_file(path) -> list:
+    """The prompt texts of ``read_prompt_rows(path)``."""
+    return [r["text"] for r in read_prompt_rows(path)]
 
 
 SLOT = "{prompt}"
