@@ -77,6 +77,12 @@ def pick(row_id: str, options):
     return options[int(hashlib.sha256(row_id.encode()).hexdigest(), 16) % len(options)]
 
 
+def in_share(row_id: str, salt: str, share: float) -> bool:
+    """Is ``row_id`` among about ``share`` of all ids (by a hash with ``salt``: the same rows on
+    every run, a different choice per salt)?"""
+    return int(hashlib.sha256(f"{row_id}:{salt}".encode()).hexdigest(), 16) % 1000 < 1000 * share
+
+
 def full_sentences(text: str) -> str:
     """``text`` up to its last sentence end (. ! ? or a line break), or "" if it has none."""
     ends = [m.end() for m in re.finditer(r"(?<![0-9])[.!?](?=\s|$)|\n", text)]
@@ -222,7 +228,7 @@ def framed_rows(rows, framings, share: float):
     bd = _build_data()
     out = []
     for r in rows:
-        if int(hashlib.sha256(f"{r['id']}:framed".encode()).hexdigest(), 16) % 1000 >= 1000 * share:
+        if not in_share(r["id"], "framed", share):
             continue
         text = pick(f"{r['id']}:framing", framings).replace(SLOT, r["text"])
         row = {k: v for k, v in r.items() if k not in ("id", "text", "source")}
@@ -283,8 +289,7 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
                          {"role": "assistant", "content": answer}],
             "label": 0,
         }
-        share = int(hashlib.sha256(f"{r['id']}:mismatched".encode()).hexdigest(), 16) % 1000
-        if harmful_texts and share < 1000 * mismatched:
+        if harmful_texts and in_share(r["id"], "mismatched", mismatched):
             row.update(continuation=pick(r["id"], harmful_texts), continuation_label=1)
         out.append(row)
     out.sort(key=lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest())
