@@ -142,6 +142,16 @@ def words(text: str) -> frozenset:
     return frozenset(re.findall(r"[a-z0-9']+", text.casefold()))
 
 
+def near_copy(w: frozenset, pool, overlap: float) -> bool:
+    """Does the word set ``w`` mostly repeat one of the word sets in ``pool`` (Jaccard >= overlap)?"""
+    return any(len(w & h) >= overlap * len(w | h) for h in pool)
+
+
+def fail(message: str):
+    """End the script with one line, ``<script>: error: message`` (exit code 1)."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
 def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.6):
     """Benign rows (label 0, source ``edgy_extra``) from a prompt file written for training only
     (one prompt per line, '#' lines and blank lines ignored), with build_data.py's ids. Left out,
@@ -155,7 +165,7 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
         row_id, w = bd.text_id(text), words(text)
         if row_id in seen:
             left_out["duplicate"] += 1
-        elif any(len(w & h) >= overlap * len(w | h) for h in held):
+        elif near_copy(w, held, overlap):
             left_out["near_held_out"] += 1
         else:
             seen.add(row_id)
@@ -172,7 +182,7 @@ def read_prompt_rows(path) -> list:
     try:
         return bd.read_prompts(path, "edgy_benign")
     except bd.BuildError as e:
-        raise SystemExit(f"{Path(sys.argv[0]).name}: error: {e}") from None
+        fail(str(e))
 
 
 def read_prompt_file(path) -> list:
@@ -187,12 +197,10 @@ def read_framings(path) -> list:
     """The framings of a file like framings.txt: blocks separated by lines that are exactly '%%',
     '#' lines are comments; each framing has the slot ``{prompt}`` exactly once and no other
     braces. A file that breaks these rules ends the script with one line naming the framing."""
-    name = Path(sys.argv[0]).name
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        why = getattr(e, "strerror", None) or e
-        raise SystemExit(f"{name}: error: cannot read {path}: {why}") from None
+        fail(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
     blocks, cur = [], []
     for ln in text.splitlines() + ["%%"]:
         if ln.strip() == "%%":
@@ -203,10 +211,9 @@ def read_framings(path) -> list:
             cur.append(ln.rstrip())
     for i, b in enumerate(blocks, 1):
         if b.count(SLOT) != 1 or b.replace(SLOT, "").count("{") or b.replace(SLOT, "").count("}"):
-            raise SystemExit(f"{name}: error: {path}: framing {i} must have {SLOT} exactly once "
-                             "and no other braces")
+            fail(f"{path}: framing {i} must have {SLOT} exactly once and no other braces")
     if not blocks:
-        raise SystemExit(f"{name}: error: {path} has no framings")
+        fail(f"{path} has no framings")
     return blocks
 
 
@@ -214,9 +221,7 @@ def usable_framings(framings, attack_texts, overlap: float = 0.6):
     """``framings`` without those whose word set (slot left out) mostly repeats one of
     ``attack_texts`` (word-set Jaccard >= overlap). Returns (kept, number left out)."""
     attacks = [words(t) for t in attack_texts]
-    kept = [f for f in framings
-            if not any(len(w & a) >= overlap * len(w | a)
-                       for w in [words(f.replace(SLOT, " "))] for a in attacks)]
+    kept = [f for f in framings if not near_copy(words(f.replace(SLOT, " ")), attacks, overlap)]
     return kept, len(framings) - len(kept)
 
 
@@ -397,8 +402,7 @@ def main():
                             for r in read_jsonl(data / f"{f}.jsonl")]
             usable, near = usable_framings(framings, attack_texts)
             if not usable:
-                raise SystemExit(f"{Path(sys.argv[0]).name}: error: every framing in "
-                                 f"{args.framings} is near a jailbreak template of the data")
+                fail(f"every framing in {args.framings} is near a jailbreak template of the data")
             known = {r["id"] for r in harmful + benign}
             framed_h = [r for r in framed_rows(harmful, usable, args.framed_harmful)
                         if r["id"] not in known]
