@@ -11,6 +11,8 @@ Prints counts and rates only (never prompt text); --json for one JSON object.
 ignored), counted per '#' category: examples/default_adapter/fresh_benign_dev.txt (held out, never
 trained on, written apart from the other prompt files), or extra_benign.txt for a model that was not
 trained on it (v11 and v12 were).
+--sweep T1,T2,... also counts each group at those thresholds (the same scores, no extra model
+calls): the operating points the head reaches, for reading only -- the shipped threshold is 0.5.
 """
 
 import argparse
@@ -30,8 +32,16 @@ def main():
                     help="harmful categories counted apart (default: make_data.py's)")
     ap.add_argument("--benign-file", default=None,
                     help="also score the benign prompts of this file (group benign_file)")
+    ap.add_argument("--sweep", default=None,
+                    help="comma-separated thresholds to count each group at as well, e.g. 0.3,0.7")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
+    try:
+        sweep = [float(t) for t in args.sweep.split(",")] if args.sweep else []
+    except ValueError:
+        ap.error(f"--sweep: not a comma-separated list of numbers: {args.sweep}")
+    if any(not 0 < t < 1 for t in sweep):
+        ap.error(f"--sweep: thresholds must be between 0 and 1: {args.sweep}")
     if args.benign_file and not Path(args.benign_file).is_file():
         ap.error(f"--benign-file: no such file: {args.benign_file}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,9 +67,10 @@ def main():
     for name, rows in groups.items():
         if not rows:
             continue
-        by_source = {}
+        by_source, scores = {}, []
         for r in rows:
             p = score(model, tok, [{"role": "user", "content": r["text"]}])
+            scores.append(p)
             by_category = r["source"] in ("donotanswer", "edgy_benign") or name == "benign_file"
             key = r["source"] + ("/" + r["category"] if by_category and r.get("category") else "")
             n, k = by_source.get(key, (0, 0))
@@ -68,6 +79,10 @@ def main():
         result[name] = {"n": len(rows), "flagged": flagged, "rate": round(flagged / len(rows), 4),
                         "by_source": {s: {"n": n, "flagged": k} for s, (n, k) in by_source.items()}}
         print(f"{name}: {flagged}/{len(rows)} flagged ({flagged / len(rows):.1%})", file=sys.stderr)
+        if sweep:
+            result[name]["sweep"] = {str(t): sum(p >= t for p in scores) for t in sweep}
+            print(f"  {name} flagged at " + ", ".join(f"{t}: {k}" for t, k in
+                                                    result[name]["sweep"].items()), file=sys.stderr)
     if args.json:
         print(json.dumps(result))
 
