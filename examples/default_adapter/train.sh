@@ -9,7 +9,8 @@
 # MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128 --mismatched-continuations 0.25" / "... 0.1"
 # with "--window-query"; v11: MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128
 # --extra-benign examples/default_adapter/extra_benign.txt"; v12: v11's MAKE_DATA_ARGS plus
-# "--framings examples/default_adapter/framings.txt"; v9b seed 1: the defaults with "--seed 1".
+# "--framings examples/default_adapter/framings.txt"; v9b seed 1: the defaults with "--seed 1";
+# v13: v11's MAKE_DATA_ARGS with "--iters 375 --steps-per-eval 375".
 # Extra train options come last, and click takes the last of a repeated option. ADAPTER_DATA: the
 # rows' folder (default data/adapter; its cached base-model generations are reused for every version).
 set -euo pipefail
