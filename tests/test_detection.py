@@ -35,7 +35,7 @@ def test_counts_and_sweep_are_scores_at_each_threshold(tmp_path, tokenizer):
     model, tok = load(str(mdir))
     p = {t: score(model, tok, [{"role": "user", "content": t}]) for t in PROMPTS}
     cuts = sorted(p.values())
-    sweep = [round((a + b) / 2, 6) for a, b in zip(cuts, cuts[1:])]  # every count 0..6 is hit
+    sweep = [round((a + b) / 2, 6) for a, b in zip(cuts, cuts[1:])]  # one between every two scores
     r = run("--model", mdir, "--data", data, "--split", "dev", "--benign-file", fresh,
             "--sweep", ",".join(map(str, sweep)), "--json")
     assert r.returncode == 0, r.stderr
