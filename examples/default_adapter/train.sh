@@ -10,7 +10,8 @@
 # without (v9a); v9b: MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128" (v9b seed 1: also
 # "--seed 1"); v10c / v10d: MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128
 # --mismatched-continuations 0.25" / "... 0.1" with "--window-query"; v11: the default
-# MAKE_DATA_ARGS; v12: those plus "--framings examples/default_adapter/framings.txt".
+# MAKE_DATA_ARGS; v12: those plus "--framings examples/default_adapter/framings.txt"; v14: v12's
+# MAKE_DATA_ARGS with the default 375 steps.
 # Extra train options come last, and click takes the last of a repeated option. ADAPTER_DATA: the
 # rows' folder (default data/adapter; its cached base-model generations are reused for every version).
 set -euo pipefail
