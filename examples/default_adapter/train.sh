@@ -6,9 +6,8 @@
 # Defaults: the shipped adapter (v15: the refusal prefix given, 128-token harmful continuations,
 # examples/default_adapter/extra_benign.txt in the train rows, framed copies of 10% of the harmful
 # and 5% of the benign train prompts (examples/default_adapter/framings.txt), lambda 0.3, 375
-# steps). The other versions (docs/default-model.md) take "--iters 250 --steps-per-eval 125" and:
-# MAKE_DATA_ARGS=""
-# with "--lambda 0.1" (v7); MAKE_DATA_ARGS="--give-refusal-prefix" with "--lambda 0.1" (v8) or
+# steps). Versions v7 to v12 (docs/default-model.md) take "--iters 250 --steps-per-eval 125" and:
+# MAKE_DATA_ARGS="" with "--lambda 0.1" (v7); MAKE_DATA_ARGS="--give-refusal-prefix" with "--lambda 0.1" (v8) or
 # without (v9a); v9b: MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128" (v9b seed 1: also
 # "--seed 1"); v10c / v10d: MAKE_DATA_ARGS="--give-refusal-prefix --max-tokens 128
 # --mismatched-continuations 0.25" / "... 0.1" with "--window-query"; v11: the default
