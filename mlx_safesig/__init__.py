@@ -19,12 +19,12 @@ from .generate import (  # noqa: E402
     GenerationResult,
     SafetySignal,
     generate,
-    prepare_prompt,
     score,
     stream_generate,
 )
 from .loading import load  # noqa: E402
 from .model import Model, ModelArgs, SafesigError  # noqa: E402
+from .prompt import PreparedPrompt, prepare_prompt  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -38,6 +38,7 @@ __all__ = [
     "SafetySignal",
     "GenerationResult",
     "prepare_prompt",
+    "PreparedPrompt",
     "Model",
     "ModelArgs",
     "SafesigError",

@@ -14,8 +14,9 @@ import mlx.core as mx
 import mlx_lm
 
 from .decoding import SafetyConfig
-from .generate import prefill_prompt, prepare_prompt, probe, stream_generate
+from .generate import prefill_prompt, probe, stream_generate
 from .loading import SAFETY_FILE, load, resolve_model_path
+from .prompt import prepare_prompt
 
 BENCH_PROMPT = (
     "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. "

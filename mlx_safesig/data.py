@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .generate import _content_span, _special_ids, _wrap, prepare_prompt
 from .model import SafesigError
+from .prompt import content_span, prepare_prompt, special_ids, wrap_tokenizer
 
 
 class DataError(SafesigError):
@@ -100,14 +100,14 @@ def tokenize_example(tokenizer, record: dict, where: str = "example") -> Example
     """A parsed JSONL record -> ``Example``. The prompt is tokenized exactly as generation does
     (``prepare_prompt``); the response is the rest of the rendered conversation, so its tokens
     are the ones generation would produce after that prompt."""
-    tokenizer = _wrap(tokenizer)
+    tokenizer = wrap_tokenizer(tokenizer)
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object.")
     label = _label(record, "label", where)
     messages = _messages(record, where)
     if getattr(tokenizer, "chat_template", None):
         prepared = prepare_prompt(tokenizer, messages[:-1])
-        prompt_text, _, _ = _content_span(tokenizer, messages[:-1])
+        prompt_text, _, _ = content_span(tokenizer, messages[:-1])
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently "
@@ -217,4 +217,4 @@ def balanced_order(examples: Sequence[Example]) -> List[int]:
 
 def special_token_ids(tokenizer) -> set:
     """Ids that generation keeps out of probe windows (rule 4)."""
-    return _special_ids(_wrap(tokenizer))
+    return special_ids(wrap_tokenizer(tokenizer))

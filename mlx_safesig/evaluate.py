@@ -65,8 +65,9 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 
 from .decoding import SCHEDULES, SafetyConfig, parse_schedule
-from .generate import _wrap, prompt_with_prefill, score, stream_generate, streamed_text
+from .generate import score, stream_generate, streamed_text
 from .model import SafesigError
+from .prompt import prompt_with_prefill, wrap_tokenizer
 from .safe_batch import safe_batch, safe_batchable
 
 SUITES = ("direct", "prefill", "decoding", "templates", "benign")
@@ -389,7 +390,7 @@ def plain_batch(model, tokenizer, jobs: Sequence[Job], max_tokens: int,
     as each finishes. Outcomes are what the sequential path gives: ``respond``'s dict for an
     ``off`` job (``max_tokens`` tokens), ``{"ids": ...}`` like ``own_continuation`` for a
     continuation (``max(PREFILL_KS)`` tokens), ``{"error": ...}`` for a prompt it would reject."""
-    tokenizer = _wrap(tokenizer)
+    tokenizer = wrap_tokenizer(tokenizer)
     queued = []
     for job in jobs:
         try:

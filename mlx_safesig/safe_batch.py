@@ -39,17 +39,14 @@ from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
 from .attention import decode_probe_mask
 from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor
 from .generate import (
-    PreparedPrompt,
     _cls_logits_mask,
     _probe_position,
-    _special_ids,
-    _wrap,
     prefill_prompt,
     probe,
-    prompt_with_prefill,
     streamed_text,
 )
 from .model import Model, SafesigError
+from .prompt import PreparedPrompt, prompt_with_prefill, special_ids, wrap_tokenizer
 
 if TYPE_CHECKING:
     from .evaluate import Job
@@ -162,7 +159,7 @@ def _admit(model: Model, job: "Job", prepared: PreparedPrompt, prefill_ids: List
     cache = model.make_cache()
     logits = model.logits(prefill_prompt(model, prepared.ids, cache)[None])
     row = _Row(job, SafetyMonitor(config, n_prefill=len(prefill_ids)),
-               list(range(*prepared.query_span)), base=len(prepared.ids) + 1)
+               prepared.query_slots, base=len(prepared.ids) + 1)
     decision = row.monitor.start(probe(model, cache, row.query_slots, position=0, keep=True).item())
     row.record(decision.events)
     if prefill_ids:
@@ -212,13 +209,13 @@ def safe_batch(model: Model, tokenizer, jobs: Sequence["Job"], safety: SafetyCon
     safety, max_tokens, seed)`` returns, or ``{"error": ...}`` where that raises ``SafesigError``
     (e.g. a prompt longer than the model's context). ``safety`` may be unresolved (the model's
     values fill it in, as ``stream_generate`` does)."""
-    tokenizer = _wrap(tokenizer)
+    tokenizer = wrap_tokenizer(tokenizer)
     config = safety.resolved(model.args.safesig)
     if not config.enabled or config.rollback:
         raise ValueError("safe_batch runs safety-on generations without rollback only.")
     tables = _Tables(
         refusal=tokenizer.encode(config.refusal_prefix, add_special_tokens=False),
-        special=_special_ids(tokenizer), eos=set(tokenizer.eos_token_ids),
+        special=special_ids(tokenizer), eos=set(tokenizer.eos_token_ids),
         cls_mask=_cls_logits_mask(model, model.args.vocab_size),
     )
     queued = []

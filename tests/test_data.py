@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from conftest import make_model, write_model_dir
 
 from mlx_safesig.data import DataError, balanced_order, load_dataset, load_jsonl, tokenize_example
-from mlx_safesig.generate import prepare_prompt
+from mlx_safesig.prompt import prepare_prompt
 from mlx_safesig.train import train_command
 
 GOOD = {"prompt": "Tell me a story.", "response": "Once upon a time.", "label": 0}
