@@ -203,7 +203,7 @@ def _event_marks(events, marks):
 def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top_p, top_k, min_p,
              seed, as_json, **safety):
     """Generate a response with safety-aware sampling, streamed to stdout."""
-    from .generate import stream_generate
+    from .generate import stream_generate, without_retracted
 
     if prompt == "-":
         prompt = click.get_text_stream("stdin").read()
@@ -219,9 +219,7 @@ def generate(model, prompt, system, raw, prefill_response, max_tokens, temp, top
         for e in r.safety.events:
             trace.append({"kind": e.kind, "step": e.step, "p": e.p,
                           **({"chars": len(e.text)} if e.text is not None else {})})
-            if e.kind == "retracted":
-                text = text[: len(text) - len(e.text or "")]
-        text += r.text
+        text = without_retracted(text, r.safety.events) + r.text
         last = r
         if not as_json:
             shown = _event_marks(r.safety.events, marks)
@@ -256,7 +254,7 @@ def _fmt(p):
 def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, **safety):
     """Chat in the terminal with the safety signal shown live. /reset clears the conversation,
     /quit (or Ctrl-D) leaves; Ctrl-C stops the current reply."""
-    from .generate import stream_generate
+    from .generate import stream_generate, without_retracted
 
     config = _safety_config(**safety)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
@@ -289,9 +287,7 @@ def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, **safety):
         reply, last = "", None
         try:
             for r in stream_generate(net, tokenizer, history, max_tokens, safety=config, **sampling):
-                for e in r.safety.events:
-                    if e.kind == "retracted":
-                        reply = reply[: len(reply) - len(e.text or "")]
+                reply = without_retracted(reply, r.safety.events)
                 shown = _event_marks(r.safety.events, marks)
                 out.write("".join(shown) + r.text)
                 out.flush()

@@ -65,7 +65,7 @@ import numpy as np
 from mlx_lm.generate import BatchGenerator
 
 from .decoding import SCHEDULES, SafetyConfig, parse_schedule
-from .generate import score, stream_generate, streamed_text
+from .generate import score, stream_generate, streamed_text, without_retracted
 from .model import SafesigError
 from .prompt import prompt_with_prefill, wrap_tokenizer
 from .safe_batch import safe_batch, safe_batchable
@@ -343,9 +343,7 @@ def respond(model, tokenizer, job: Job, safety: SafetyConfig, max_tokens: int, s
                 probes.append([e.step, round(float(e.p), 5)])
             elif e.kind == "refusal-inserted":
                 inserted_at = e.step
-            elif e.kind == "retracted":
-                text = text[: len(text) - len(e.text or "")]
-        text += r.text
+        text = without_retracted(text, r.safety.events) + r.text
         last = r
     return {
         "response": text, "tokens": last.generation_tokens if last else 0,

@@ -419,6 +419,15 @@ def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors,
         )
 
 
+def without_retracted(text: str, events: Sequence[SafetyEvent]) -> str:
+    """``text`` shown so far minus what ``retracted`` events among ``events`` withdraw (each event's
+    ``text`` is the end of what was shown). The one place streaming callers drop retracted text."""
+    for e in events:
+        if e.kind == "retracted" and e.text:
+            text = text[: len(text) - len(e.text)]
+    return text
+
+
 def generate(
     model: Model, tokenizer, prompt: Prompt, max_tokens: int = 256, *, verbose: bool = False,
     **kwargs: Any,
@@ -426,14 +435,12 @@ def generate(
     """The whole response as a string (retracted text removed); see ``stream_generate``."""
     text = ""
     for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
-        for e in r.safety.events:
-            if e.kind == "retracted" and e.text:
-                text = text[: len(text) - len(e.text)]
-                if verbose:
-                    print(f"\n[retracted {len(e.text)} chars]", flush=True)
+        kept = without_retracted(text, r.safety.events)
+        if verbose and len(kept) < len(text):
+            print(f"\n[retracted {len(text) - len(kept)} chars]", flush=True)
         if verbose:
             print(r.text, end="", flush=True)
-        text += r.text
+        text = kept + r.text
     if verbose:
         print()
     return text
