@@ -50,9 +50,9 @@ def make_examples(tokenizer, n: int, seq_len: int, prompt_words: int = 12):
         room = seq_len - len(ex.prompt)
         if ex.label:  # a refusal-length response, the rest is a continuation for the probes
             cut = room // 3
-            ex = Example(ex.prompt, ex.query_span, ex.response[:cut], 1, ex.response[cut:room], 1)
+            ex = Example(ex.prompt, ex.query_slots, ex.response[:cut], 1, ex.response[cut:room], 1)
         else:
-            ex = Example(ex.prompt, ex.query_span, ex.response[:room], 0, [], 0)
+            ex = Example(ex.prompt, ex.query_slots, ex.response[:room], 0, [], 0)
         assert ex.n_tokens == seq_len
         examples.append(ex)
     return examples

@@ -85,20 +85,23 @@ def scoring_mask(n_text: int) -> mx.array:
 
     Row 0 (``[CLS]``) sees every token and itself; column 0 is seen by nobody but ``[CLS]``.
     """
-    return sft_mask(n_text + 1, (1, n_text + 1), response_start=n_text + 1)
+    return sft_mask(n_text + 1, range(1, n_text + 1), response_start=n_text + 1)
 
 
-def sft_mask(length: int, query_span: tuple[int, int], response_start: int) -> mx.array:
+def sft_mask(length: int, query_slots: Sequence[int], response_start: int) -> mx.array:
     """Mask for ``[CLS] <bos> <template> <query> <template> <response>`` (SFT / prompt prefill).
 
-    Shape [length, length]. ``query_span`` = (start, end) slot indices of the query tokens,
-    ``response_start`` = slot of the first response token. ``[CLS]`` (slot 0) sees the query span
-    and itself; column 0 is seen by ``[CLS]`` and response tokens only.
+    Shape [length, length]. ``query_slots`` = slot indices of the query tokens (the content of
+    every message, SPEC §3b: not always one contiguous span), ``response_start`` = slot of the
+    first response token. ``[CLS]`` (slot 0) sees the query slots and itself; column 0 is seen by
+    ``[CLS]`` and response tokens only.
     """
     idx = mx.arange(length)
     mask = causal_mask(length)
-    in_query = (idx >= query_span[0]) & (idx < query_span[1])
-    cls_row = in_query | (idx == 0)
+    row = np.zeros(length, dtype=bool)
+    row[np.asarray(list(query_slots), dtype=np.int64)] = True
+    row[0] = True
+    cls_row = mx.array(row)
     cls_col = (idx >= response_start) | (idx == 0)
     mask = mx.where((idx == 0)[None, :], cls_col[:, None], mask)
     return mx.where((idx == 0)[:, None], cls_row[None, :], mask)

@@ -73,10 +73,10 @@ def bench(
 
     def safe_prefill():
         cache = model.make_cache()
-        span = prepare_prompt(tokenizer, long_ids).query_span
+        slots = prepare_prompt(tokenizer, long_ids).query_slots
         tic = time.perf_counter()
         h = prefill_prompt(model, long_ids, cache)
-        p = probe(model, cache, range(*span), keep=True)
+        p = probe(model, cache, slots, keep=True)
         mx.eval(model.logits(h[None]), p)
         return len(long_ids) / (time.perf_counter() - tic)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from .model import SafesigError
-from .prompt import content_span, prepare_prompt, special_ids, wrap_tokenizer
+from .prompt import prepare_prompt, render_chat, special_ids, wrap_tokenizer
 
 
 class DataError(SafesigError):
@@ -36,13 +36,14 @@ class Example:
     """One tokenized example.
 
     ``prompt``: prompt ids (BOS, template, query, template: what generation starts from);
-    ``query_span``: [start, end) of the query within ``prompt``; ``response``: the assistant's
+    ``query_slots``: indices in ``prompt`` of the tokens the ``[CLS]`` judges (the content of
+    every message before the response, SPEC §3b); ``response``: the assistant's
     tokens, end-of-turn included (the LM targets); ``continuation``: ids judged by window probes
     only, never LM targets; ``lm_start``: the first response token that is an LM target (the
     ones before it are the row's ``prefill``)."""
 
     prompt: List[int]
-    query_span: Tuple[int, int]
+    query_slots: List[int]
     response: List[int]
     label: int
     continuation: List[int]
@@ -107,7 +108,7 @@ def tokenize_example(tokenizer, record: dict, where: str = "example") -> Example
     messages = _messages(record, where)
     if getattr(tokenizer, "chat_template", None):
         prepared = prepare_prompt(tokenizer, messages[:-1])
-        prompt_text, _, _ = content_span(tokenizer, messages[:-1])
+        prompt_text, _ = render_chat(tokenizer, messages[:-1])
         full = tokenizer.apply_chat_template(messages, tokenize=False)
         if not full.startswith(prompt_text):
             raise DataError(f"{where}: the chat template renders the prompt differently "
@@ -129,7 +130,7 @@ def tokenize_example(tokenizer, record: dict, where: str = "example") -> Example
             _text(record, "continuation", where), add_special_tokens=False
         )
         continuation_label = _label(record, "continuation_label", where, default=label)
-    return Example(prepared.ids, prepared.query_span, response, label, continuation,
+    return Example(prepared.ids, prepared.query_slots, response, label, continuation,
                    continuation_label, lm_start)
 
 

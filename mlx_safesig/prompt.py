@@ -16,23 +16,22 @@ Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 @dataclass
 class PreparedPrompt:
-    """Prompt token ids and the query span [start, end) within them (SPEC §3: the tokens the
-    ``[CLS]`` judges: no BOS, no template)."""
+    """Prompt token ids and the slots the ``[CLS]`` verdict judges (SPEC §3 rule 4 and §3b: the
+    content of every message, never BOS, template or special tokens). ``prefill`` is the text of a
+    final assistant message the caller supplied: it is response, not query (SPEC §3b)."""
 
     ids: List[int]
-    query_span: tuple
-
-    @property
-    def query_slots(self) -> List[int]:
-        """Prompt slots the ``[CLS]`` verdict attends to (besides itself)."""
-        return list(range(*self.query_span))
+    query_slots: List[int]
+    prefill: str = ""
 
 
 def wrap_tokenizer(tokenizer) -> TokenizerWrapper:
+    """mlx-lm's ``TokenizerWrapper`` around ``tokenizer`` (unchanged if it already is one)."""
     return tokenizer if isinstance(tokenizer, TokenizerWrapper) else TokenizerWrapper(tokenizer)
 
 
 def special_ids(tokenizer) -> set:
+    """Ids of special tokens (BOS, EOS, PAD and the tokenizer's special tokens): never judged."""
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None)
@@ -41,47 +40,75 @@ def special_ids(tokenizer) -> set:
     return ids
 
 
-def content_span(tokenizer, messages) -> tuple[str, int, int]:
-    """Render the chat template and locate the last user message's content in it (chars).
+def _template_name(tokenizer) -> str:
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return f"the chat template of {name}"
 
-    The content is found by rendering the template a second time with a marker in its place, so
-    any template works and nothing depends on token counts."""
+
+def render_chat(tokenizer, messages: Sequence[dict]) -> tuple[str, List[tuple[int, int]]]:
+    """Render ``messages`` with the tokenizer's chat template (generation prompt added) and locate
+    the content of every message in the text: returns the text and one [start, end) character span
+    per message with content, in order.
+
+    The template is rendered a second time with a marker in place of each content; the text
+    between markers is template markup, the rest is content. A template that rewrites content
+    other than by stripping whitespace is an error naming the template, never a guess."""
     if not getattr(tokenizer, "chat_template", None):
         raise SafesigError(
             "the tokenizer has no chat template; pass the prompt as a string or token ids."
         )
-    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
-    if not users:
+    if not any(m.get("role") == "user" for m in messages):
         raise SafesigError("the chat messages contain no user message to judge.")
-    last = users[-1]
-    content = messages[last].get("content") or ""
-    marker = "\u2063SAFESIG_QUERY\u2063"
-    marked = [dict(m, content=marker) if i == last else m for i, m in enumerate(messages)]
 
     def render(msgs):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=True)
 
+    markers = [f"\u2063SAFESIG{i}\u2063" for i in range(len(messages))]
+    has_content = [bool(m.get("content")) for m in messages]
+    marked = [dict(m, content=markers[i]) if has_content[i] else m for i, m in enumerate(messages)]
     text, template = render(messages), render(marked)
-    start = template.find(marker)
-    end_in_template = len(template) - (start + len(marker))
-    if start >= 0 and text[:start] == template[:start]:
-        return text, start, len(text) - end_in_template
-    start = text.rfind(content.strip())  # the template rewrote the content (e.g. strip())
-    return text, max(start, 0), max(start, 0) + len(content.strip())
+    pieces, order, rest = [], [], template
+    for i, marker in enumerate(markers):
+        if not has_content[i] or marker not in rest:
+            continue  # a template may leave a message out (e.g. no system role)
+        before, rest = rest.split(marker, 1)
+        pieces.append(before)
+        order.append(i)
+    if any(marker in rest for marker in markers):
+        raise SafesigError(f"{_template_name(tokenizer)} renders message content out of order or "
+                           "twice, so the [CLS] cannot locate the conversation's content.")
+    spans, at = [], 0
+    for n, i in enumerate(order):
+        glue, after = pieces[n], pieces[n + 1] if n + 1 < len(pieces) else rest
+        if not text.startswith(glue, at):
+            break
+        at += len(glue)
+        content = messages[i]["content"]
+        for rendered in dict.fromkeys((content, content.strip(), content.rstrip(), content.lstrip())):
+            end = at + len(rendered)
+            if text.startswith(rendered, at) and text.startswith(after, end):
+                spans.append((at, end))
+                at = end
+                break
+        else:
+            break
+    else:
+        if text[at:] == rest and len(spans) == len(order):
+            return text, spans
+    raise SafesigError(f"{_template_name(tokenizer)} rewrites message content, so the [CLS] cannot "
+                       "locate it; pass the prompt as token ids with query_span=(start, end).")
 
 
-def _token_span(tokenizer, text: str, start: int, end: int) -> tuple[List[int], int, int]:
-    """Tokenize ``text`` (template already rendered: no extra special tokens) and return the ids and
-    the token span covering chars [start, end)."""
-    ids = tokenizer.encode(text, add_special_tokens=False)
+def _token_span(tokenizer, text: str, ids: Sequence[int], start: int, end: int) -> range:
+    """The token slots of ``ids`` (``text`` tokenized) covering characters [start, end)."""
     head = tokenizer.encode(text[:start], add_special_tokens=False)
     upto = tokenizer.encode(text[:end], add_special_tokens=False)
     # shared prefix lengths are robust to merges at the boundaries
     q0 = _common_prefix(ids, head)
     q1 = _common_prefix(ids, upto)
-    if q1 < len(upto):  # the last query token merged with what follows: keep it in the span
+    if q1 < len(upto):  # the last content token merged with what follows: keep it
         q1 += 1
-    return ids, q0, max(q1, q0)
+    return range(q0, max(q1, q0))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -93,39 +120,52 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def _strip_special(ids: Sequence[int], special: set, start: int, end: int) -> tuple[int, int]:
-    while start < end and ids[start] in special:
-        start += 1
-    while end > start and ids[end - 1] in special:
-        end -= 1
-    return start, end
+def _is_messages(prompt) -> bool:
+    return not isinstance(prompt, str) and len(prompt) > 0 and isinstance(prompt[0], dict)
 
 
-def prepare_prompt(tokenizer, prompt: Prompt) -> PreparedPrompt:
-    """Prompt (string, token ids or chat messages) -> ids and query span.
+def prepare_prompt(tokenizer, prompt: Prompt,
+                   query_span: Optional[tuple[int, int]] = None) -> PreparedPrompt:
+    """Prompt (string, token ids or chat messages) -> ids and the slots the ``[CLS]`` judges.
 
-    A string is raw text (no chat template; BOS if the tokenizer adds one); token ids are used as
-    given; chat messages go through the tokenizer's chat template and the query span is the last
-    user message's content."""
+    A string is raw text (no chat template; BOS if the tokenizer adds one), judged whole. Token
+    ids are used as given: ``query_span=(start, end)`` says which of them to judge, else all of
+    them. Chat messages go through the tokenizer's chat template and the verdict judges the content
+    of every message (system, user, earlier assistant turns; SPEC §3b); a final assistant message
+    is the start of the response (``PreparedPrompt.prefill``), not query. Special tokens are never
+    judged."""
     tokenizer = wrap_tokenizer(tokenizer)
     special = special_ids(tokenizer)
+    prefill = ""
+    if query_span is not None and (isinstance(prompt, str) or _is_messages(prompt)):
+        raise SafesigError("query_span is only for prompts given as token ids.")
     if isinstance(prompt, str):
         ids = tokenizer.encode(prompt)
-        span = (0, len(ids))
-    elif len(prompt) and isinstance(prompt[0], dict):
-        text, start, end = content_span(tokenizer, list(prompt))
-        ids, q0, q1 = _token_span(tokenizer, text, start, end)
-        span = (q0, q1)
+        slots = range(len(ids)) if prompt.strip() else range(0)
+    elif _is_messages(prompt):
+        messages = list(prompt)
+        if messages[-1].get("role") == "assistant":
+            prefill = messages.pop().get("content") or ""
+        text, spans = render_chat(tokenizer, messages)
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        slots = [i for a, b in spans if text[a:b].strip()
+                 for i in _token_span(tokenizer, text, ids, a, b)]
     else:
         ids = [int(t) for t in prompt]
-        span = (0, len(ids))
-    span = _strip_special(ids, special, *span)
-    if span[0] == span[1]:
+        start, end = query_span if query_span is not None else (0, len(ids))
+        if not 0 <= start < end <= len(ids):
+            raise SafesigError(f"query_span {query_span} is not a non-empty range of the "
+                               f"{len(ids)} prompt tokens.")
+        slots = range(start, end)
+    slots = sorted({i for i in slots if ids[i] not in special})
+    if not slots:
         raise SafesigError("the prompt is empty: there is no text for the model to judge.")
-    return PreparedPrompt(ids, span)
+    return PreparedPrompt(ids, slots, prefill)
 
 
 def check_context(model: Model, n: int):
+    """Raise one ``SafesigError`` sentence when ``n`` prompt tokens (+ the ``[CLS]``) exceed the
+    model's context."""
     limit = model.args.max_position_embeddings
     if limit and n + 1 >= limit:
         raise SafesigError(
@@ -140,6 +180,10 @@ def prompt_with_prefill(model: Model, tokenizer, prompt: Prompt,
     ``prepared.ids + prefill_ids``."""
     tokenizer = wrap_tokenizer(tokenizer)
     prepared = prepare_prompt(tokenizer, prompt)
+    if prepared.prefill and prefill_response:
+        raise SafesigError("the messages end with an assistant message and prefill_response is "
+                           "given too; give the start of the response one way.")
+    prefill_response = prefill_response or prepared.prefill
     prefill_ids = (
         tokenizer.encode(prefill_response, add_special_tokens=False) if prefill_response else []
     )

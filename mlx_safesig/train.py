@@ -174,15 +174,15 @@ def layout(ex: Example, probes: Sequence[Probe], cls_id: int, probe_position) ->
     positions = np.arange(length, dtype=np.int32)
     positions[c0:p0] = np.arange(r0, r0 + C)
     mask = np.zeros((length, length), dtype=bool)
-    q0, q1 = ex.query_span
-    mask[:c0, :c0] = np.array(sft_mask(c0, (1 + q0, 1 + q1), r0))
+    query = [1 + i for i in ex.query_slots]
+    mask[:c0, :c0] = np.array(sft_mask(c0, query, r0))
     mask[c0:p0, :r0] = mask[r0, :r0]  # a continuation token sees what the first response token does
     mask[c0:p0, c0:p0] = np.tril(np.ones((C, C), dtype=bool))
     for j, p in enumerate(probes):
         slot = p0 + j
         mask[slot, [p.branch_start + i for i in p.window]] = True
         if p.query:
-            mask[slot, 1 + q0 : 1 + q1] = True
+            mask[slot, query] = True
         mask[slot, slot] = True
         positions[slot] = r0 + p.t + 1 if probe_position == "current" else probe_position
     return Row(

@@ -25,7 +25,7 @@ def test_prompt_response_equals_messages_and_matches_generation_prompt(tokenizer
     a, b = tokenize_example(tokenizer, GOOD), tokenize_example(tokenizer, chat)
     assert a == b
     prepared = prepare_prompt(tokenizer, chat["messages"][:1])
-    assert a.prompt == prepared.ids and a.query_span == prepared.query_span
+    assert a.prompt == prepared.ids and a.query_slots == prepared.query_slots
     assert tokenizer.decode(a.response) == "Once upon a time.<|im_end|>\n"
 
 

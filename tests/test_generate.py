@@ -80,27 +80,6 @@ def test_mlx_lm_batch_generate_runs_our_model_like_mlx_lms(tokenizer):
     assert all(len(t) > 0 for t in ours.token_ids)
 
 
-def test_query_span_is_the_user_content_only(tokenizer):
-    messages = [{"role": "system", "content": "You are terse."}] + MSGS
-    prepared = prepare_prompt(tokenizer, messages)
-    q0, q1 = prepared.query_span
-    assert tokenizer.decode(prepared.ids[q0:q1]) == MSGS[0]["content"]
-    assert prepared.ids == tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                         return_dict=False)
-
-
-def test_query_span_of_a_multi_turn_chat_is_the_last_user_message(tokenizer):
-    messages = MSGS + [{"role": "assistant", "content": "Mix flour."},
-                       {"role": "user", "content": "Tell me a story about a robot."}]
-    prepared = prepare_prompt(tokenizer, messages)
-    assert tokenizer.decode(prepared.ids[slice(*prepared.query_span)]) == messages[-1]["content"]
-
-
-def test_raw_string_prompt_query_span_skips_special_tokens(tokenizer):
-    prepared = prepare_prompt(tokenizer, "<|im_start|>Tell me a story")
-    assert prepared.query_span == (1, len(prepared.ids))
-
-
 def test_score_of_messages_is_the_query_verdict_generation_starts_from(tokenizer):
     model = make_model()
     first = next(iter(stream_generate(model, tokenizer, MSGS, max_tokens=2,
@@ -246,23 +225,3 @@ def test_probe_position_current_is_honoured_and_fused_equals_separate(tokenizer)
                                           fused_probe=False) for e in s.events]
     assert max(abs(a - b) for a, b in zip(fused, separate)) < 1e-5
     assert max(abs(a - b) for a, b in zip(fused[1:], p_zero)) > 1e-4  # positions do matter
-
-
-LLAMA3_STYLE = (
-    "{{ '<|endoftext|>' }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n\n' + "
-    "m['content'] | trim + '<|im_end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n\n' }}{% endif %}"
-)
-
-
-def test_query_span_with_a_template_that_adds_bos_and_trims_content(tokenizer):
-    import copy
-
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = LLAMA3_STYLE
-    messages = [{"role": "user", "content": "  Tell me a story about a robot.  "}]
-    prepared = prepare_prompt(tok, messages)
-    assert prepared.ids[0] == tok.convert_tokens_to_ids("<|endoftext|>")
-    assert tok.decode(prepared.ids[slice(*prepared.query_span)]).strip() == \
-        "Tell me a story about a robot."
-    assert prepared.query_span[0] > 2  # BOS and the role header are not in the span

@@ -53,7 +53,7 @@ def test_scoring_mask_rules():
 
 def test_sft_mask_rules():
     # slots: 0 [CLS], 1 bos, 2 template, 3-4 query, 5 template, 6-7 response
-    m = sft_mask(8, query_span=(3, 5), response_start=6).tolist()
+    m = sft_mask(8, query_slots=[3, 4], response_start=6).tolist()
     assert m[0] == [True, False, False, True, True, False, False, False]
     assert [row[0] for row in m] == [True, False, False, False, False, False, True, True]
     assert m[7][1:] == [True] * 7
@@ -107,7 +107,7 @@ def test_split_prefill_equals_dense_strategic_mask():
     prompt, response, span = IDS[:7], IDS[7:], (2, 5)
     seq = [model.cls_token_id] + prompt + response
     L = len(seq)
-    mask = sft_mask(L, query_span=(span[0] + 1, span[1] + 1), response_start=len(prompt) + 1)
+    mask = sft_mask(L, query_slots=range(span[0] + 1, span[1] + 1), response_start=len(prompt) + 1)
     dense = model.hidden(mx.array([seq]), mask=mask, positions=0)
     cache = model.make_cache()
     prefill_prompt(model, prompt, cache)

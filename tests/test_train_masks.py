@@ -20,6 +20,17 @@ RECORD = {
     "continuation": "Write a poem about the capital of France, Paris.",
     "continuation_label": 1,
 }
+CONVERSATION = {  # SPEC §3b: the verdict judges every message before the response
+    "messages": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Tell me a story about a robot"},
+        {"role": "assistant", "content": "Which robot?"},
+        {"role": "user", "content": "and the sea."},
+        {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
+    ],
+    "label": 1,
+    "continuation": "Write a poem about the capital of France, Paris.",
+}
 
 
 def training_forward(model, tokenizer, examples, probes=3):
@@ -37,7 +48,7 @@ def generation_cache(model, ex, branch_tokens):
     """Prompt prefilled, the query [CLS] kept, ``branch_tokens`` fed as the response."""
     cache = model.make_cache()
     prefill_prompt(model, ex.prompt, cache)
-    probe(model, cache, range(*ex.query_span), position=0, keep=True)
+    probe(model, cache, ex.query_slots, position=0, keep=True)
     h = model.hidden(mx.array(branch_tokens)[None], cache)
     return cache, h
 
@@ -48,17 +59,18 @@ def inference_probe(model, ex, branch_tokens, p):
     base = len(ex.prompt) + 1
     slot = cache[0].offset
     position = slot if model.args.safesig["probe_position"] == "current" else 0
-    query = list(range(*ex.query_span)) if p.query else []
+    query = list(ex.query_slots) if p.query else []
     return probe(model, cache, query + [base + i for i in p.window], position=position).item()
 
 
 @pytest.mark.parametrize("window_query", [False, True])
 @pytest.mark.parametrize("probe_position", [0, "current"])
-def test_probes_match_generation_time_probes(tokenizer, probe_position, window_query):
+@pytest.mark.parametrize("record", [RECORD, CONVERSATION])
+def test_probes_match_generation_time_probes(tokenizer, probe_position, window_query, record):
     model = make_model(safesig={"probe_position": probe_position, "window_query": window_query})
-    ex = tokenize_example(tokenizer, RECORD)
+    ex = tokenize_example(tokenizer, record)
     plans, rows, batch, h = training_forward(model, tokenizer, [ex])
-    assert len(plans[0]) >= 4  # probes over both the response and the continuation
+    assert len({p.branch_start for p in plans[0]}) == 2  # probes over the response and continuation
     assert all(p.query == window_query for p in plans[0])
     L = batch["ids"].shape[1]
     trained = model.safety_prob(h.reshape(-1, h.shape[-1])[mx.array(rows[0].cls_slots)])
@@ -69,11 +81,18 @@ def test_probes_match_generation_time_probes(tokenizer, probe_position, window_q
         assert trained[1 + j].item() == pytest.approx(expected, abs=1e-5), (j, L)
 
 
-def test_query_cls_matches_score(tokenizer, model):
-    ex = tokenize_example(tokenizer, RECORD)
+@pytest.mark.parametrize("record", [RECORD, CONVERSATION])
+def test_query_cls_matches_score(tokenizer, model, record):
+    ex = tokenize_example(tokenizer, record)
     _, rows, _, h = training_forward(model, tokenizer, [ex])
     p_train = model.safety_prob(h[0, 0]).item()
-    assert p_train == pytest.approx(score(model, tokenizer, RECORD["messages"][:1]), abs=1e-5)
+    assert p_train == pytest.approx(score(model, tokenizer, record["messages"][:-1]), abs=1e-5)
+
+
+def test_a_conversation_row_judges_every_message(tokenizer):
+    ex = tokenize_example(tokenizer, CONVERSATION)
+    judged = tokenizer.decode([ex.prompt[i] for i in ex.query_slots])
+    assert judged == "".join(m["content"] for m in CONVERSATION["messages"][:-1])
 
 
 @pytest.mark.parametrize("branch", ["response", "continuation"])
