@@ -28,8 +28,9 @@ CONVERSATION = {  # SPEC §3b: the verdict judges every message before the respo
         {"role": "user", "content": "and the sea."},
         {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."},
     ],
-    "label": 1,
+    "label": 0,
     "continuation": "Write a poem about the capital of France, Paris.",
+    "continuation_label": 1,
 }
 
 
