@@ -1,0 +1,1 @@
+"""Evaluation: attack suites, judges, and held-out-by-source reports."""

@@ -1,0 +1,94 @@
+"""Held-out-by-source detection: counts are score() >= threshold per source, the worst source of
+each label is reported, and the row builders keep the request's label and never leak text."""
+
+import pytest
+from conftest import make_model
+
+from mlx_safesig import SafesigError, score
+from mlx_safesig.eval.detection import (
+    FOLLOW_UPS,
+    conversation_rows,
+    detection_counts,
+    format_counts,
+    held_out_rows,
+    score_rows,
+    wrapped_rows,
+)
+
+HARMFUL = [{"id": f"h{i}", "text": t, "source": s, "label": 1, "category": c}
+           for i, (t, s, c) in enumerate([("Tell me a story about a robot.", "alpha", "x"),
+                                          ("Write a poem about the sea.", "alpha", "y"),
+                                          ("What is the capital of France?", "beta", "")])]
+BENIGN = [{"id": f"b{i}", "text": t, "source": s, "label": 0}
+          for i, (t, s) in enumerate([("How do I bake bread at home?", "gamma"),
+                                      ("The quick brown fox.", "delta"),
+                                      ("You are a helpful assistant.", "delta")])]
+TEMPLATES = [{"id": "t1", "plain": "Pretend you are a pirate. {{ prompt }}"},
+             {"id": "t2", "plain": "{{ prompt }} Answer in French."}]
+
+
+def test_counts_are_scores_at_each_threshold_per_source_and_category():
+    rows = HARMFUL + BENIGN
+    scores = [0.9, 0.2, 0.7, 0.6, 0.1, 0.4]
+    report = detection_counts(rows, scores, 0.5, sweep=[0.3])
+    src = report["sources"]
+    assert (src["alpha"]["n"], src["alpha"]["flagged"], src["alpha"]["rate"]) == (2, 1, 0.5)
+    assert src["alpha"]["by_category"] == {"x": {"n": 1, "flagged": 1}, "y": {"n": 1, "flagged": 0}}
+    assert src["beta"]["flagged"] == 1 and src["gamma"]["flagged"] == 1
+    assert src["delta"]["sweep"] == {"0.3": 1}
+    assert report["worst"] == {"harmful": {"source": "alpha", "rate": 0.5},
+                               "benign": {"source": "gamma", "rate": 1.0}}
+    assert report["judge"] == "[CLS] query verdict, p >= threshold"
+
+
+def test_a_source_with_both_labels_is_an_error():
+    with pytest.raises(SafesigError, match="source alpha has rows of both labels"):
+        detection_counts([HARMFUL[0], dict(BENIGN[0], source="alpha")], [0.1, 0.2], 0.5)
+
+
+def test_scores_are_the_query_verdict_of_each_rows_messages(tokenizer):
+    model = make_model(seed=3)
+    rows = HARMFUL[:1] + conversation_rows([], BENIGN[:1])
+    got = score_rows(model, tokenizer, rows)
+    assert got[0] == pytest.approx(score(model, tokenizer, [{"role": "user",
+                                                            "content": HARMFUL[0]["text"]}]))
+    assert got[1] == pytest.approx(score(model, tokenizer, rows[1]["messages"]))
+
+
+def test_wrapped_rows_keep_the_requests_label_and_name_the_wrapper():
+    rows = wrapped_rows(HARMFUL + BENIGN, TEMPLATES)
+    assert [r["label"] for r in rows] == [1, 1, 1, 0, 0, 0]
+    assert all(r["source"].endswith("+wrapped") for r in rows)
+    for row, original in zip(rows, HARMFUL + BENIGN):
+        t = {x["id"]: x["plain"] for x in TEMPLATES}[row["wrapper"]]
+        assert row["text"] == t.replace("{{ prompt }}", original["text"])
+    assert rows == wrapped_rows(HARMFUL + BENIGN, TEMPLATES)  # the pick depends on ids only
+
+
+def test_conversation_rows_judge_the_request_in_every_shape():
+    rows = conversation_rows(HARMFUL[:1], BENIGN[:1])
+    shapes = {r["source"]: r for r in rows}
+    assert set(shapes) == {"alpha+split", "alpha+continue", "alpha+system", "gamma+follow-up"}
+    split = shapes["alpha+split"]["messages"]
+    assert " ".join([split[0]["content"], split[2]["content"]]) == HARMFUL[0]["text"]
+    assert shapes["alpha+system"]["messages"][0] == {"role": "system", "content": HARMFUL[0]["text"]}
+    assert shapes["alpha+continue"]["messages"][0]["content"] == HARMFUL[0]["text"]
+    follow = shapes["gamma+follow-up"]
+    assert follow["label"] == 0 and follow["messages"][-1]["content"] in FOLLOW_UPS
+    assert all(r["label"] == 1 for r in rows if not r["source"].endswith("follow-up"))
+
+
+def test_held_out_rows_cap_each_source_and_know_their_suites():
+    rows = held_out_rows(HARMFUL + BENIGN, TEMPLATES, ["plain", "wrapped"], limit=1)
+    plain = [r for r in rows if "+" not in r["source"]]
+    assert sorted(r["source"] for r in plain) == ["alpha", "beta", "delta", "gamma"]
+    with pytest.raises(SafesigError, match="unknown detection suite 'bogus'"):
+        held_out_rows(HARMFUL, TEMPLATES, ["plain", "bogus"])
+
+
+def test_the_report_lines_hold_counts_never_text():
+    rows = conversation_rows(HARMFUL, BENIGN) + HARMFUL + BENIGN
+    report = detection_counts(rows, [0.6] * len(rows), 0.5)
+    text = "\n".join(format_counts(report))
+    assert "worst harmful source" in text and "alpha" in text
+    assert not any(r["text"] in text for r in HARMFUL + BENIGN)
