@@ -1,0 +1,78 @@
+"""Utility kept: how well a safety model still answers benign requests, against its base model.
+
+Two measures, both on benign rows (``text`` or ``messages``) from a source never trained on:
+
+* ``answer_nll``: the mean per-token negative log-likelihood of a reference answer (``reference``)
+  given the prompt. With ``cls_in_context`` the sequence is the one generation builds with safety
+  on: prompt at positions 1.., the query verdict's ``[CLS]`` kept, the answer attending to it; without,
+  the plain causal forward mlx-lm runs (safety off, or the base model without an adapter).
+* ``loop_rate``: the share of answers in which some word 4-gram occurs 3 or more times.
+
+Comparing the base model, the adapter without ``[CLS]`` and the adapter with it separates what the
+LoRA changed from what the kept ``[CLS]`` in context changes.
+"""
+
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..generate import prefill_prompt, probe
+from ..model import SafesigError
+from ..prompt import prepare_prompt, wrap_tokenizer
+from .detection import row_messages
+
+
+def _nll(logits: mx.array, targets: Sequence[int]) -> float:
+    """Mean NLL of ``targets`` under ``logits`` [T, V] (row t predicts target t)."""
+    logits = logits.astype(mx.float32)
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    picked = mx.take_along_axis(logprobs, mx.array(targets)[:, None], axis=-1)
+    return -picked.mean().item()
+
+
+def answer_nll(model, tokenizer, rows: Sequence[dict], cls_in_context: bool,
+               progress: Optional[Callable[[int], None]] = None) -> List[float]:
+    """Per row: mean NLL per token of ``row["reference"]`` as the response to the row's prompt."""
+    tokenizer = wrap_tokenizer(tokenizer)
+    out = []
+    for row in rows:
+        if not row.get("reference", "").strip():
+            raise SafesigError(f"row {row.get('id')} has no reference answer.")
+        prepared = prepare_prompt(tokenizer, row_messages(row))
+        answer = tokenizer.encode(row["reference"], add_special_tokens=False)
+        cache = model.make_cache()
+        if cls_in_context:
+            last = prefill_prompt(model, prepared.ids, cache)
+            probe(model, cache, prepared.query_slots, position=0, keep=True)
+            rest = model.hidden(mx.array(answer[:-1])[None], cache)[0] if len(answer) > 1 else None
+            h = last[None] if rest is None else mx.concatenate([last[None], rest])
+        else:
+            seq = prepared.ids + answer[:-1]
+            h = model.hidden(mx.array(seq)[None], cache, positions=0)[0, len(prepared.ids) - 1:]
+        out.append(_nll(model.logits(h), answer))
+        if progress:
+            progress(1)
+    return out
+
+
+def has_loop(text: str, n: int = 4, times: int = 3) -> bool:
+    """Whether some word ``n``-gram occurs ``times`` or more times in ``text``."""
+    words = text.split()
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return any(c >= times for c in grams.values())
+
+
+def loop_rate(texts: Sequence[str]) -> float:
+    """Share of ``texts`` with a word 4-gram repeated 3+ times."""
+    if not texts:
+        raise SafesigError("no answers to measure the loop rate of.")
+    return round(sum(has_loop(t) for t in texts) / len(texts), 4)
+
+
+def summarize(nll: Sequence[float]) -> Dict[str, float]:
+    """Mean and median NLL per token over rows."""
+    a = np.asarray(nll, dtype=np.float64)
+    return {"n": int(a.size), "mean_nll": round(float(a.mean()), 4),
+            "median_nll": round(float(np.median(a)), 4)}
