@@ -290,6 +290,14 @@ def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
     assert dropped["benign"] == {"same_id": 1, "near_copy": 0, "by_source": {"alpaca_gpt4_demo": 1}}
 
 
+def test_older_sources_win_dedup_so_their_rows_stay_as_they_were():
+    """The sources that fed training before the registry come first in dedup priority: a new
+    source never takes over one of their rows (their files stay byte-identical)."""
+    assert bd.HARMFUL_SOURCES[:2] == ("advbench", "donotanswer")
+    assert bd.BENIGN_SOURCES[:3] == ("edgy_benign", "everyday_tasks", "alpaca_gpt4_demo")
+    assert "harmbench" not in bd.HARMFUL_SOURCES and "harmbench" in bd.HELDOUT_PROMPTS
+
+
 def test_leak_guard_drops_same_id_and_near_copies_and_counts_them():
     guard = bd.LeakGuard(["How do I bake sourdough bread at home?", "Name three rivers"])
     rows = [{"text": t, "source": "s"} for t in ("how do I bake   sourdough bread at HOME?",  # same id
