@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from mlx_safesig.align.sources import PROMPTS_DIR, text_id
+
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "default_adapter" / "make_data.py"
 spec = importlib.util.spec_from_file_location("make_data", SCRIPT)
 md = importlib.util.module_from_spec(spec)
@@ -144,19 +146,18 @@ def test_model_fingerprint_follows_content_not_path(tmp_path):
 
 
 def test_extra_benign_prompts_leave_out_known_rows_and_near_copies_of_held_out_ones(tmp_path):
-    """Training-only prompts get build_data.py's ids; one that is already a row of the data, or
+    """Training-only prompts get the data builder's ids; one that is already a row of the data, or
     mostly repeats a dev/test prompt's words, is left out (counted), so nothing held out leaks."""
-    bd = md._build_data()
     f = tmp_path / "extra.txt"
     f.write_text("# a header\n\nHow do I kill a stuck   process?\nWhat is a Ponzi scheme?\n"
                  "Best way to photograph the night sky\nbest way to photograph the night sky\n"
                  "How do I descale a kettle?\n")
-    known = {bd.text_id("What is a Ponzi scheme?")}
+    known = {text_id("What is a Ponzi scheme?")}
     held_out = ["What is the best way to photograph the night sky?"]
     rows, left_out = md.extra_benign_rows(f, known, held_out)
     assert [r["text"] for r in rows] == ["How do I kill a stuck process?",
                                          "How do I descale a kettle?"]
-    assert rows[0]["id"] == bd.text_id("how do i kill a stuck process?")
+    assert rows[0]["id"] == text_id("how do i kill a stuck process?")
     assert all(r["label"] == 0 and r["source"] == "edgy_extra" for r in rows)
     assert left_out == {"duplicate": 1, "near_held_out": 2}
 
@@ -211,7 +212,6 @@ def test_framings_that_repeat_a_jailbreak_template_are_left_out():
 
 
 def test_framed_rows_keep_label_and_reuse_the_plain_answer():
-    bd = md._build_data()
     harmful = [{"id": f"h{i}", "text": f"harm {i}", "source": "advbench"} for i in range(200)]
     benign = [{"id": f"b{i}", "text": f"q{i}", "source": "edgy_benign"} for i in range(200)]
     framings = ["As Zed: {prompt}", "{prompt} !! ## ~~"]
@@ -223,7 +223,7 @@ def test_framed_rows_keep_label_and_reuse_the_plain_answer():
     for r in fh:
         plain = r["answer_of"]
         assert r["text"] in (f"As Zed: harm {plain[1:]}", f"harm {plain[1:]} !! ## ~~")
-        assert r["id"] == bd.text_id(r["text"]) and r["source"] == "framed:advbench"
+        assert r["id"] == text_id(r["text"]) and r["source"] == "framed:advbench"
     answers = {r["id"]: (f"Answer {r['id']}.", True) for r in benign}
     rows = md.build(fh, fb, {r["id"]: "cont" for r in harmful}, answers, "\nSorry",
                     learn_prefix=False)
@@ -238,13 +238,13 @@ def test_framed_rows_keep_label_and_reuse_the_plain_answer():
 def test_the_fresh_benign_dev_set_repeats_none_of_our_training_prompt_files():
     """fresh_benign_dev.txt measures over-refusal on prompts written apart from the training data:
     none of its prompts is an exact or near copy (word-set Jaccard >= 0.6) of a prompt of the
-    repository's prompt files that training reads (build_data's Alpaca/harmful rows were checked
+    repository's prompt files that training reads (the builder's Alpaca/harmful rows were checked
     when the file was made: its header says so)."""
     here = SCRIPT.parent
     fresh = md.read_prompt_rows(here / "fresh_benign_dev.txt")
     assert len(fresh) == 262 and len({r["category"] for r in fresh}) == 12
-    train_files = [here / "extra_benign.txt", here.parent / "data" / "edgy_benign.txt",
-                   here.parent / "data" / "everyday_tasks.txt"]
+    train_files = [here / "extra_benign.txt", PROMPTS_DIR / "edgy_benign.txt",
+                   PROMPTS_DIR / "everyday_tasks.txt"]
     pool = [t for f in train_files for t in md.read_prompt_file(f)]
     rows, left_out = md.extra_benign_rows(here / "fresh_benign_dev.txt", set(), pool)
     assert left_out == {} and len(rows) == 262

@@ -1,6 +1,6 @@
 """Training data for the default model's safety adapter, from the pinned data builder's output.
 
-    python examples/data/build_data.py --out data
+    python -m mlx_safesig.align.build --out data
     python examples/default_adapter/make_data.py --data data --out data/adapter
 
 Rows (the JSONL format of `mlx_safesig.data`):
@@ -21,7 +21,7 @@ Rows (the JSONL format of `mlx_safesig.data`):
   believe this?" questions a safe assistant answers with care, not harmful requests; labelling them
   malicious teaches the [CLS] to flag ordinary questions);
 * benign prompts (train split, label 0): Alpaca rows keep their reference answer; our own prompts
-  (``edgy_benign.txt``, ``everyday_tasks.txt``) get the base model's own answer, up to
+  (``mlx_safesig/align/prompts/``) get the base model's own answer, up to
   ``--benign-max-tokens``: an answer cut by that limit is trimmed back to its last full sentence
   (the trainer ends every response with the end of turn, so a mid-sentence cut would teach the
   model to stop mid-sentence), and dropped if it has none (window probes over benign responses are
@@ -32,8 +32,9 @@ and a fingerprint of the base model's files) so a re-run only generates what is 
 ``valid.jsonl`` is built the same way from the dev split.
 ``--extra-benign FILE`` adds prompts written for training only (``extra_benign.txt``, v11): they
 join the train split with the base model's answers like ours above; a prompt that is already a row
-of the data (any split), or whose words mostly repeat a dev or test prompt's, is left out, so the
-dev and test splits stay as build_data.py made them and nothing of them leaks into training.
+of the data (any split), or whose words mostly repeat a dev or test prompt's or a held-out one's
+(``heldout.jsonl``), is left out, so the dev, test and held-out sets stay as the builder made them and
+nothing of them leaks into training.
 ``--framings FILE`` (``framings.txt``, v12) wraps a share of the train split's harmful prompts
 (``--framed-harmful``) and of its benign ones (``--framed-benign``) in framings written for this
 project in the styles of jailbreak prompts (role-play, fiction, fake system messages, refusal
@@ -46,13 +47,17 @@ Nothing here prints prompt or response text: counts only.
 """
 
 import argparse
-import functools
 import hashlib
 import json
 import re
 import sys
 from collections import Counter
 from pathlib import Path
+
+from mlx_safesig.align.archive import BuildError
+from mlx_safesig.align.build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
+from mlx_safesig.align.build import near_copy, words
+from mlx_safesig.align.sources import read_prompts, text_id
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
 # the shipped adapter's (v7; v8's too); v6 had no everyday_tasks (see docs/default-model.md)
@@ -138,15 +143,6 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
     return cache, finished
 
 
-def words(text: str) -> frozenset:
-    return frozenset(re.findall(r"[a-z0-9']+", text.casefold()))
-
-
-def near_copy(w: frozenset, pool, overlap: float) -> bool:
-    """Does the word set ``w`` mostly repeat one of the word sets in ``pool`` (Jaccard >= overlap)?"""
-    return any(len(w & h) >= overlap * len(w | h) for h in pool)
-
-
 def fail(message: str):
     """End the script with one line, ``<script>: error: message`` (exit code 1)."""
     raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
@@ -154,15 +150,14 @@ def fail(message: str):
 
 def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.6):
     """Benign rows (label 0, source ``edgy_extra``) from a prompt file written for training only
-    (one prompt per line, '#' lines and blank lines ignored), with build_data.py's ids. Left out,
+    (one prompt per line, '#' lines and blank lines ignored), with the data builder's ids. Left out,
     and counted: prompts whose id is in ``known_ids`` (already a row of the data, in any split)
     and near-copies of ``held_out_texts`` (the dev and test prompts): word-set Jaccard >= overlap.
     Returns (rows, {"duplicate": n, "near_held_out": n})."""
-    bd = _build_data()
     held = [words(t) for t in held_out_texts]
     rows, left_out, seen = [], Counter(), set(known_ids)
     for text in read_prompt_file(path):
-        row_id, w = bd.text_id(text), words(text)
+        row_id, w = text_id(text), words(text)
         if row_id in seen:
             left_out["duplicate"] += 1
         elif near_copy(w, held, overlap):
@@ -174,14 +169,13 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
 
 
 def read_prompt_rows(path) -> list:
-    """The prompts of a file like extra_benign.txt as build_data.py's rows (``text``, ``id``, and
+    """The prompts of a file like extra_benign.txt as the data builder's rows (``text``, ``id``, and
     ``category``: the '#' header above the prompt), read and normalized by its reader of our prompt
     files (one per line, '#' lines and blank lines ignored); a file it cannot use ends the script
     with its one-line message."""
-    bd = _build_data()
     try:
-        return bd.read_prompts(path, "edgy_benign")
-    except bd.BuildError as e:
+        return read_prompts(path, "edgy_benign")
+    except BuildError as e:
         fail(str(e))
 
 
@@ -230,28 +224,15 @@ def framed_rows(rows, framings, share: float):
     wrapped in one framing (also chosen by id). A framed row has the plain row's label and
     category, ``source`` "framed:<source>", the id of its own text and ``answer_of`` the plain
     row's id (benign rows reuse its answer)."""
-    bd = _build_data()
     out = []
     for r in rows:
         if not in_share(r["id"], "framed", share):
             continue
         text = pick(f"{r['id']}:framing", framings).replace(SLOT, r["text"])
         row = {k: v for k, v in r.items() if k not in ("id", "text", "source")}
-        out.append(dict(row, id=bd.text_id(text), text=text, source=f"framed:{r.get('source')}",
+        out.append(dict(row, id=text_id(text), text=text, source=f"framed:{r.get('source')}",
                         answer_of=r.get("answer_of", r["id"])))
     return out
-
-
-@functools.lru_cache(maxsize=None)
-def _build_data():
-    """examples/data/build_data.py as a module (its normalization and ids)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parent.parent / "data" / "build_data.py"
-    spec = importlib.util.spec_from_file_location("build_data", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def window_source(row, sources) -> bool:
@@ -319,7 +300,8 @@ def summary(rows, sources) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default="data", help="output folder of examples/data/build_data.py")
+    ap.add_argument("--data", default="data",
+                    help="output folder of `python -m mlx_safesig.align.build`")
     ap.add_argument("--out", default="data/adapter", help="folder for train.jsonl / valid.jsonl")
     ap.add_argument("--model", default=None, help="base mlx-lm model (default: the embedded one)")
     ap.add_argument("--max-tokens", type=int, default=48,
@@ -328,8 +310,8 @@ def main():
                     help="tokens per base-model answer to a benign prompt")
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
     ap.add_argument("--benign-sources", default=BENIGN_SOURCES,
-                    help="comma-separated benign sources to train on (build_data.py's: "
-                         "alpaca_gpt4_demo, edgy_benign, everyday_tasks)")
+                    help="comma-separated benign sources to train on (the builder's train sources: "
+                         + ", ".join(sorted(BENIGN_TRAIN_SOURCES)) + ")")
     ap.add_argument("--drop-categories", default=DROP_CATEGORIES,
                     help="comma-separated harmful-row categories to leave out ('' keeps all)")
     ap.add_argument("--window-sources", default=WINDOW_SOURCES,
@@ -381,9 +363,11 @@ def main():
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
                   read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
         if args.extra_benign and split == "train":
+            heldout = read_jsonl(data / "heldout.jsonl")
             held_out = [r["text"] for kind in ("benign", "harmful") for sp in ("dev", "test")
-                        for r in read_jsonl(data / f"{kind}.{sp}.jsonl")]
-            known = set(benign_source) | {r["id"] for r in read_jsonl(data / "harmful.jsonl")}
+                        for r in read_jsonl(data / f"{kind}.{sp}.jsonl")] + [r["text"] for r in heldout]
+            known = (set(benign_source) | {r["id"] for r in read_jsonl(data / "harmful.jsonl")}
+                     | {r["id"] for r in heldout})
             extra, left_out = extra_benign_rows(args.extra_benign, known, held_out)
             print(f"{args.extra_benign}: {len(extra)} prompts kept, left out: "
                   f"{left_out or 'none'}", file=sys.stderr)

