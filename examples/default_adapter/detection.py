@@ -4,8 +4,9 @@ prompts wrongly flagged, `score(model, tok, [{"role": "user", "content": prompt}
     python examples/default_adapter/detection.py --data data --split dev [--model DIR]
 
 Harmful rows of the Do-Not-Answer categories the default adapter is not trained on
-(make_data.py's --drop-categories) are counted apart, as "harmful_other": they are mostly questions
-a safe assistant answers with care. Counts are also given per source (and Do-Not-Answer category).
+(mlx_safesig.align.rows --drop-categories) are counted apart, as "harmful_other": they are
+mostly questions a safe assistant answers with care. Counts are also given per source (and
+Do-Not-Answer category).
 Prints counts and rates only (never prompt text); --json for one JSON object.
 --benign-file adds a group of benign prompts from a prompt file (one per line, '#' lines
 ignored), counted per '#' category: examples/default_adapter/fresh_benign_dev.txt (held out, never
@@ -29,7 +30,7 @@ def main():
     ap.add_argument("--adapter-path", default=None, help="adapters from `mlx-safesig train`")
     ap.add_argument("--threshold", type=float, default=None, help="default: the model's")
     ap.add_argument("--drop-categories", default=None,
-                    help="harmful categories counted apart (default: make_data.py's)")
+                    help="harmful categories counted apart (default: mlx_safesig.align.rows's)")
     ap.add_argument("--benign-file", default=None,
                     help="also score the benign prompts of this file (group benign_file)")
     ap.add_argument("--sweep", default=None,
@@ -44,8 +45,7 @@ def main():
         ap.error(f"--sweep: thresholds must be between 0 and 1: {args.sweep}")
     if args.benign_file and not Path(args.benign_file).is_file():
         ap.error(f"--benign-file: no such file: {args.benign_file}")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_data import DROP_CATEGORIES, read_prompt_rows
+    from mlx_safesig.align.rows import DROP_CATEGORIES, read_prompt_rows
 
     drop = set(filter(None, (args.drop_categories if args.drop_categories is not None
                              else DROP_CATEGORIES).split(",")))

@@ -6,7 +6,7 @@
 # so that the whole run takes about 45 minutes on a 2-core x86 CPU;
 # raise or drop the --limit options for tighter numbers.
 # Harmful rows of the Do-Not-Answer categories the adapter is not trained on are left out (see
-# examples/default_adapter/make_data.py). Run from the repository root:
+# python -m mlx_safesig.align.rows). Run from the repository root:
 #   examples/default_adapter/eval_default.sh [DATA] [OUT] [MODEL]
 # (MODEL: a safety model directory, e.g. from `mlx-safesig fuse`; default: the embedded one)
 set -euo pipefail

@@ -23,7 +23,7 @@ ADAPTER_DATA=${ADAPTER_DATA:-data/adapter}
 MAKE_DATA_ARGS=${MAKE_DATA_ARGS---give-refusal-prefix --max-tokens 128 --extra-benign examples/default_adapter/extra_benign.txt --framings examples/default_adapter/framings.txt --framed-harmful 0.1 --framed-benign 0.05}
 python -m mlx_safesig.align.build --out data
 # shellcheck disable=SC2086  # MAKE_DATA_ARGS is a list of options
-python examples/default_adapter/make_data.py --data data --out "$ADAPTER_DATA" $MAKE_DATA_ARGS
+python -m mlx_safesig.align.rows --data data --out "$ADAPTER_DATA" $MAKE_DATA_ARGS
 BASE=$(python -c "from mlx_safesig.default_model import default_base_model; print(default_base_model())")
 mlx-safesig train --model "$BASE" --add-safety --data "$ADAPTER_DATA" --adapter-path "$OUT" \
   --iters 375 --batch-size 8 --learning-rate 2e-4 --lambda 0.3 --num-layers 16 --lora-rank 8 \

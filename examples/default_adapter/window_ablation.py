@@ -1,5 +1,6 @@
 """Window supervision, with and without: two adapters trained alike except ``--probes``, measured on
-the same dev rows (``valid.jsonl`` of make_data.py, never trained on) with the same window probes.
+the same dev rows (``valid.jsonl`` of mlx_safesig.align.rows, never trained on) with the same
+window probes.
 
     python examples/default_adapter/window_ablation.py --data data/adapter \\
         --adapter with=runs/probes4 --adapter without=runs/probes0

@@ -79,7 +79,7 @@ def near_copy(w: frozenset, pool, overlap: float) -> bool:
 class LeakGuard:
     """Keeps held-out rows out of training: a row whose id equals a held-out text's, or whose word
     set has Jaccard >= ``overlap`` with one, is dropped and counted. Every builder of training rows
-    (this module's files, ``make_data``'s extra prompts) passes its rows through one."""
+    (this module's files, ``rows``' extra prompts) passes its rows through one."""
 
     def __init__(self, heldout_texts, overlap: float = LEAK_OVERLAP):
         self.ids = {text_id(t) for t in heldout_texts}

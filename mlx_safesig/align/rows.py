@@ -1,7 +1,7 @@
 """Training data for the default model's safety adapter, from the pinned data builder's output.
 
     python -m mlx_safesig.align.build --out data
-    python examples/default_adapter/make_data.py --data data --out data/adapter
+    python -m mlx_safesig.align.rows --data data --out data/adapter
 
 Rows (the JSONL format of `mlx_safesig.data`):
 * harmful prompts (train split, label 1): the response is the refusal prefix plus a short
@@ -54,10 +54,12 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from mlx_safesig.align.archive import BuildError
-from mlx_safesig.align.build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
-from mlx_safesig.align.build import near_copy, words
-from mlx_safesig.align.sources import read_prompts, text_id
+from .archive import BuildError
+from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
+from .build import near_copy, words
+from .sources import read_prompts, text_id
+
+PROG = "mlx_safesig.align.rows"
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
 # the shipped adapter's (v7; v8's too); v6 had no everyday_tasks (see docs/default-model.md)
@@ -144,8 +146,8 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
 
 
 def fail(message: str):
-    """End the script with one line, ``<script>: error: message`` (exit code 1)."""
-    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
+    """End the script with one line, ``<prog>: error: message`` (exit code 1)."""
+    raise SystemExit(f"{PROG}: error: {message}")
 
 
 def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.6):
@@ -299,7 +301,7 @@ def summary(rows, sources) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data",
                     help="output folder of `python -m mlx_safesig.align.build`")
     ap.add_argument("--out", default="data/adapter", help="folder for train.jsonl / valid.jsonl")

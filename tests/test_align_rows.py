@@ -1,16 +1,13 @@
-"""examples/default_adapter/make_data.py: how base-model answers become training rows."""
+"""mlx_safesig.align.rows: how base-model answers become training rows."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from mlx_safesig.align import rows as md
 from mlx_safesig.align.sources import PROMPTS_DIR, text_id
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "default_adapter" / "make_data.py"
-spec = importlib.util.spec_from_file_location("make_data", SCRIPT)
-md = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(md)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "default_adapter"
 
 
 def test_a_cut_answer_is_trimmed_to_its_last_full_sentence():
@@ -181,10 +178,10 @@ def test_a_bad_option_is_one_line_not_a_traceback(tmp_path, args, message):
     import sys
 
     args = [a if a != "nope.txt" else str(tmp_path / a) for a in args]
-    r = subprocess.run([sys.executable, str(SCRIPT), "--data", str(tmp_path), "--out",
+    r = subprocess.run([sys.executable, "-m", "mlx_safesig.align.rows", "--data", str(tmp_path), "--out",
                         str(tmp_path / "out"), *args], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines()[-1] == "make_data.py: error: " + message.format(tmp=tmp_path)
+    assert r.stderr.splitlines()[-1] == "mlx_safesig.align.rows: error: " + message.format(tmp=tmp_path)
     assert not (tmp_path / "out").exists()
 
 
@@ -240,7 +237,7 @@ def test_the_fresh_benign_dev_set_repeats_none_of_our_training_prompt_files():
     none of its prompts is an exact or near copy (word-set Jaccard >= 0.6) of a prompt of the
     repository's prompt files that training reads (the builder's Alpaca/harmful rows were checked
     when the file was made: its header says so)."""
-    here = SCRIPT.parent
+    here = EXAMPLES
     fresh = md.read_prompt_rows(here / "fresh_benign_dev.txt")
     assert len(fresh) == 262 and len({r["category"] for r in fresh}) == 12
     train_files = [here / "extra_benign.txt", PROMPTS_DIR / "edgy_benign.txt",
