@@ -67,7 +67,7 @@ def test_summary_counts_rows_per_label_and_source():
     benign = [{"id": "b", "text": "qb", "source": "alpaca", "response": "Sure."},
               {"id": "e", "text": "qe", "source": "ours"}]  # no answer: left out
     rows = md.build(harmful, benign, {"a": "ca"}, {}, "\nSorry")
-    assert md.summary(rows, harmful + benign) == (
+    assert md.summary(rows) == (
         "3 rows (2 malicious: advbench 1, donotanswer 1; 1 benign: alpaca 1); "
         "1 with a continuation: advbench 1")
 
@@ -245,3 +245,72 @@ def test_the_fresh_benign_dev_set_repeats_none_of_our_training_prompt_files():
     pool = [t for f in train_files for t in md.read_prompt_file(f)]
     rows, left_out = md.extra_benign_rows(here / "fresh_benign_dev.txt", set(), pool)
     assert left_out == {} and len(rows) == 262
+
+
+def _rows(label, n=40):
+    return [{"id": f"{label}{i}", "text": f"ask number {i} about the sea and the sky", "label": label,
+             "source": "src"} for i in range(n)]
+
+
+def test_conversation_rows_cover_every_shape_with_both_labels():
+    from mlx_safesig.align.conversations import BENIGN_SHAPES, HARMFUL_SHAPES
+
+    harmful, benign = _rows(1), _rows(0)
+    answers = {r["id"]: "An answer. With two sentences." for r in benign}
+    convs = md.conversation_rows(harmful, benign, 1.0, answers, "Sorry, I can't.")
+    shapes = {(r["source"].split(":")[0], r["label"]) for r in convs}
+    assert shapes == {(s, 1) for s in HARMFUL_SHAPES} | {(s, 0) for s in BENIGN_SHAPES}
+    assert len(convs) == len(harmful) + len(benign)  # one shape per row at share 1
+    split = next(r for r in convs if r["source"].startswith("split:"))
+    users = [m["content"] for m in split["messages"] if m["role"] == "user"]
+    plain = {r["id"]: r["text"] for r in harmful + benign}
+    assert " ".join(users) in plain.values()
+    after = next(r for r in convs if r["source"].startswith("after-refusal:"))
+    assert after["label"] == 0 and after["messages"][1]["content"] == "Sorry, I can't."
+    assert after["answer_of"] in plain  # its answer is the plain benign request's
+
+
+def test_training_conversation_wording_is_not_the_evaluations():
+    from mlx_safesig.align import conversations as train
+    from mlx_safesig.eval import detection as held_out
+
+    train_words = set().union(train.SPLIT_ASSISTANT, train.COMPLY_ASSISTANT, train.CONTINUE_USER,
+                              train.SYSTEM_USER, train.FOLLOW_UPS)
+    eval_words = set().union({held_out.SPLIT_ASSISTANT, held_out.CONTINUE_ASSISTANT,
+                              held_out.BENIGN_ASSISTANT}, held_out.CONTINUE_USER,
+                             held_out.SYSTEM_USER, held_out.FOLLOW_UPS)
+    assert not {t.casefold() for t in train_words} & {t.casefold() for t in eval_words}
+
+
+def test_conversation_rows_become_training_rows_with_their_answers():
+    harmful, benign = _rows(1, 4), _rows(0, 4)
+    answers = {r["id"]: ("Plain answer.", True) for r in benign}
+    said = {k: t for k, (t, _) in answers.items()}
+    convs = md.conversation_rows(harmful, benign, 1.0, said, "Sorry, I can't.")
+    for c in convs:
+        if c["label"] == 0 and c["answer_of"] is None:
+            answers[c["id"]] = ("Own answer.", True)
+    rows = md.build([c for c in convs if c["label"] == 1], [c for c in convs if c["label"] == 0],
+                    {}, answers, "\nSorry, I can't because", learn_prefix=False)
+    assert len(rows) == len(convs)
+    for row in rows:
+        assert row["messages"][-1]["role"] == "assistant" and len(row["messages"]) >= 3
+        if row["label"] == 1:
+            assert row["prefill"] == "\nSorry, I can't because"
+
+
+def test_wrappers_are_framings_of_one_slot_within_the_length(tmp_path):
+    import json
+
+    f = tmp_path / "w.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"plain": "Act as Bob. {{ prompt }}"}, {"plain": "x" * 50 + "{{ prompt }}"},
+        {"plain": "no slot here"}, {"plain": "{{ prompt }} twice {{ prompt }}"}]))
+    assert md.read_wrappers(f, 40) == ["Act as Bob. {prompt}"]
+    with pytest.raises(SystemExit, match="has no wrapper with one"):
+        md.read_wrappers(f, 5)
+    rows = _rows(0, 200)
+    wrapped = md.framed_rows(rows, ["A {prompt}", "B {prompt}"], 0.5, "wrapped")
+    framed = md.framed_rows(rows, ["A {prompt}", "B {prompt}"], 0.5)
+    assert wrapped and {r["answer_of"] for r in wrapped} != {r["answer_of"] for r in framed}
+    assert all(r["source"] == "wrapped:src" for r in wrapped)

@@ -57,6 +57,7 @@ from pathlib import Path
 from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
+from .conversations import BENIGN_SHAPES, HARMFUL_SHAPES, conversation_prompts
 from .sources import read_prompts, text_id
 
 PROG = "mlx_safesig.align.rows"
@@ -132,8 +133,8 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
     with open(cache_path, "a") as out:
         for i in range(0, len(todo), batch):
             chunk = todo[i : i + batch]
-            prompts = [tok.apply_chat_template([{"role": "user", "content": r["text"]}],
-                                               add_generation_prompt=True) for r in chunk]
+            prompts = [tok.apply_chat_template(prompt_messages(r), add_generation_prompt=True)
+                       for r in chunk]
             result = batch_generate(model, tok, prompts, max_tokens=max_tokens,
                                     return_token_ids=True)
             for r, text, ids in zip(chunk, result.texts, result.token_ids):
@@ -143,6 +144,11 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
             out.flush()
             print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
     return cache, finished
+
+
+def prompt_messages(row) -> list:
+    """The chat messages a row asks: its ``messages`` (a conversation), else one user turn."""
+    return row.get("messages") or [{"role": "user", "content": row["text"]}]
 
 
 def fail(message: str):
@@ -221,19 +227,44 @@ def usable_framings(framings, attack_texts, overlap: float = 0.6):
     return kept, len(framings) - len(kept)
 
 
-def framed_rows(rows, framings, share: float):
+def framed_rows(rows, framings, share: float, salt: str = "framed"):
     """Extra rows: about ``share`` of ``rows`` (chosen by id, so the same rows on every run), each
     wrapped in one framing (also chosen by id). A framed row has the plain row's label and
-    category, ``source`` "framed:<source>", the id of its own text and ``answer_of`` the plain
-    row's id (benign rows reuse its answer)."""
+    category, ``source`` "<salt>:<source>", the id of its own text and ``answer_of`` the plain
+    row's id (benign rows reuse its answer). ``salt`` picks rows and framings apart per use."""
+    key = "framing" if salt == "framed" else salt  # the framed rows of v12-v15 keep their framings
     out = []
     for r in rows:
-        if not in_share(r["id"], "framed", share):
+        if not in_share(r["id"], salt, share):
             continue
-        text = pick(f"{r['id']}:framing", framings).replace(SLOT, r["text"])
+        text = pick(f"{r['id']}:{key}", framings).replace(SLOT, r["text"])
         row = {k: v for k, v in r.items() if k not in ("id", "text", "source")}
-        out.append(dict(row, id=text_id(text), text=text, source=f"framed:{r.get('source')}",
+        out.append(dict(row, id=text_id(text), text=text, source=f"{salt}:{r.get('source')}",
                         answer_of=r.get("answer_of", r["id"])))
+    return out
+
+
+def read_wrappers(path, max_chars: int) -> list:
+    """Training wrappers (the builder's ``train_wrappers.jsonl``: ``plain`` with a ``{{ prompt }}``
+    slot) no longer than ``max_chars``, as framings with the ``{prompt}`` slot."""
+    rows = read_jsonl(path)
+    out = [r["plain"].replace("{{ prompt }}", SLOT) for r in rows
+           if r.get("plain") and r["plain"].count("{{ prompt }}") == 1 and len(r["plain"]) <= max_chars]
+    if not out:
+        fail(f"{path} has no wrapper with one {{{{ prompt }}}} slot of at most {max_chars} characters")
+    return out
+
+
+def conversation_rows(harmful, benign, share: float, answers: dict, refusal: str):
+    """About ``share`` of the harmful and of the benign rows (by id), each turned into one
+    conversation of a shape picked by id (``conversations.py``). ``answers``: plain answer texts by
+    id, for earlier assistant turns."""
+    out = []
+    for rows, shapes in ((harmful, HARMFUL_SHAPES), (benign, BENIGN_SHAPES)):
+        for shape in shapes:
+            chosen = [r for r in rows if in_share(r["id"], "conversation", share)
+                      and pick(f"{r['id']}:shape", shapes) == shape]
+            out += conversation_prompts(chosen, shape, answers, harmful, refusal)
     return out
 
 
@@ -255,9 +286,9 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
     for r in rows_h:
         prefix = refusal_prefix.lstrip("\n") if learn_prefix else refusal_prefix
         row = {
-            "messages": [{"role": "user", "content": r["text"]},
-                         {"role": "assistant", "content": prefix + pick(r["id"], JUSTIFICATIONS)}],
-            "label": 1,
+            "messages": prompt_messages(r) + [
+                {"role": "assistant", "content": prefix + pick(r["id"], JUSTIFICATIONS)}],
+            "label": 1, "source": r.get("source"),
         }
         if not learn_prefix:
             row["prefill"] = prefix
@@ -265,17 +296,18 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
             row.update(continuation=gen[r["id"]], continuation_label=1)
         out.append(row)
     for r in rows_b:
-        answer, plain_id = r.get("response"), r.get("answer_of", r["id"])
+        answer = r.get("response")
+        plain_id = r["answer_of"] if "answer_of" in r and r["answer_of"] else r["id"]
         if not answer and plain_id in answers:
             text, finished = answers[plain_id]
             answer = text if finished else full_sentences(text)
         answer = answer or ""
-        if not answer.strip() or len(r["text"]) + len(answer) > MAX_BENIGN_CHARS:
+        asked = sum(len(m["content"]) for m in prompt_messages(r))
+        if not answer.strip() or asked + len(answer) > MAX_BENIGN_CHARS:
             continue
         row = {
-            "messages": [{"role": "user", "content": r["text"]},
-                         {"role": "assistant", "content": answer}],
-            "label": 0,
+            "messages": prompt_messages(r) + [{"role": "assistant", "content": answer}],
+            "label": 0, "source": r.get("source"),
         }
         if harmful_texts and in_share(r["id"], "mismatched", mismatched):
             row.update(continuation=pick(r["id"], harmful_texts), continuation_label=1)
@@ -284,14 +316,13 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
     return out
 
 
-def summary(rows, sources) -> str:
-    """Counts of the written rows per label and source (``sources``: the input rows), and of the
-    continuations (window supervision), for the log and PROVENANCE.md."""
-    source = {r["text"]: r.get("source", "?") for r in sources}
+def summary(rows) -> str:
+    """Counts of the written rows per label and source, and of the continuations (window
+    supervision), for the log and the model card."""
     counts = {0: Counter(), 1: Counter()}
     for row in rows:
-        counts[row["label"]][source[row["messages"][0]["content"]]] += 1
-    conts = Counter(source[row["messages"][0]["content"]] for row in rows if "continuation" in row)
+        counts[row["label"]][row.get("source") or "?"] += 1
+    conts = Counter(row.get("source") or "?" for row in rows if "continuation" in row)
 
     def part(c):
         return ", ".join(f"{k} {n}" for k, n in sorted(c.items()))
@@ -338,14 +369,29 @@ def main():
                     help="with --framings: share of harmful train prompts also framed (default 0.3)")
     ap.add_argument("--framed-benign", type=float, default=0.15,
                     help="with --framings: share of benign train prompts also framed (default 0.15)")
+    ap.add_argument("--wrappers", type=Path, default=None,
+                    help="training wrappers (the builder's train_wrappers.jsonl): wrap shares of "
+                         "the train prompts in real-world jailbreak templates as extra rows")
+    ap.add_argument("--wrapped-harmful", type=float, default=0.1,
+                    help="with --wrappers: share of harmful train prompts also wrapped (default 0.1)")
+    ap.add_argument("--wrapped-benign", type=float, default=0.1,
+                    help="with --wrappers: share of benign train prompts also wrapped (default 0.1)")
+    ap.add_argument("--max-wrapper-chars", type=int, default=1800,
+                    help="with --wrappers: leave out longer wrappers (default 1800, to fit "
+                         "train --max-seq-length 768)")
+    ap.add_argument("--conversations", type=float, default=0.0,
+                    help="share of harmful and of benign prompts also turned into a multi-turn "
+                         "row (split, continue, system prompt, follow-up; default 0)")
     args = ap.parse_args()
-    for opt in ("extra_benign", "framings"):
+    for opt in ("extra_benign", "framings", "wrappers"):
         if getattr(args, opt) and not getattr(args, opt).is_file():
             ap.error(f"--{opt.replace('_', '-')}: no such file: {getattr(args, opt)}")
-    for opt in ("framed_harmful", "framed_benign"):
+    for opt in ("framed_harmful", "framed_benign", "wrapped_harmful", "wrapped_benign",
+                "conversations"):
         if not 0 <= getattr(args, opt) <= 1:
             ap.error(f"--{opt.replace('_', '-')} must be between 0 and 1, got {getattr(args, opt)}")
     framings = read_framings(args.framings) if args.framings else None
+    wrappers = read_wrappers(args.wrappers, args.max_wrapper_chars) if args.wrappers else None
 
     from mlx_safesig.decoding import REFUSAL_PREFIX
     from mlx_safesig.default_model import default_base_model
@@ -398,12 +444,42 @@ def main():
                   f"jailbreak template); {len(framed_h)} harmful and {len(framed_b)} benign "
                   "prompts framed", file=sys.stderr)
             harmful, benign = harmful + framed_h, benign + framed_b
+        if wrappers and split == "train":
+            known = {r["id"] for r in harmful + benign}
+            plain_h = [r for r in harmful if ":" not in str(r.get("source"))]
+            plain_b = [r for r in benign if ":" not in str(r.get("source"))]
+            wrapped = [r for r in framed_rows(plain_h, wrappers, args.wrapped_harmful, "wrapped")
+                       + framed_rows(plain_b, wrappers, args.wrapped_benign, "wrapped")
+                       if r["id"] not in known]
+            print(f"{args.wrappers}: {len(wrappers)} wrappers used; "
+                  f"{sum(r['label'] == 1 for r in wrapped)} harmful and "
+                  f"{sum(r['label'] == 0 for r in wrapped)} benign prompts wrapped", file=sys.stderr)
+            harmful += [r for r in wrapped if r["label"] == 1]
+            benign += [r for r in wrapped if r["label"] == 0]
+        if args.conversations:
+            plain_h = [dict(r, label=1) for r in harmful if ":" not in str(r.get("source"))]
+            plain_b = [dict(r, label=0) for r in benign if ":" not in str(r.get("source"))]
+            said = {k: t if finished.get(k) else full_sentences(t) for k, t in texts.items()}
+            said.update({r["id"]: r["response"] for r in plain_b if r.get("response")})
+            refusal = REFUSAL_PREFIX.lstrip("\n") + JUSTIFICATIONS[0]
+            convs = conversation_rows(plain_h, plain_b, args.conversations, said, refusal)
+            references = {r["id"]: r["response"] for r in plain_b if r.get("response")}
+            convs = [dict(c, response=references[c["answer_of"]]) if c["answer_of"] in references
+                     else c for c in convs]
+            own = [r for r in convs if r["label"] == 0 and r["answer_of"] is None]
+            more, more_finished = generate_missing(own, out / "generations-benign.jsonl", model_dir,
+                                                   args.benign_max_tokens, args.batch, model_key)
+            answers.update({k: (t, more_finished[k]) for k, t in more.items()})
+            print(f"conversations: {sum(r['label'] == 1 for r in convs)} harmful and "
+                  f"{sum(r['label'] == 0 for r in convs)} benign", file=sys.stderr)
+            harmful += [r for r in convs if r["label"] == 1]
+            benign += [r for r in convs if r["label"] == 0]
         rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix,
                      args.mismatched_continuations)
         with open(out / f"{name}.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        print(f"{name}.jsonl: {summary(rows, harmful + benign)}", file=sys.stderr)
+        print(f"{name}.jsonl: {summary(rows)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
