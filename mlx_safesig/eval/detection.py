@@ -191,3 +191,28 @@ def held_out_rows(heldout: Sequence[dict], templates: Sequence[dict], suites: Se
         out += conversation_rows([r for r in picked if r["label"] == 1],
                                  [r for r in picked if r["label"] == 0])
     return out
+
+
+HELD_OUT_FILE = "heldout.jsonl"
+TEMPLATES_FILE = "templates.jsonl"
+SLOT = "{{ prompt }}"
+
+
+def load_held_out(data_dir) -> tuple[List[dict], List[dict]]:
+    """The frozen held-out requests and wrapper templates from the builder's output folder
+    (``python -m mlx_safesig.align.build``): rows with ``label``, and templates with one slot."""
+    import json
+    from pathlib import Path
+
+    root = Path(data_dir)
+    files = [root / HELD_OUT_FILE, root / TEMPLATES_FILE]
+    for f in files:
+        if not f.is_file():
+            raise SafesigError(f"{f} does not exist; build the data with "
+                               f"`python -m mlx_safesig.align.build --out {root}`.")
+    rows, templates = ([json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+                       for f in files)
+    templates = [t for t in templates if t.get("plain") and t["plain"].count(SLOT) == 1]
+    if not rows or not templates:
+        raise SafesigError(f"{root} has no held-out rows or no usable wrapper templates.")
+    return rows, templates
