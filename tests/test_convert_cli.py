@@ -1,8 +1,9 @@
 """`mlx-safesig convert` as a click command: a thin skin over `convert()`."""
 
 from click.testing import CliRunner
-from mlx_safesig.convert import convert_command
 from test_convert_support import make_hf_folder
+
+from mlx_safesig.cli import main
 
 OPTIONS = {
     "--hf-path",
@@ -17,7 +18,7 @@ OPTIONS = {
 
 
 def test_command_has_exactly_the_documented_options_each_with_help():
-    params = [p for p in convert_command.params if p.name != "help"]
+    params = [p for p in main.commands["convert"].params if p.name != "help"]
     assert {max(p.opts, key=len) for p in params} == OPTIONS
     assert "-q" in next(p for p in params if p.name == "quantize").opts
     assert all(p.help for p in params)
@@ -26,8 +27,9 @@ def test_command_has_exactly_the_documented_options_each_with_help():
 def test_command_converts_and_reports_progress_on_stderr(tmp_path):
     src = make_hf_folder(tmp_path / "hf")
     result = CliRunner().invoke(
-        convert_command,
+        main,
         [
+            "convert",
             "--hf-path",
             str(src),
             "--mlx-path",

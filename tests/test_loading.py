@@ -56,7 +56,7 @@ def test_unknown_repo_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_directory_without_safety_parts_points_to_add_safety(tmp_path, tokenizer):
     path = write_model_dir(tmp_path / "plain", make_model(), tokenizer, safety=False)
-    with pytest.raises(SafesigError, match=r"has no safety parts .*convert .*--add-safety"):
+    with pytest.raises(SafesigError, match=r"has no safety parts .*add_safety=True"):
         load(path)
     model, _ = load(path, add_safety=True)  # a fresh [CLS] row and head
     assert model.cls_head.weight.shape == (1, 64)
