@@ -276,7 +276,7 @@ def generate(model, adapter_path, prompt, system_prompt, ignore_chat_template, p
     from .generate import stream_generate
 
     if prompt == "-":
-        prompt = click.get_text_stream("stdin").read()
+        prompt = sys.stdin.read()
     if not prompt.strip():
         raise click.ClickException("the prompt is empty: there is no text for the model to judge.")
     messages = prompt if ignore_chat_template else (
@@ -330,7 +330,7 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
     config = _safety_config(**safety)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model, adapter_path=adapter_path)
-    stdin = click.get_text_stream("stdin")
+    stdin = sys.stdin
     start = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(start)
     click.echo(f"[safety {'on: ' + config.schedule if config.enabled else 'off'}] "
