@@ -103,10 +103,12 @@ def _check_schedule(ctx, param, value):
 
 
 def model_option(help_text="Safety model directory or hub repo " + DEFAULT_HELP + "."):
+    """``--model``, None when not given (the command's default model)."""
     return click.option("--model", default=None, help=help_text)
 
 
 def adapter_option(**kwargs):
+    """``--adapter-path``: adapters written by ``train``; ``kwargs`` override the defaults."""
     return click.option("--adapter-path", type=click.Path(), **{
         "default": None, "help": "Adapters written by `mlx-safesig train`, applied on top of "
         "--model (which may then be a plain mlx-lm model).", **kwargs})
@@ -140,6 +142,7 @@ safety_options = options(
 
 
 def sampling_options(max_tokens: int, seed_default=None, min_p: bool = True):
+    """``-m/--max-tokens``, ``--temp``, ``--top-p``, ``--top-k`` (``--min-p``) and ``--seed``."""
     return options(
         click.option("--max-tokens", "-m", type=click.IntRange(1), default=max_tokens,
                      show_default=True, help="Maximum number of tokens to generate."),

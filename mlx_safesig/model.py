@@ -106,8 +106,6 @@ class ModelArgs(BaseModelArgs):
             self.safesig["cls_token_id"] = self.vocab_size
 
 
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()

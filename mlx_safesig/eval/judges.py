@@ -45,6 +45,7 @@ class KeywordList:
     keywords: List[str]
 
     def refused(self, response: str) -> bool:
+        """Whether ``response`` matches the list (case-insensitive, leading whitespace dropped)."""
         text = response.lstrip().lower()
         words = [k.lower() for k in self.keywords]
         if self.matchtype == "startswith":
