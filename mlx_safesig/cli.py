@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from .convert.pipeline import DTYPES
 from .decoding import SCHEDULES, parse_schedule
 from .model import SafesigError
 from .model_dir import NoSafetyParts
@@ -179,7 +180,7 @@ def main():
               "id (owner/name), or a llama-family .gguf file (or a folder holding one).")
 @click.option("--mlx-path", required=True, type=click.Path(), help="Output folder (must not exist).")
 @quantize_options
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
               help="Float type of the output (default: keep the source's; GGUF: float32).")
 @click.option("--add-safety", is_flag=True,
               help="Give a plain model a fresh [CLS] row and safety head, ready for training.")
