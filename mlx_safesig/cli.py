@@ -190,7 +190,9 @@ def main():
               "reference afterwards (needs torch and transformers).")
 @user_errors
 def convert(hf_path, mlx_path, quantize, q_bits, dtype, add_safety, head_key, verify):
-    """Convert a PyTorch / Hugging Face or GGUF checkpoint into an mlx-safesig model folder."""
+    """Convert a PyTorch / Hugging Face or GGUF checkpoint into an mlx-safesig model folder.
+
+    With -q a GGUF keeps its own quantization."""
     from .convert import convert as run_convert
 
     run_convert(hf_path, mlx_path, quantize=quantize, q_bits=int(q_bits), dtype=dtype,
