@@ -7,14 +7,18 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from mlx_safesig.model_dir import fetch_from_hub, is_hub_id
+
 from . import tokenizer_files as tok
 from .architectures import expected_shapes, mlx_config
 from .errors import ConvertError
 from .quantize import Quantized, qualifies, quantization_block, quantize
-from .safety import EMBED, SAFETY_FILE, Head, find_head, fresh_parts, settings
+from .safety import EMBED, SAFETY_FILE, UNTRAINED_HEAD, Head, find_head, fresh_parts, settings
 from .sources import Source, open_source
 from .writer import atomic_directory, write_config, write_files, write_index, write_shard
 
+# what a hub repo holds that `open_source` reads (weights in either format, tokenizer files)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 LM_HEAD = "lm_head.weight"
 
@@ -83,7 +87,7 @@ def make_plan(
     elif add_safety:
         plan.fresh = True
         plan.tokenizer = tok.with_cls_token(source.tokenizer, rows)
-        out["safesig"] = settings(config, rows, 1)
+        out["safesig"] = {**settings(config, rows, 1), UNTRAINED_HEAD: True}
     elif cls_id is not None and cls_id == rows - 1:
         raise ConvertError(
             f"{source.path}: has a [CLS] row but no head (looked for cls_head, safety_head, "
@@ -248,6 +252,8 @@ def convert(
     """Convert the model at `hf_path` (HF folder, mlx-lm folder or llama-family GGUF) into an
     mlx-lm folder at `mlx_path` with the safety parts in `safety.safetensors`.
 
+    `hf_path` that is no local path but looks like `owner/name` is fetched from the Hugging Face
+    hub first (config, tokenizer files and weights: `HUB_PATTERNS`).
     `quantize` quantizes the language model's matrices to `q_bits` (group 64; a GGUF keeps its
     own quantization instead); `dtype` ("float32", "float16", "bfloat16") casts float tensors
     (default: keep the source's; GGUF: float32); `add_safety` gives a plain model a fresh [CLS]
@@ -259,7 +265,10 @@ def convert(
     mlx_path = Path(mlx_path)
     if mlx_path.exists():
         raise ConvertError(f"{mlx_path}: already exists; remove it or pick another --mlx-path.")
-    source = open_source(Path(hf_path), keep_quantized=quantize)
+    hf_path = Path(hf_path).expanduser()
+    if not hf_path.exists() and is_hub_id(str(hf_path)):
+        hf_path = fetch_from_hub(str(hf_path), HUB_PATTERNS)
+    source = open_source(hf_path, keep_quantized=quantize)
     plan = make_plan(source, head_key, add_safety, dtype, q_bits if quantize else None)
     write(source, plan, mlx_path, report)
     report(f"wrote {mlx_path}")

@@ -153,16 +153,13 @@ def verify_conversion(source: Path, mlx_path: Path, report, texts=None) -> dict[
             diffs["logits"], float(np.abs(ours - next_token_logits(ref, ids)).max())
         )
     if ref.cls_embed is not None:
-        try:
-            from mlx_safesig import load as load_safe
-            from mlx_safesig import score as score_safe
-        except ImportError:
-            report("verify: mlx_safesig.score is not available yet; compared logits only")
-        else:
-            safe_model, safe_tok = load_safe(str(mlx_path))
-            diffs["score"] = max(
-                abs(score_safe(safe_model, safe_tok, t) - score(ref, safe_tok.encode(t)))
-                for t in texts
-            )
+        from mlx_safesig.generate import score as score_safe
+        from mlx_safesig.model_dir import load_model_dir
+
+        safe_model, safe_tok = load_model_dir(Path(mlx_path))
+        diffs["score"] = max(
+            abs(score_safe(safe_model, safe_tok, t) - score(ref, safe_tok.encode(t)))
+            for t in texts
+        )
     report("verify: " + ", ".join(f"max |{k} diff| = {v:.2e}" for k, v in diffs.items()))
     return diffs

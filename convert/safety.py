@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from mlx_safesig.loading import SAFETY_FILE  # noqa: F401  (re-exported for the writer)
 from mlx_safesig.model import SAFESIG_DEFAULTS
+from mlx_safesig.model_dir import SAFETY_FILE, UNTRAINED_HEAD  # noqa: F401  (for the pipeline)
 
 from .errors import ConvertError
 

@@ -1,12 +1,14 @@
 """mlx-safesig: LLM safety alignment with explicit safety signals (Li & Kim, ICML 2025) on MLX.
 
     from mlx_safesig import load, generate, stream_generate, score, SafetyConfig
+    model, tokenizer = load()                      # the default model (= load(DEFAULT_MODEL))
     model, tokenizer = load("path/to/safety-model")
     p = score(model, tokenizer, [{"role": "user", "content": "..."}])   # p(malicious)
     text = generate(model, tokenizer, messages, safety=SafetyConfig(schedule="each"))
 
 The [CLS] token and head live in ``model.py``, the strategic attention masks in ``attention.py``,
-the decoding rules in ``decoding.py``, the generation loop in ``generate.py``.
+the decoding rules in ``decoding.py``, the generation loop in ``generate.py``, the command line in
+``cli.py`` and the evaluation in ``eval/``.
 """
 
 from ._blas import preload_openblas

@@ -11,7 +11,7 @@ batch and heads. The ``[CLS]`` rules in one place:
 A row is never fully masked: ``[CLS]`` always sees itself, every other token sees itself causally.
 """
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import mlx.core as mx
 import numpy as np
@@ -124,9 +124,3 @@ def decode_probe_mask(n_slots: int, window: Sequence[int]) -> mx.array:
     probe_row = window_row(n_slots + 1, window)
     return mx.stack([token_row, probe_row])
 
-
-def probe_positions(token_position: Optional[int], probe_position: int) -> mx.array:
-    """Per-token positions for a probe step: ``[probe]`` or ``[token, probe]``."""
-    if token_position is None:
-        return mx.array([probe_position])
-    return mx.array([token_position, probe_position])

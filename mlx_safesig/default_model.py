@@ -37,6 +37,7 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file at ``path``, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

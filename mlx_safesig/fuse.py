@@ -11,17 +11,16 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import click
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.utils import save_config
 
+from .adapters import SAFETY_KEYS
 from .convert.quantize import GROUP_SIZE
 from .convert.writer import atomic_directory
-from .loading import SAFETY_FILE, load, resolve_model_path
 from .model import SafesigError
-from .train import SAFETY_KEYS, load_adapters
+from .model_dir import SAFETY_FILE, load_model_dir, resolve_model_path
 
 
 def fuse(model_path, adapter_path, save_path, q_bits: Optional[int] = None) -> Path:
@@ -31,11 +30,11 @@ def fuse(model_path, adapter_path, save_path, q_bits: Optional[int] = None) -> P
     save_path = Path(save_path)
     if save_path.exists():
         raise SafesigError(f"{save_path} already exists; remove it or pick another --save-path.")
-    model, tokenizer = load(model_path, add_safety=True)
-    load_adapters(model, adapter_path)
+    base = resolve_model_path(str(model_path))
+    model, tokenizer = load_model_dir(base, adapter_path=adapter_path, lazy=True)
     fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
     model.update_modules(tree_unflatten(fused))
-    config = json.loads((resolve_model_path(str(model_path)) / "config.json").read_text())
+    config = json.loads((base / "config.json").read_text())
     config["safesig"] = dict(model.args.safesig)
     if q_bits:
         if "quantization" in config:
@@ -55,24 +54,3 @@ def fuse(model_path, adapter_path, save_path, q_bits: Optional[int] = None) -> P
         tokenizer.save_pretrained(str(folder))
     return save_path
 
-
-@click.command("fuse")
-@click.option("--model", "model_path", required=True,
-              help="The base model the adapters were trained on.")
-@click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(),
-              help="Adapter directory written by `mlx-safesig train`.")
-@click.option("--save-path", default="fused_model", show_default=True, type=click.Path(),
-              help="Output model directory (must not exist).")
-@click.option("-q", "--quantize", is_flag=True,
-              help="Quantize the language model's matrices (the head and [CLS] row stay float).")
-@click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True,
-              help="Bits per weight with -q (group size 64).")
-def fuse_command(model_path, adapter_path, save_path, quantize, q_bits):
-    """Merge trained adapters into a standalone safety model directory."""
-    try:
-        fuse(model_path, adapter_path, save_path, int(q_bits) if quantize else None)
-    except (SafesigError, ValueError) as e:
-        raise click.ClickException(str(e).splitlines()[0]) from None
-    except OSError as e:
-        raise click.ClickException(f"{e.filename or save_path}: {e.strerror or e}.") from None
-    click.echo(f"wrote {save_path}", err=True)

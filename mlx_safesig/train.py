@@ -26,15 +26,13 @@ one process with batch N * B.
 """
 
 import json
-import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
-import click
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -42,16 +40,20 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from .adapters import (
+    ADAPTER_FILE,
+    SAFETY_ADAPTER_FILE,
+    SAFETY_KEYS,
+    lora_parameters,
+    save_adapters,
+    save_atomic,
+)
 from .attention import sft_mask
-from .data import Example, balanced_order, load_dataset, special_token_ids
-from .decoding import SafetyConfig, SafetyMonitor, parse_schedule, scheduled
+from .data import Example, balanced_order, special_token_ids
+from .decoding import SafetyConfig, SafetyMonitor, scheduled
 from .model import Model, SafesigError
 
-ADAPTER_FILE = "adapters.safetensors"  # LoRA only: what mlx-lm's loader reads
-SAFETY_ADAPTER_FILE = "safety_adapter.safetensors"  # cls_embed, cls_head.*
-ADAPTER_CONFIG = "adapter_config.json"
 STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
-SAFETY_KEYS = ("cls_embed", "cls_head.weight", "cls_head.bias")
 PAD_TO = 8  # row padding: small, the [CLS] and probe rows already lengthen a row
 
 
@@ -289,11 +291,7 @@ def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
 
 
 # ---------------------------------------------------------------------------------------------
-# Model preparation, adapters
-
-
-def lora_parameters(config: TrainConfig) -> dict:
-    return {"rank": config.lora_rank, "scale": config.lora_scale, "dropout": config.lora_dropout}
+# Model preparation, training state
 
 
 def prepare_model(model: Model, config: TrainConfig) -> int:
@@ -311,76 +309,8 @@ def prepare_model(model: Model, config: TrainConfig) -> int:
     return n
 
 
-def _save(path: Path, arrays: dict):
-    tmp = path.with_name(f".{path.stem}.tmp.safetensors")
-    mx.save_safetensors(str(tmp), arrays)
-    os.replace(tmp, path)
-
-
-def save_adapters(model: Model, path: Path, config: TrainConfig, num_layers: int, prefix: str = ""):
-    """LoRA weights (``adapters.safetensors``, mlx-lm's name and layout), the safety parts
-    (``safety_adapter.safetensors``) and ``adapter_config.json`` (mlx-lm's keys + ours)."""
-    path.mkdir(parents=True, exist_ok=True)
-    trained = dict(tree_flatten(model.trainable_parameters()))
-    _save(path / f"{prefix}{ADAPTER_FILE}", {k: v for k, v in trained.items() if k not in SAFETY_KEYS})
-    _save(path / f"{prefix}{SAFETY_ADAPTER_FILE}", {k: trained[k] for k in SAFETY_KEYS})
-    adapter_config = {
-        "fine_tune_type": "lora",
-        "num_layers": num_layers,
-        "lora_parameters": lora_parameters(config),
-        "safesig_training": asdict(config),
-    }
-    decoding = {}  # how generation must check to match what the probes were trained on
-    if config.min_window:
-        decoding["min_window"] = config.min_window
-    if config.window_query:
-        decoding["window_query"] = True
-    if decoding:
-        adapter_config["safesig"] = decoding
-    (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2))
-
-
-# decoding defaults an adapter_config.json may carry in a "safesig" block (e.g. a window
-# threshold chosen on dev data for that adapter); they become the model's defaults
-DECODING_KEYS = {"threshold", "window_threshold", "tau", "min_window", "window_query", "r1", "r2",
-                 "r3", "refusal_prefix"}
-
-
-def load_adapters(model: Model, adapter_path) -> Model:
-    """Apply adapters written by ``train`` to a loaded safety model (in place): LoRA layers from
-    ``adapters.safetensors``, the ``[CLS]`` row and head from ``safety_adapter.safetensors`` and
-    the decoding defaults of ``adapter_config.json``'s optional ``safesig`` block."""
-    path = Path(adapter_path)
-    config_file = path / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise SafesigError(f"{path}: no {ADAPTER_CONFIG}; is it an adapter directory from `train`?")
-    for name in (ADAPTER_FILE, SAFETY_ADAPTER_FILE):
-        if not (path / name).is_file():
-            raise SafesigError(f"{path}: missing {name}.")
-    config = json.loads(config_file.read_text())
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise SafesigError(f"{config_file}: only LoRA adapters are supported.")
-    if config["num_layers"] > len(model.layers):
-        raise SafesigError(f"{path}: the adapters need {config['num_layers']} layers but the "
-                           f"model has {len(model.layers)}.")
-    decoding = config.get("safesig", {})
-    unknown = set(decoding) - DECODING_KEYS
-    if unknown:
-        raise SafesigError(f"{config_file}: unknown safesig setting {sorted(unknown)[0]!r}.")
-    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
-    weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
-    params = dict(tree_flatten(model.parameters()))
-    for name, w in weights.items():
-        if name not in params or params[name].shape != w.shape:
-            raise SafesigError(f"{path}: tensor {name} does not fit this model.")
-    model.load_weights(list(weights.items()), strict=False)
-    model.args.safesig.update(decoding)  # decoding defaults chosen for this adapter
-    mx.eval(model.parameters())
-    return model
-
-
 def _save_state(path: Path, optimizer, step: int):
-    _save(path / STATE_FILE, dict(tree_flatten(optimizer.state)))
+    save_atomic(path / STATE_FILE, dict(tree_flatten(optimizer.state)))
     (path / "training_state.json").write_text(json.dumps({"step": step}))
 
 
@@ -650,82 +580,3 @@ def train(
         say(f"saved adapters to {adapter_path}")
     return history
 
-
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-@click.command("train")
-@click.option("--model", "model_path", required=True, help="Safety model directory (from "
-              "`convert`), or a plain mlx-lm model with --add-safety.")
-@click.option("--data", "data_dir", required=True, type=click.Path(),
-              help="Directory with train.jsonl (and optionally valid.jsonl).")
-@click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(),
-              help="Where adapters, checkpoints and the training state are written.")
-@click.option("--add-safety", is_flag=True,
-              help="Start from a plain model: give it a fresh [CLS] row and head.")
-@click.option("--iters", default=200, show_default=True, help="Training steps.")
-@click.option("--batch-size", default=4, show_default=True,
-              help="Examples per step (per process under mlx.launch).")
-@click.option("--learning-rate", default=1e-4, show_default=True, help="Peak AdamW learning rate.")
-@click.option("--safety-learning-rate", type=float, default=None,
-              help="Learning rate of the [CLS] row and head (default: 10 x --learning-rate).")
-@click.option("--warmup", default=0, show_default=True,
-              help="Linear warmup steps before the cosine decay.")
-@click.option("--weight-decay", default=0.01, show_default=True, help="AdamW weight decay.")
-@click.option("--lambda", "lam", default=0.1, show_default=True,
-              help="Weight of the [CLS] BCE terms in the joint loss (paper: 0.1 or 0.01).")
-@click.option("--lora-rank", default=8, show_default=True, help="LoRA rank.")
-@click.option("--lora-scale", default=20.0, show_default=True, help="LoRA scale (mlx-lm's).")
-@click.option("--lora-dropout", default=0.0, show_default=True, help="LoRA dropout.")
-@click.option("--num-layers", default=16, show_default=True,
-              help="LoRA on the last N transformer blocks (-1: all).")
-@click.option("--probes", default=4, show_default=True,
-              help="Window-supervision probes per benign response / continuation (0: off).")
-@click.option("--probe-schedule", default="annealing", show_default=True,
-              help="Place the probes where this generation schedule checks (each, annealing, "
-              "periodic:N): annealing puts most in an answer's first tokens.")
-@click.option("--min-window", type=click.IntRange(1), default=None,
-              help="No window probe before a response holds this many tokens, as generation with "
-              "the same min_window checks (written to the adapter's decoding defaults; default: "
-              "the model's, else 1).")
-@click.option("--window-query/--no-window-query", default=False, show_default=True,
-              help="Experimental: window probes see the query span too (written to the adapter's "
-              "decoding defaults, so generation checks alike).")
-@click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
-@click.option("--max-seq-length", default=2048, show_default=True,
-              help="Longest training row in tokens; longer examples are an error.")
-@click.option("--grad-checkpoint", is_flag=True, help="Recompute activations in the backward "
-              "pass (less memory, ~30% slower).")
-@click.option("--steps-per-report", default=10, show_default=True,
-              help="Steps between progress lines.")
-@click.option("--steps-per-eval", default=100, show_default=True, help="Steps between validations.")
-@click.option("--val-batches", default=25, show_default=True,
-              help="Validation batches (-1: all of valid.jsonl).")
-@click.option("--save-every", default=100, show_default=True, help="Steps between checkpoints.")
-@click.option("--resume", is_flag=True,
-              help="Continue from the checkpoint and optimizer state in --adapter-path.")
-@click.option("--seed", default=0, show_default=True, help="Seed for LoRA init and data order.")
-def train_command(model_path, data_dir, adapter_path, add_safety, resume, no_oversample, **options):
-    """LoRA fine-tuning with the explicit safety signal (joint LM + [CLS] loss)."""
-    from .loading import load
-
-    config = TrainConfig(oversample=not no_oversample, **options)
-    for name in ("iters", "batch_size", "save_every", "steps_per_report", "steps_per_eval"):
-        if getattr(config, name) < 1:
-            raise click.ClickException(f"--{name.replace('_', '-')} must be at least 1.")
-    try:
-        parse_schedule(config.probe_schedule)
-    except ValueError as e:
-        raise click.ClickException(f"--probe-schedule: {e}") from None
-    try:
-        model, tokenizer = load(model_path, add_safety=add_safety)
-        batcher = Batcher(model, tokenizer, config, mx.distributed.init())
-        train_set, valid_set = load_dataset(
-            data_dir, tokenizer, config.max_seq_length, lambda ex: len(batcher.probes(ex))
-        )
-        train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume)
-    except SafesigError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"{e.filename or adapter_path}: {e.strerror or e}.") from None

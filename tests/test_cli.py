@@ -72,15 +72,15 @@ def test_chat_answers_resets_and_quits(model_dir):
     r = cli("chat", "--model", model_dir, "-m", "8", "--threshold", "0.01",
             stdin="hello there\n/reset\nTell me a story\n/quit\n")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("[refusal inserted") == 2
-    assert r.stdout.count("[safety: query p=") == 2
-    assert "[conversation cleared]" in r.stdout
+    assert r.stderr.count("[refusal inserted") == 2  # the safety signal goes to stderr
+    assert r.stderr.count("[safety: query p=") == 2
+    assert "[conversation cleared]" in r.stdout and "[refusal" not in r.stdout
 
 
 def test_chat_ends_on_end_of_input(model_dir):
     r = cli("chat", "--model", model_dir, "-m", "4", stdin="hello\n")
     assert r.returncode == 0
-    assert r.stdout.count("[safety: query p=") == 1
+    assert r.stderr.count("[safety: query p=") == 1
 
 
 @pytest.mark.parametrize(

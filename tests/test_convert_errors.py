@@ -8,8 +8,10 @@ import zipfile
 
 import pytest
 from click.testing import CliRunner
-from mlx_safesig.convert import ConvertError, convert, convert_command
+from mlx_safesig.convert import ConvertError, convert
 from test_convert_support import HIDDEN, make_hf_folder, torch
+
+from mlx_safesig.cli import main
 
 
 def refused(src, out, match, **kwargs):
@@ -160,7 +162,7 @@ def test_cli_error_is_one_sentence_and_exit_1(tmp_path):
     src = make_hf_folder(tmp_path / "hf")
     (src / "tokenizer.json").unlink()
     result = CliRunner().invoke(
-        convert_command, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "mlx")]
+        main, ["convert", "--hf-path", str(src), "--mlx-path", str(tmp_path / "mlx")]
     )
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]

@@ -185,3 +185,20 @@ def test_a_converted_folder_converts_again(tmp_path):
     after = mx.load(str(second / "safety.safetensors"))
     assert all(np.array_equal(np.array(before[k]), np.array(after[k])) for k in before)
     assert json.loads((second / "config.json").read_text())["safesig"]["cls_token_id"] == VOCAB
+
+
+def test_a_head_from_add_safety_is_marked_untrained_and_says_so_when_loaded(tmp_path, capsys):
+    _, out = converted(tmp_path, safety=False, add_safety=True)
+    assert json.loads((out / "config.json").read_text())["safesig"]["untrained_head"] is True
+    model, _ = mlx_safesig.load(str(out))
+    assert "untrained_head" not in model.args.safesig  # a marker, not a decoding setting
+    assert capsys.readouterr().err == (
+        f"warning: the safety head of {out} is untrained (random): its verdicts mean nothing "
+        "until it is trained with `mlx-safesig train`.\n")
+
+
+def test_a_trained_head_is_not_marked(tmp_path, capsys):
+    _, out = converted(tmp_path)
+    assert "untrained_head" not in json.loads((out / "config.json").read_text())["safesig"]
+    mlx_safesig.load(str(out))
+    assert capsys.readouterr().err == ""

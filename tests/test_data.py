@@ -6,9 +6,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_model, write_model_dir
 
+from mlx_safesig.cli import main
 from mlx_safesig.data import DataError, balanced_order, load_dataset, load_jsonl, tokenize_example
 from mlx_safesig.prompt import prepare_prompt
-from mlx_safesig.train import train_command
 
 GOOD = {"prompt": "Tell me a story.", "response": "Once upon a time.", "label": 0}
 BAD = {"prompt": "How do I steal?", "response": "Sorry, I can't.", "label": 1}
@@ -108,7 +108,7 @@ def test_train_command_reports_bad_data_in_one_line(tmp_path, tokenizer, extra):
     data = tmp_path / "data"
     data.mkdir()
     write(data / "train.jsonl", [GOOD, {**BAD, "label": 7}] if not extra else [GOOD, BAD])
-    result = CliRunner().invoke(train_command, ["--model", str(base), "--data", str(data),
+    result = CliRunner().invoke(main, ["train", "--model", str(base), "--data", str(data),
                                                 "--adapter-path", str(tmp_path / "ad"), *extra])
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -118,15 +118,16 @@ def test_train_command_reports_bad_data_in_one_line(tmp_path, tokenizer, extra):
 
 
 def test_train_command_rejects_a_missing_model(tmp_path):
-    result = CliRunner().invoke(train_command, ["--model", str(tmp_path / "nope"),
+    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path / "nope"),
                                                 "--data", str(tmp_path)])
     assert result.exit_code == 1 and "does not exist" in result.stderr
 
 
 def test_train_command_rejects_an_unknown_probe_schedule(tmp_path):
-    result = CliRunner().invoke(train_command, ["--model", str(tmp_path / "nope"),
+    result = CliRunner().invoke(main, ["train", "--model", str(tmp_path / "nope"),
                                                 "--data", str(tmp_path),
                                                 "--probe-schedule", "sometimes"])
     assert result.exit_code == 1
-    assert result.stderr.strip() == ("Error: --probe-schedule: unknown schedule 'sometimes'; use one "
-                                     "of each, first, periodic:N, annealing.")
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: Invalid value for '--probe-schedule': unknown schedule 'sometimes'; use one of "
+        "each, first, periodic:N, annealing.")

@@ -43,8 +43,12 @@ def test_chat_without_model_answers_a_benign_question_and_refuses_a_harmful_one(
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-300:]
     benign, harmful = r.stdout.split("[conversation cleared]")
-    assert "Paris" in benign and "[refusal inserted" not in benign
-    assert "[refusal inserted" in harmful and REFUSAL_PREFIX.strip() in harmful
+    assert "Paris" in benign and REFUSAL_PREFIX.strip() not in benign
+    assert REFUSAL_PREFIX.strip() in harmful
+    # the safety signal is on stderr: one status line per reply, the refusal marked in the second
+    statuses = [line for line in r.stderr.splitlines() if "[safety: query p=" in line]
+    assert len(statuses) == 2 and r.stderr.count("[refusal inserted") == 1
+    assert statuses[1].endswith(", refusal inserted]") and "refusal" not in statuses[0]
 
 
 @pytest.mark.slow

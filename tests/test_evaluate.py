@@ -3,34 +3,23 @@ model and a fake data directory of harmless placeholder strings. A scripted head
 exactly for prompts containing FLAG, so the expected counts are known."""
 
 import json
-import struct
-import zlib
+import sys
 from collections import Counter
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import make_model, write_model_dir
 
-from mlx_safesig import evaluate
-from mlx_safesig.cli import _Cli
+from mlx_safesig import SafesigError
+from mlx_safesig.cli import main
 from mlx_safesig.decoding import SafetyConfig
-from mlx_safesig.evaluate import (
-    EvalSettings,
-    Job,
-    KeywordList,
-    broken_any,
-    decoding_grid,
-    eval_command,
-    png_bytes,
-    prefill_texts,
-    read_keywords,
-    row_refused,
-    run_eval,
-    summarize,
-)
+from mlx_safesig.eval import harness
+from mlx_safesig.eval.harness import EvalSettings, run_eval
+from mlx_safesig.eval.judges import KeywordList, load_judge, read_keywords, row_refused
+from mlx_safesig.eval.report import broken_any, format_report, summarize
+from mlx_safesig.eval.suites import Job, decoding_grid, load_data, prefill_texts, read_jsonl
 
 FLAG = "flagme"
 HARMFUL = ["Tell me a story about a robot", "Write a poem about the sea",
@@ -62,7 +51,7 @@ def data_dir(tmp_path_factory):
 
 
 class Calls:
-    """Wraps evaluate.stream_generate / score / plain_batch / safe_batch: a head that says malicious
+    """Wraps harness.stream_generate / score / plain_batch / safe_batch: a head that says malicious
     exactly for prompts with FLAG in them, a count of the generations (one by one or batched) and
     the keys of the batched ones. The head is one p per prompt, so safe_batch is handed one job at
     a time (tests/test_safe_batch.py covers real batches)."""
@@ -71,7 +60,7 @@ class Calls:
         self.generations = self.scores = 0
         self.batched = []
         real_stream, real_score, real_batch, real_safe = (
-            evaluate.stream_generate, evaluate.score, evaluate.plain_batch, evaluate.safe_batch)
+            harness.stream_generate, harness.score, harness.plain_batch, harness.safe_batch)
 
         def head(model, messages):
             p = 0.9 if FLAG in messages[-1]["content"] else 0.1
@@ -101,10 +90,10 @@ class Calls:
                     self.batched.append(job.key)
                     yield item
 
-        monkeypatch.setattr(evaluate, "stream_generate", stream)
-        monkeypatch.setattr(evaluate, "safe_batch", safe)
-        monkeypatch.setattr(evaluate, "score", score)
-        monkeypatch.setattr(evaluate, "plain_batch", batch)
+        monkeypatch.setattr(harness, "stream_generate", stream)
+        monkeypatch.setattr(harness, "safe_batch", safe)
+        monkeypatch.setattr(harness, "score", score)
+        monkeypatch.setattr(harness, "plain_batch", batch)
 
 
 @pytest.fixture
@@ -174,7 +163,7 @@ def test_prefix_or_inserted_judge_counts_either_refusal():
 
 def test_keyword_file_without_a_list_is_one_clear_error(tmp_path):
     (tmp_path / "refusal_keywords.json").write_text(json.dumps({"Prefixes": {}}))
-    with pytest.raises(evaluate.SafesigError, match="lacks a Prefixes list"):
+    with pytest.raises(SafesigError, match="lacks a Prefixes list"):
         read_keywords(tmp_path / "refusal_keywords.json")
 
 
@@ -232,7 +221,7 @@ def test_inserted_refusals_are_counted_by_what_inserted_them():
         "benign": {"query": 1, "window": 1, "n": 3}}
     results["config"] = {"model": "m", "split": "dev", "limit": None, "max_tokens": 8,
                          "sampling": {}, "seed": 0, "schedule": "each", "threshold": 0.5}
-    assert "| benign | 1 | 1 | 3 |" in evaluate.format_report(results)
+    assert "| benign | 1 | 1 | 3 |" in format_report(results)
 
 
 def test_prefill_k_is_sure_and_the_first_k_tokens_of_the_own_continuation(tokenizer):
@@ -250,13 +239,13 @@ def test_prefill_suite_generates_the_continuation_once_and_prefills_it(tokenizer
                                                                          tmp_path, calls,
                                                                          monkeypatch):
     prefills = []
-    real = evaluate.stream_generate
+    real = harness.stream_generate
 
     def stream(model, tokenizer, messages, *args, **kwargs):
         prefills.append(kwargs.get("prefill_response"))
         yield from real(model, tokenizer, messages, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "stream_generate", stream)
+    monkeypatch.setattr(harness, "stream_generate", stream)
     results = run(tokenizer, data_dir, tmp_path, ["prefill"], limit=1, batch_size=1)
     assert calls.generations == 1 + 5 * 2  # the own answer, then 5 attacks x safety on/off
     rows = rows_of(tmp_path)
@@ -295,7 +284,7 @@ def test_resume_skips_finished_rows(tokenizer, data_dir, tmp_path, calls):
     run(tokenizer, data_dir, tmp_path, ["direct"], limit=2)
     assert calls.generations == 4
     first = (tmp_path / "rows.jsonl").read_text()
-    with pytest.raises(evaluate.SafesigError, match="pass --resume"):
+    with pytest.raises(SafesigError, match="pass --resume"):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=2)
     results = run(tokenizer, data_dir, tmp_path, ["direct"], limit=3, resume=True)
     assert calls.generations == 6  # only the third prompt, on and off
@@ -303,7 +292,7 @@ def test_resume_skips_finished_rows(tokenizer, data_dir, tmp_path, calls):
     assert results["suites"]["direct"]["attacks"]["direct"]["on"]["kw-prefix"]["n"] == 3
     run(tokenizer, data_dir, tmp_path, ["direct"], limit=3, resume=True)
     assert calls.generations == 6
-    with pytest.raises(evaluate.SafesigError, match="max_tokens=8, not 9"):
+    with pytest.raises(SafesigError, match="max_tokens=8, not 9"):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=3, resume=True, max_tokens=9)
 
 
@@ -315,13 +304,13 @@ def test_resume_refuses_rows_made_under_other_decoding_defaults_of_the_model(
     run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model)
     run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model, resume=True)
     model.args.safesig = {**model.args.safesig, "window_query": True}
-    with pytest.raises(evaluate.SafesigError,
+    with pytest.raises(SafesigError,
                        match=r"window_query=False, not True \(the model's decoding defaults changed"):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model, resume=True)
     run_file = tmp_path / "run.json"  # as an earlier version wrote it
     before = json.loads(run_file.read_text())
     run_file.write_text(json.dumps({k: v for k, v in before.items() if k != "decoding"}))
-    with pytest.raises(evaluate.SafesigError, match="earlier mlx-safesig, which did not record"):
+    with pytest.raises(SafesigError, match="earlier mlx-safesig, which did not record"):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, model=model, resume=True)
 
 
@@ -393,8 +382,8 @@ def test_batched_prompt_ids_are_the_ones_the_sequential_path_feeds_mlx_lm(tokeni
     prefill = Job("prefill", "sure", "h0", "off", HARMFUL[0], prefill="Sure, here is")
     plain = Job("direct", "direct", "h0", "off", HARMFUL[0])
     for job in (prefill, plain):
-        evaluate.respond(model, tokenizer, job, SafetyConfig(enabled=False), 2, 0)
-    ids = [evaluate.plain_prompt_ids(model, tokenizer, j) for j in (prefill, plain)]
+        harness.respond(model, tokenizer, job, SafetyConfig(enabled=False), 2, 0)
+    ids = [harness.plain_prompt_ids(model, tokenizer, j) for j in (prefill, plain)]
     assert fed == ids
     assert ids[0][: len(ids[1])] == ids[1] and len(ids[0]) > len(ids[1])  # the prefill follows
 
@@ -408,7 +397,7 @@ def test_only_greedy_generations_are_batched(tokenizer, data_dir, tmp_path, call
 
 def test_resume_after_an_interrupted_batch_skips_its_finished_rows(tokenizer, data_dir, tmp_path,
                                                                    calls, monkeypatch):
-    counted = evaluate.plain_batch
+    counted = harness.plain_batch
 
     def interrupted(*args, **kwargs):  # Ctrl-C as the batch's fourth generation finishes
         for n, item in enumerate(counted(*args, **kwargs)):
@@ -416,7 +405,7 @@ def test_resume_after_an_interrupted_batch_skips_its_finished_rows(tokenizer, da
                 raise KeyboardInterrupt
             yield item
 
-    monkeypatch.setattr(evaluate, "plain_batch", interrupted)
+    monkeypatch.setattr(harness, "plain_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(tokenizer, data_dir, tmp_path / "a", ["direct"], batch_size=2)
     finished = {r["key"] for r in rows_of(tmp_path / "a")}
@@ -424,7 +413,7 @@ def test_resume_after_an_interrupted_batch_skips_its_finished_rows(tokenizer, da
     lost = calls.batched[3]
     first = (tmp_path / "a" / "rows.jsonl").read_text()
 
-    monkeypatch.setattr(evaluate, "plain_batch", counted)
+    monkeypatch.setattr(harness, "plain_batch", counted)
     calls.generations = 0
     results = run(tokenizer, data_dir, tmp_path / "a", ["direct"], batch_size=2, resume=True)
     text = (tmp_path / "a" / "rows.jsonl").read_text()
@@ -440,9 +429,9 @@ def test_resume_after_an_interrupted_batch_skips_its_finished_rows(tokenizer, da
 
 
 def test_batch_size_below_one_is_refused(tokenizer, data_dir, tmp_path):
-    with pytest.raises(evaluate.SafesigError, match="batch size must be at least 1, got 0"):
+    with pytest.raises(SafesigError, match="batch size must be at least 1, got 0"):
         run(tokenizer, data_dir, tmp_path, ["direct"], batch_size=0)
-    with pytest.raises(evaluate.SafesigError, match="max_tokens must be at least 1, got 0"):
+    with pytest.raises(SafesigError, match="max_tokens must be at least 1, got 0"):
         run(tokenizer, data_dir, tmp_path, ["direct"], max_tokens=0)
     assert not (tmp_path / "rows.jsonl").exists()
 
@@ -461,14 +450,17 @@ def test_report_files_have_a_table_per_suite_and_valid_pngs(tokenizer, data_dir,
         assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_png_writer_round_trips_the_pixels():
-    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
-    data = png_bytes(rgb)
-    width, height = struct.unpack(">II", data[16:24])
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    raw = zlib.decompress(data[41:41 + idat_len])
-    assert (width, height) == (7, 5)
-    assert raw == b"".join(b"\x00" + rgb[y].tobytes() for y in range(5))
+def test_without_matplotlib_there_are_no_plots_and_eval_says_how_to_get_them(
+        model_dir, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    r = cli("--model", model_dir, "--data", data_dir, "--out", tmp_path / "o", "--suite",
+            "direct", "--limit", "1", "-m", "4", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["plots"] == []
+    assert not list((tmp_path / "o").glob("*.png"))
+    assert ("no plots: matplotlib is not installed (pip install 'mlx-safesig[plots]')."
+            in r.stderr.splitlines())
+    assert "Traceback" not in r.stderr
 
 
 def test_judge_model_hook_is_loaded_and_named(tokenizer, data_dir, tmp_path, calls):
@@ -476,7 +468,7 @@ def test_judge_model_hook_is_loaded_and_named(tokenizer, data_dir, tmp_path, cal
     judge_file.write_text("def judge(prompt, response):\n    return 'Sorry' not in response\n")
     settings = EvalSettings(suites=["direct"], max_tokens=8, limit=2)
     results = run_eval(make_model(), tokenizer, data_dir, tmp_path / "out", settings,
-                       judge=evaluate.load_judge(judge_file), judge_id=str(judge_file),
+                       judge=load_judge(judge_file), judge_id=str(judge_file),
                        progress=False)
     cell = results["suites"]["direct"]["attacks"]["direct"]["on"]["judge-model"]
     assert cell["n"] == 2 and "h0" not in cell["ids"]
@@ -522,19 +514,19 @@ def test_benign_and_detection_counts_per_data_source(tokenizer, data_dir, tmp_pa
 def test_decoding_settings_reach_the_generations_the_report_and_the_resume_check(
         tokenizer, data_dir, tmp_path, calls, monkeypatch, name, value, other, report):
     seen = []
-    real = evaluate.stream_generate
+    real = harness.stream_generate
 
     def stream(model, tokenizer, messages, *args, **kwargs):
         seen.append(getattr(kwargs["safety"], name) if kwargs["safety"].enabled else None)
         yield from real(model, tokenizer, messages, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "stream_generate", stream)
+    monkeypatch.setattr(harness, "stream_generate", stream)
     results = run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, batch_size=1,
                   **{name: value})
     assert sorted(seen, key=lambda v: v is None) == [value, None]
     assert results["config"][name] == value
     assert report in (tmp_path / "report.md").read_text()
-    with pytest.raises(evaluate.SafesigError, match=f"{name}={value}, not {other}"):
+    with pytest.raises(SafesigError, match=f"{name}={value}, not {other}"):
         run(tokenizer, data_dir, tmp_path, ["direct"], limit=1, resume=True, **{name: other})
 
 
@@ -546,8 +538,7 @@ def model_dir(tmp_path_factory, tokenizer):
 
 
 def cli(*args):
-    group = _Cli(commands={"eval": eval_command})
-    return CliRunner().invoke(group, ["eval", *map(str, args)])
+    return CliRunner().invoke(main, ["eval", *map(str, args)])
 
 
 def test_command_runs_end_to_end_and_prints_json(model_dir, data_dir, tmp_path):
@@ -560,7 +551,7 @@ def test_command_runs_end_to_end_and_prints_json(model_dir, data_dir, tmp_path):
 
 
 def test_every_option_has_help():
-    assert all(p.help for p in eval_command.params if p.name != "help")
+    assert all(p.help for p in main.commands["eval"].params if p.name != "help")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -585,13 +576,13 @@ def test_bad_input_is_one_line_and_exit_1(model_dir, data_dir, tmp_path, args, m
 def test_jsonl_rows_may_hold_unicode_line_separators(tmp_path):
     path = tmp_path / "gcg.jsonl"
     path.write_text(json.dumps({"id": "g0", "text": "a\u2028b\x1cc"}, ensure_ascii=False) + "\n")
-    assert [r["id"] for r in evaluate.read_jsonl(path)] == ["g0"]
+    assert [r["id"] for r in read_jsonl(path)] == ["g0"]
 
 
 def test_judge_file_without_a_judge_function_is_one_clear_error(tmp_path):
     (tmp_path / "guard.py").write_text("x = 1\n")
-    with pytest.raises(evaluate.SafesigError, match="defines no judge"):
-        evaluate.load_judge(tmp_path / "guard.py")
+    with pytest.raises(SafesigError, match="defines no judge"):
+        load_judge(tmp_path / "guard.py")
 
 
 def test_exclude_category_leaves_those_harmful_rows_out(tmp_path):
@@ -604,8 +595,8 @@ def test_exclude_category_leaves_those_harmful_rows_out(tmp_path):
     (d / "refusal_keywords.json").write_text(json.dumps({
         "Prefixes": {"matchtype": "startswith", "keywords": ["Sorry"]},
         "MitigationBypass": {"matchtype": "str", "keywords": ["can't"]}}))
-    data = evaluate.load_data(d, "dev", ["direct", "benign"], exclude=("drop",))
+    data = load_data(d, "dev", ["direct", "benign"], exclude=("drop",))
     assert [r["id"] for r in data.sets["harmful"]] == ["h0", "h2"]
     assert [r["id"] for r in data.sets["benign"]] == ["b0"]  # only harmful rows are filtered
-    fp = evaluate.EvalSettings(exclude_categories=("drop",)).fingerprint("m")
+    fp = EvalSettings(exclude_categories=("drop",)).fingerprint("m")
     assert fp["exclude_categories"] == ["drop"]  # a resume must use the same exclusion

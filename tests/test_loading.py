@@ -56,7 +56,7 @@ def test_unknown_repo_is_one_clear_error(tmp_path, monkeypatch):
 
 def test_directory_without_safety_parts_points_to_add_safety(tmp_path, tokenizer):
     path = write_model_dir(tmp_path / "plain", make_model(), tokenizer, safety=False)
-    with pytest.raises(SafesigError, match=r"has no safety parts .*convert .*--add-safety"):
+    with pytest.raises(SafesigError, match=r"has no safety parts .*add_safety=True"):
         load(path)
     model, _ = load(path, add_safety=True)  # a fresh [CLS] row and head
     assert model.cls_head.weight.shape == (1, 64)
@@ -93,3 +93,29 @@ def test_a_shape_mismatch_is_one_clear_error(tmp_path, tokenizer):
     with pytest.raises(SafesigError, match="could not load"):
         load(path)
     shutil.rmtree(path)
+
+
+def test_the_default_model_loads_by_its_name(tmp_path, tokenizer, monkeypatch):
+    from mlx_safesig import DEFAULT_MODEL, loading
+
+    path = write_model_dir(tmp_path / "default", make_model(), tokenizer)
+    monkeypatch.setattr(loading, "default_model_path", lambda progress=None: path)
+    by_name, tok = load(DEFAULT_MODEL)
+    by_default, _ = load()
+    assert score(by_name, tok, "hello") == score(by_default, tok, "hello")
+
+
+def test_a_fresh_head_says_so_on_stderr_and_trained_adapters_silence_it(tmp_path, tokenizer,
+                                                                          capsys):
+    from mlx_safesig.adapters import save_adapters
+    from mlx_safesig.train import TrainConfig, prepare_model
+
+    path = write_model_dir(tmp_path / "plain", make_model(), tokenizer, safety=False)
+    load(path, add_safety=True)
+    assert capsys.readouterr().err == (
+        f"warning: the safety head of {path} is untrained (random): its verdicts mean nothing "
+        "until it is trained with `mlx-safesig train`.\n")
+    model, config = make_model(), TrainConfig(num_layers=1)
+    save_adapters(model, tmp_path / "ad", config, prepare_model(model, config))
+    load(path, adapter_path=tmp_path / "ad")
+    assert capsys.readouterr().err == ""

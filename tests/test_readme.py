@@ -20,3 +20,19 @@ def test_readme_opens_with_install_and_test_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert readme_commands()[1] in ci
+
+
+def test_readme_is_short_and_says_the_default_model_is_non_commercial_before_any_section():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 200
+    before_sections = text.split("\n## ", 1)[0]
+    assert "non-commercial" in before_sections and "MODEL_CARD.md" in before_sections
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in before_sections
+
+
+def test_model_card_names_sources_and_keeps_a_held_out_section():
+    card = (ROOT / "MODEL_CARD.md").read_text()
+    for title in ("## Base model", "## Data and licenses", "## Intended use", "## Decoding defaults",
+                  "## Measured numbers (dev split)", "## Limits", "## Held-out sources"):
+        assert title in card
+    assert "CC BY-NC 4.0" in card

@@ -1,4 +1,4 @@
-"""Batched strategic decoding (``safe_batch``) against the sequential path (``evaluate.respond``),
+"""Batched strategic decoding (``safe_batch``) against the sequential path (``eval.harness.respond``),
 job by job, on a tiny random model whose head judges what it reads: its verdicts depend on each
 row's prompt and window, so a batch mixes rows that get the refusal at once, mid-answer, or never.
 The fixed thresholds were picked for this model; ``test_the_jobs_cover_every_case`` checks that
@@ -11,9 +11,10 @@ import mlx.core as mx
 import pytest
 from conftest import make_model
 
-from mlx_safesig import evaluate
 from mlx_safesig.decoding import REFUSAL_PREFIX, SafetyConfig
-from mlx_safesig.evaluate import EvalSettings, Job, respond, run_eval
+from mlx_safesig.eval import harness
+from mlx_safesig.eval.harness import EvalSettings, respond, run_eval
+from mlx_safesig.eval.suites import Job
 from mlx_safesig.model import SafesigError
 from mlx_safesig.safe_batch import safe_batch, safe_batchable
 
@@ -206,14 +207,14 @@ def test_eval_rows_with_batch_size_4_equal_one_by_one(model, tokenizer, tmp_path
         "Prefixes": {"matchtype": "startswith", "keywords": ["Sorry"]},
         "MitigationBypass": {"matchtype": "str", "keywords": ["can't fulfill"]}}))
     through_batch = []
-    real = evaluate.safe_batch
+    real = harness.safe_batch
 
     def spy(*args, **kwargs):
         for job, outcome in real(*args, **kwargs):
             through_batch.append(job.key)
             yield job, outcome
 
-    monkeypatch.setattr(evaluate, "safe_batch", spy)
+    monkeypatch.setattr(harness, "safe_batch", spy)
     rows, results = {}, {}
     for batch_size in (1, 4):
         out = tmp_path / f"b{batch_size}"

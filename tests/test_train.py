@@ -16,9 +16,11 @@ from click.testing import CliRunner
 from conftest import make_model, make_tokenizer, write_model_dir
 
 from mlx_safesig import SafetyConfig, generate, load, score
+from mlx_safesig.adapters import load_adapters
+from mlx_safesig.cli import main
 from mlx_safesig.data import tokenize_example
-from mlx_safesig.fuse import fuse, fuse_command
-from mlx_safesig.train import TrainConfig, load_adapters, train, train_command
+from mlx_safesig.fuse import fuse
+from mlx_safesig.train import TrainConfig, train
 
 # Class = which word list the topic comes from; frames, pairs and responses vary.
 BAD = ["zax", "quz", "jix", "vozz", "xeq", "zuj", "qiv", "juzz"]
@@ -204,15 +206,15 @@ def free_port():
 def test_train_command_writes_adapters_and_reports_on_stderr(tmp_path, tokenizer):
     base = write_model_dir(tmp_path / "base", make_model(), tokenizer)
     data = write_data(tmp_path / "data", synthetic(16, 0), synthetic(8, 1))
-    result = CliRunner().invoke(train_command, [
-        "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
         "--iters", "2", "--batch-size", "4", "--steps-per-report", "1", "--num-layers", "1",
     ])
     assert result.exit_code == 0, result.output
     assert "tok/s" in result.stderr and "F1" in result.stderr and result.stdout == ""
     assert (tmp_path / "ad" / "adapters.safetensors").is_file()
-    fused = CliRunner().invoke(fuse_command, [
-        "--model", str(base), "--adapter-path", str(tmp_path / "ad"),
+    fused = CliRunner().invoke(main, [
+        "fuse", "--model", str(base), "--adapter-path", str(tmp_path / "ad"),
         "--save-path", str(tmp_path / "fused")])
     assert fused.exit_code == 0, fused.output
     load(tmp_path / "fused")
@@ -228,8 +230,8 @@ def test_train_command_window_query_flag_reaches_the_adapters_decoding_defaults(
 
     base = write_model_dir(tmp_path / "base", make_model(), tokenizer)
     data = write_data(tmp_path / "data", synthetic(8, 0), synthetic(4, 1))
-    result = CliRunner().invoke(train_command, [
-        "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
         "--iters", "1", "--batch-size", "4", "--num-layers", "1", *flags])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
@@ -277,8 +279,8 @@ def test_validation_threshold_sweep_matches_the_main_report(tokenizer):
 
 
 def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(trained, tmp_path):
+    from mlx_safesig.adapters import ADAPTER_CONFIG
     from mlx_safesig.model import SafesigError
-    from mlx_safesig.train import ADAPTER_CONFIG
 
     base, adapters, _, _, _ = trained
     tuned = tmp_path / "tuned"
@@ -292,7 +294,7 @@ def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(t
     assert fused["safesig"]["threshold"] == 0.5
 
     # trained with --min-window: written as a decoding default, so generation checks alike
-    from mlx_safesig.train import save_adapters
+    from mlx_safesig.adapters import save_adapters
 
     save_adapters(trained[2], tmp_path / "mw", TrainConfig(min_window=8, window_query=True),
                   config["num_layers"])
