@@ -6,7 +6,7 @@
     text = generate(model, tokenizer, messages, safety=SafetyConfig(schedule="each"))
 
 The [CLS] token and head live in ``model.py``, the strategic attention masks in ``attention.py``,
-the decoding rules in ``decoding.py``, the generation loop in ``generate.py``.
+the decoding rules in ``decoding.py``, the one generation loop (1..B rows) in ``engine.py``.
 """
 
 from ._blas import preload_openblas
@@ -15,6 +15,7 @@ preload_openblas()  # before anything imports mlx: the Linux wheel's reference B
 
 from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor  # noqa: E402
 from .default_model import DEFAULT_MODEL  # noqa: E402
+from .engine import RetractStep, SafeBatchGenerator, TokenStep, seeded_sampler  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResult,
     SafetySignal,
@@ -24,6 +25,7 @@ from .generate import (  # noqa: E402
 )
 from .loading import load  # noqa: E402
 from .model import Model, ModelArgs, SafesigError  # noqa: E402
+from .prefill import PromptCache, make_prompt_cache  # noqa: E402
 from .prompt import PreparedPrompt, prepare_prompt  # noqa: E402
 
 __all__ = [
@@ -37,6 +39,12 @@ __all__ = [
     "SafetyMonitor",
     "SafetySignal",
     "GenerationResult",
+    "make_prompt_cache",
+    "PromptCache",
+    "SafeBatchGenerator",
+    "TokenStep",
+    "RetractStep",
+    "seeded_sampler",
     "prepare_prompt",
     "PreparedPrompt",
     "Model",

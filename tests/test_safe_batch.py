@@ -34,7 +34,7 @@ THRESHOLD = 0.39  # the query verdicts of three prompts reach it
 WINDOW_THRESHOLD = 0.855  # windows late in some answers reach it
 MAX_TOKENS = 64
 SCHEDULES = ("annealing", "each")
-generation = importlib.import_module("mlx_safesig.generate")  # the package exports generate()
+engine = importlib.import_module("mlx_safesig.engine")
 
 
 def judging_model(**overrides):
@@ -117,7 +117,8 @@ def test_the_jobs_cover_every_case(tokenizer, sequential, schedule):
     assert any(cleared(o) for o in direct)
     prefilled = [outcomes[j.key] for j in JOBS if j.prefill]
     n_prefill = len(tokenizer.encode("Sure, here is", add_special_tokens=False))
-    assert all(o["probes"][1][0] == n_prefill for o in prefilled)  # the first generated token
+    # the prefill is judged before the first generated token
+    assert all(o["probes"][1][0] == n_prefill - 1 for o in prefilled)
     assert any(o["inserted"] for o in prefilled)
     probes = {s: sum(len(o.get("probes", [])) for o in sequential[s].values()) for s in SCHEDULES}
     assert probes["annealing"] < probes["each"]  # answers long enough for annealing to thin out
@@ -166,7 +167,7 @@ def test_model_variants_batched_equal_sequential(tokenizer, variant, monkeypatch
         assert any("<|endoftext|>" in o.get("response", "") for o in expected.values())
     if variant == "[CLS] inside the LM head":  # without its mask the [CLS] id would be sampled
         with monkeypatch.context() as m:
-            m.setattr(generation, "_cls_logits_mask", lambda model, vocab: None)
+            m.setattr(engine, "cls_logits_mask", lambda model, vocab: None)
             assert one_by_one(model, tokenizer, JOBS, safety) != expected
     if variant == "min_window from the model":
         window_probes = [t for o in expected.values() for t, _ in o.get("probes", []) if t >= 0]
