@@ -321,7 +321,7 @@ class SafeBatchGenerator:
         model, rows, cache = self.model, self.rows, self.cache
         batched = isinstance(cache[0], BatchKVCache)
         width = cache[0].size() if batched else cache[0].offset
-        ys = mx.concatenate([r.y for r in rows])
+        ys = rows[0].y if len(rows) == 1 else mx.concatenate([r.y for r in rows])
         ns = [r.slot for r in rows]
         probing = any(p is not None for p in plans)
         if not probing or not self.fused_probe:
@@ -370,9 +370,10 @@ class SafeBatchGenerator:
             base = decode_probe_mask(n, slots)
             column = mx.stack([mx.array(True), mx.array(sees_y)])[:, None]
             rows = mx.where(mx.arange(n + 2) == y_slot, column, base)
-            return mx.pad(rows, [(0, 0), (width - n, 0)])
-        row = mx.where(mx.arange(n + 1) == y_slot, mx.array(sees_y), window_row(n, slots))
-        return mx.pad(row[None], [(0, 0), (width - n, 0)])
+        else:
+            rows = mx.where(mx.arange(n + 1) == y_slot, mx.array(sees_y), window_row(n, slots))
+            rows = rows[None]
+        return rows if width == n else mx.pad(rows, [(0, 0), (width - n, 0)])
 
     # -- the cache of the batch ----------------------------------------------------------------
 
@@ -431,7 +432,8 @@ class SafeBatchGenerator:
 
     def _step(self):
         logits, ps, plans = self._out
-        tokens = mx.concatenate([r.y for r in self.rows]).tolist()
+        tokens = (self.rows[0].y if len(self.rows) == 1 else
+                  mx.concatenate([r.y for r in self.rows])).tolist()
         keep = []
         for i, (row, token) in enumerate(zip(self.rows, tokens)):
             if not self._emit(row, token, row.logprobs):
