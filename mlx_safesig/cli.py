@@ -255,10 +255,12 @@ def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, **safety):
     """Chat in the terminal with the safety signal shown live. /reset clears the conversation,
     /quit (or Ctrl-D) leaves; Ctrl-C stops the current reply."""
     from .generate import stream_generate, without_retracted
+    from .prefill import make_prompt_cache
 
     config = _safety_config(**safety)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model)
+    cache = make_prompt_cache(net)  # each turn runs only what follows the previous prompt
     out = click.get_text_stream("stdout")
     marks = _Marks(out)
     start = [{"role": "system", "content": system}] if system else []
@@ -280,13 +282,14 @@ def chat(model, system, max_tokens, temp, top_p, top_k, min_p, seed, **safety):
         if line in ("/quit", "/exit"):
             return
         if line == "/reset":
-            history = list(start)
+            history, cache = list(start), make_prompt_cache(net)
             click.echo("[conversation cleared]")
             continue
         history.append({"role": "user", "content": line})
         reply, last = "", None
         try:
-            for r in stream_generate(net, tokenizer, history, max_tokens, safety=config, **sampling):
+            for r in stream_generate(net, tokenizer, history, max_tokens, safety=config,
+                                     prompt_cache=cache, **sampling):
                 reply = without_retracted(reply, r.safety.events)
                 shown = _event_marks(r.safety.events, marks)
                 out.write("".join(shown) + r.text)
