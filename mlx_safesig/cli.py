@@ -79,15 +79,23 @@ def main():
               help="Prompt length for the prefill measurement.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
               help="Interleaved repetitions; the median is reported.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Also decode this many prompts together: mlx-lm's BatchGenerator vs the "
+              "safety engine.")
+@click.option("--chat-turns", type=click.IntRange(1), default=None,
+              help="Also time the first token of each turn of a chat this long (~100 tokens a "
+              "turn), reusing the conversation cache vs prefilling the conversation again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @user_errors
-def bench(model, schedules, max_tokens, prefill_tokens, repeats, as_json):
+def bench(model, schedules, max_tokens, prefill_tokens, repeats, batch_size, chat_turns,
+          as_json):
     """Decode and prefill speed, safety on (per schedule) vs plain mlx-lm, same process."""
     from .bench import bench as run_bench
     from .bench import format_table
 
     result = run_bench(_model_path(model), schedules=schedules, max_tokens=max_tokens,
-                       prefill_tokens=prefill_tokens, repeats=repeats, progress=_say)
+                       prefill_tokens=prefill_tokens, repeats=repeats, progress=_say,
+                       batch_size=batch_size, chat_turns=chat_turns)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 

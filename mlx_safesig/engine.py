@@ -172,6 +172,7 @@ class SafeBatchGenerator:
             special_table=token_table(max(vocab, model.cls_token_id + 1), ids),
         )
         self.fused_probe = fused_probe
+        self._cls = mx.array([model.cls_token_id])
         self.kv = (kv_bits, kv_group_size, quantized_kv_start)
         self.rows: List[_Row] = []  # in batch order; their y is in flight in ``self._out``
         self.joining: List[_Row] = []  # admitted, on their own caches
@@ -317,44 +318,56 @@ class SafeBatchGenerator:
 
     def _launch(self, plans: List[Optional[tuple]]):
         """Feed every row its ``y`` (and a probe where ``plans`` has one) in one forward; returns
-        (logits [B, V], p [B] or None, plans), lazily evaluated in the background."""
+        (logits [B, V], p [B] (a scalar for a lone row) or None, plans), lazily evaluated in the
+        background. A lone row's step builds exactly the graph of a single sequence: no stacking,
+        no padding, 1-d positions (every op costs graph time at each token)."""
         model, rows, cache = self.model, self.rows, self.cache
         batched = isinstance(cache[0], BatchKVCache)
         width = cache[0].size() if batched else cache[0].offset
-        ys = rows[0].y if len(rows) == 1 else mx.concatenate([r.y for r in rows])
+        ys = mx.concatenate([r.y for r in rows]) if batched else rows[0].y
         ns = [r.slot for r in rows]
         probing = any(p is not None for p in plans)
+
+        def stacked(arrays):  # per-row masks -> [B, 1, L, K]; a lone row's [L, K] as it is
+            return mx.stack(arrays)[:, None] if batched else arrays[0]
+
+        def heads(h, i):  # the head row by row: its matrix-vector product rounds like a lone row's
+            ps = [model.safety_prob(h[b, i]) for b in range(len(rows))]
+            return mx.stack(ps) if batched else ps[0]
+
         if not probing or not self.fused_probe:
             mask = None
             if batched:  # left padding: row i's slots start at width - n_i
-                mask = mx.stack([mx.arange(width + 1) >= width - n for n in ns])[:, None, None]
+                mask = stacked([(mx.arange(width + 1) >= width - n)[None] for n in ns])
             h = model.hidden(ys[:, None], cache, mask=mask,
                              positions=mx.array(ns)[:, None] if batched else mx.array(ns),
                              compiled=True)
             logits = model.logits(h[:, -1])
             if not probing:
-                out = (logits, None, plans)
                 mx.async_eval(ys, logits)
-                return out
-            masks = [self._probe_row(n + 1, width + 1, plan, y, with_token=False)
-                     for n, plan, y in zip(ns, plans, ys)]
-            cls = mx.full((len(rows), 1), model.cls_token_id)
-            pos = mx.array([[probe_position(model, n + 1)] for n in ns])
-            h_cls = model.hidden(cls, cache, mask=mx.stack(masks)[:, None],
-                                 positions=pos if batched else pos[0])
+                return logits, None, plans
+            masks = [self._probe_row(n + 1, width + 1, plan, ys[i], with_token=False)
+                     for i, (n, plan) in enumerate(zip(ns, plans))]
+            pos = [probe_position(model, n + 1) for n in ns]
+            h = model.hidden(mx.full((len(rows), 1), model.cls_token_id), cache,
+                             mask=stacked(masks),
+                             positions=mx.array(pos)[:, None] if batched else mx.array(pos))
             self._trim(1)
-            ps = mx.stack([model.safety_prob(h_cls[i, -1]) for i in range(len(rows))])
+            ps = heads(h, -1)
         else:
             masks = [self._probe_row(n, width, plan, ys[i], with_token=True)
                      for i, (n, plan) in enumerate(zip(ns, plans))]
-            inputs = mx.stack([ys, mx.full(ys.shape, model.cls_token_id)], axis=1)
-            pos = mx.array([[n, probe_position(model, n + 1)] for n in ns])
-            h = model.hidden(inputs, cache, mask=mx.stack(masks)[:, None],
-                             positions=pos if batched else pos[0], compiled=True)
+            pos = [[n, probe_position(model, n + 1)] for n in ns]
+            if batched:
+                inputs = mx.stack([ys, mx.full(ys.shape, model.cls_token_id)], axis=1)
+            else:
+                inputs = mx.concatenate([ys, self._cls])[None]
+            h = model.hidden(inputs, cache, mask=stacked(masks),
+                             positions=mx.array(pos) if batched else mx.array(pos[0]),
+                             compiled=True)
             self._trim(1)
             logits = model.logits(h[:, 0])
-            # the head row by row: its matrix-vector product rounds like a lone row's
-            ps = mx.stack([model.safety_prob(h[i, 1]) for i in range(len(rows))])
+            ps = heads(h, 1)
         mx.async_eval(ys, logits, ps)
         return logits, ps, plans
 
@@ -454,7 +467,7 @@ class SafeBatchGenerator:
         out_next = self._launch(planned)
         relaunch, refusing = False, []
         if ps is not None:
-            ps = ps.tolist()
+            ps = ps.tolist() if ps.ndim else [ps.item()]
             for j, i in enumerate(keep):
                 if plans[i] is None:
                     continue
