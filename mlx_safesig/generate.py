@@ -117,8 +117,9 @@ def stream_generate(
     ``temp/top_p/top_k/min_p`` build one. ``prompt_cache``: a ``make_prompt_cache(model)`` kept
     across a conversation's turns; pass the whole conversation each turn and only what follows
     the previous turn's prompt is run. ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start``:
-    mlx-lm's quantized KV cache. ``max_kv_size`` works with safety off only (a rotating cache
-    overwrites the slots the safety checks address).
+    mlx-lm's quantized KV cache (with safety on it is quantized once, after the prompt, if that
+    holds ``quantized_kv_start`` tokens). ``max_kv_size`` works with safety off only (a rotating
+    cache overwrites the slots the safety checks address).
     ``safety``: a ``SafetyConfig``; ``SafetyConfig(enabled=False)`` is exactly mlx-lm's
     ``stream_generate`` (other keyword arguments go to it). Each result carries ``safety``
     (latest p(malicious), query verdict, events). On a ``retracted`` event drop ``event.text``

@@ -4,6 +4,7 @@
 import mlx.core as mx
 import pytest
 from conftest import make_model
+from mlx_lm.sample_utils import make_logits_processors
 from test_generate import MSGS, NEVER, ScriptedHead
 from test_safe_batch import PROMPTS, judging_model
 
@@ -27,10 +28,11 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
-def single(model, tokenizer, prompt, n, safety, sampler=None):
+def single(model, tokenizer, prompt, n, safety, sampler=None, processors=None):
     """A single run as ("token", id, refusal, probes) / ("retract",) items."""
     out = []
-    for r in stream_generate(model, tokenizer, prompt, n, safety=safety, sampler=sampler):
+    for r in stream_generate(model, tokenizer, prompt, n, safety=safety, sampler=sampler,
+                             logits_processors=processors):
         probes = [round(e.p, 4) for e in r.safety.events if e.kind == "probe"]
         out.append(("retract",) if r.token is None else ("token", r.token, r.refusal, probes))
     return out
@@ -45,12 +47,16 @@ def as_items(steps):
 def drain(engine, rows, late=(), join_after=3):
     """Run ``engine`` to the end; ``late`` rows are inserted after ``join_after`` steps.
     Returns uid -> steps, the uids in insertion order."""
-    uids = [engine.insert([p], n, samplers=[s])[0] for p, n, s in rows]
+    def insert(rows):
+        return [engine.insert([p], n, samplers=[s], logits_processors=[procs])[0]
+                for p, n, s, procs in rows]
+
+    uids = insert(rows)
     steps, k = {}, 0
     while engine.rows or engine.joining or k <= join_after:
         k += 1
         if k == join_after:
-            uids += [engine.insert([p], n, samplers=[s])[0] for p, n, s in late]
+            uids += insert(late)
         for s in engine.next():
             steps.setdefault(s.uid, []).append(s)
     return steps, uids
@@ -64,14 +70,20 @@ def test_a_batch_gives_each_row_its_single_run(tokenizer, temp):
     def sampler(i):
         return seeded_sampler(i, temp=temp) if temp else None
 
+    def processors(i):  # one row penalises repeats: processors see the row's own history
+        return make_logits_processors(repetition_penalty=1.5) if i == 3 else None
+
     jobs = [(user(p), 48 - 2 * i, i) for i, p in enumerate(PROMPTS[:8])]
     steps, uids = drain(SafeBatchGenerator(model, tokenizer, safety),
-                        [(p, n, sampler(i)) for p, n, i in jobs[:5]],
-                        late=[(p, n, sampler(i)) for p, n, i in jobs[5:]])
+                        [(p, n, sampler(i), processors(i)) for p, n, i in jobs[:5]],
+                        late=[(p, n, sampler(i), processors(i)) for p, n, i in jobs[5:]])
     for (prompt, n, i), uid in zip(jobs, uids):
         # a fresh sampler: the same seed, so the same draws
-        assert as_items(steps[uid]) == single(model, tokenizer, prompt, n, safety, sampler(i))
+        assert as_items(steps[uid]) == single(model, tokenizer, prompt, n, safety, sampler(i),
+                                              processors(i))
         assert steps[uid][-1].finish_reason in ("stop", "length")
+    assert single(model, tokenizer, *jobs[3][:2], safety, sampler(3)) != \
+        single(model, tokenizer, *jobs[3][:2], safety, sampler(3), processors(3))
     every = [s for uid in uids for s in steps[uid]]
     refusing = {s.uid for s in every if isinstance(s, TokenStep) and s.refusal}
     retracting = {s.uid for s in every if isinstance(s, RetractStep)}
