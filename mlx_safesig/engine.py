@@ -161,9 +161,7 @@ class SafeBatchGenerator:
         if not self.config.enabled:
             raise SafesigError("SafeBatchGenerator runs safety-on generation; with safety off "
                                "use mlx-lm's BatchGenerator.")
-        vocab = model.args.vocab_size
-        if model.args.tie_word_embeddings:
-            vocab = model.model.embed_tokens.weight.shape[0]
+        vocab = model.args.vocab_size  # LM-head rows
         ids = special_ids(self.tokenizer)
         self.tables = _Tables(
             refusal=self.tokenizer.encode(self.config.refusal_prefix, add_special_tokens=False),

@@ -13,7 +13,7 @@ import mlx_lm
 from mlx_lm.sample_utils import make_sampler
 
 from .decoding import SafetyConfig, SafetyEvent
-from .engine import RetractStep, SafeBatchGenerator
+from .engine import RetractStep, SafeBatchGenerator, Step, TokenStep
 from .model import Model, SafesigError
 from .prefill import PromptCache, prefill_prompt, probe
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
@@ -150,50 +150,65 @@ def stream_generate(
     engine.insert_prepared(prepared, prefill_ids, max_tokens, sampler=sampler,
                            logits_processors=logits_processors, prompt_cache=prompt_cache)
     prompt_tps = len(prepared.ids) / max(time.perf_counter() - tic, 1e-9)
-    detok = tokenizer.detokenizer
-    detok.reset()
-    emitted: List[int] = []
-    text_so_far = ""
-    tic = time.perf_counter()
-    n = 0
+    to_result = StepText(tokenizer, len(prepared.ids), prompt_tps)
+    while True:
+        for step in engine.next():
+            r = to_result(step)
+            yield r
+            if r.finish_reason is not None:
+                return
 
-    def result(text, step, token=None, logprobs=None, events=None, refusal=False, finish=None):
+
+class StepText:
+    """One row's engine steps -> ``GenerationResult`` objects, in order: text segments from
+    mlx-lm's streaming detokenizer (EOS not shown), and for a ``RetractStep`` an event-only result
+    whose ``retracted`` event carries the withdrawn text. Timing counts from construction."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, prompt_tps: float):
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.emitted: List[int] = []
+        self.text = ""  # what was shown so far
+        self.prompt_tokens, self.prompt_tps = prompt_tokens, prompt_tps
+        self.tic = time.perf_counter()
+        self.n = 0
+
+    def __call__(self, step: Step) -> GenerationResult:
+        detok = self.detok
+        if isinstance(step, RetractStep):
+            kept = self.emitted[: len(self.emitted) - step.count]
+            detok.reset()
+            for tok in kept:
+                detok.add_token(tok)
+            kept_text = detok.last_segment  # already shown: consumed, not re-sent
+            withdrawn = self.text[len(kept_text) :]
+            events = step.events + [SafetyEvent("retracted", len(kept), step.monitor.latest_p,
+                                                withdrawn)]
+            self.emitted, self.text = kept, kept_text
+            return self._result("", step, None, None, events)
+        self.n += 1
+        if step.finish_reason != "stop":
+            detok.add_token(step.token)
+            self.emitted.append(step.token)
+        if step.finish_reason is not None:
+            detok.finalize()
+        segment = detok.last_segment
+        self.text += segment
+        return self._result(segment, step, step.token, step.logprobs, step.events)
+
+    def _result(self, text, step, token, logprobs, events) -> GenerationResult:
         m = step.monitor
         return GenerationResult(
             text=text, token=token, logprobs=logprobs,
             safety=SafetySignal(p=m.latest_p, query_p=m.query_p, flagged=bool(m.query_malicious),
-                                inserted=m.inserted, events=events or step.events),
-            prompt_tokens=len(prepared.ids), prompt_tps=prompt_tps,
-            generation_tokens=n, generation_tps=n / max(time.perf_counter() - tic, 1e-9),
-            peak_memory=mx.get_peak_memory() / 1e9, refusal=refusal, finish_reason=finish,
+                                inserted=m.inserted, events=events),
+            prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tps,
+            generation_tokens=self.n,
+            generation_tps=self.n / max(time.perf_counter() - self.tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            refusal=isinstance(step, TokenStep) and step.refusal,
+            finish_reason=getattr(step, "finish_reason", None),
         )
-
-    while True:
-        for step in engine.next():
-            if isinstance(step, RetractStep):
-                kept = emitted[: len(emitted) - step.count]
-                detok.reset()
-                for tok in kept:
-                    detok.add_token(tok)
-                kept_text = detok.last_segment  # already shown: consumed, not re-sent
-                withdrawn = text_so_far[len(kept_text) :]
-                events = step.events + [SafetyEvent("retracted", len(kept),
-                                                    step.monitor.latest_p, withdrawn)]
-                emitted, text_so_far = kept, kept_text
-                yield result("", step, events=events)
-                continue
-            n += 1
-            if step.finish_reason != "stop":
-                detok.add_token(step.token)
-                emitted.append(step.token)
-            if step.finish_reason is not None:
-                detok.finalize()
-                yield result(detok.last_segment, step, step.token, step.logprobs,
-                             refusal=step.refusal, finish=step.finish_reason)
-                return
-            segment = detok.last_segment
-            text_so_far += segment
-            yield result(segment, step, step.token, step.logprobs, refusal=step.refusal)
 
 
 def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors, prompt_cache,

@@ -181,15 +181,27 @@ def test_model_variants_batched_equal_sequential(tokenizer, variant, monkeypatch
         assert_same(expected[key], got[key])
 
 
-def test_only_safety_on_greedy_jobs_without_rollback_are_batchable(model, tokenizer):
+def test_only_safety_on_greedy_jobs_are_batchable(model, tokenizer):
     on = Job("direct", "direct", "p0", "on", PROMPTS[0], sampling=dict(temp=0.0, top_p=1.0))
     assert safe_batchable(on, SafetyConfig())
+    assert safe_batchable(on, SafetyConfig(rollback=True))
     assert not safe_batchable(Job("direct", "direct", "p0", "off", PROMPTS[0]), SafetyConfig())
     sampled = Job("decoding", "t", "p0", "on", PROMPTS[0], sampling=dict(temp=0.7))
     assert not safe_batchable(sampled, SafetyConfig())
-    assert not safe_batchable(on, SafetyConfig(rollback=True))
-    with pytest.raises(ValueError, match="without rollback"):
-        list(safe_batch(model, tokenizer, [on], SafetyConfig(rollback=True), 4, 2))
+    with pytest.raises(ValueError, match="safety-on generations only"):
+        list(safe_batch(model, tokenizer, [on], SafetyConfig(enabled=False), 4, 2))
+
+
+def test_batched_outcomes_with_rollback_equal_the_sequential_ones(model, tokenizer):
+    safety = SafetyConfig(schedule="each", threshold=THRESHOLD, window_threshold=0.6,
+                          rollback=True)
+    expected = one_by_one(model, tokenizer, JOBS, safety)
+    rolled_back = [o for o in expected.values() if o.get("inserted_at")]
+    assert rolled_back  # refusals mid-answer, after withdrawing the flagged tokens
+    got = batched(model, tokenizer, JOBS, safety, 3)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert_same(expected[key], got[key])
 
 
 def write_jsonl(path, rows):
