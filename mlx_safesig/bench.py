@@ -150,10 +150,12 @@ def bench_batch(plain, model, tokenizer, batch_size: int, schedules: Sequence[st
     the plain model, and the engine per schedule; tokens and time are counted from the first
     step after every row is prefilled."""
     prompts = _batch_prompts(tokenizer, batch_size)
-    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts]
+    ids = [prepare_prompt(tokenizer, p).ids for p in prompts]  # what the engine runs
 
     def plain_decode():
-        gen = BatchGenerator(plain, max_tokens=max_tokens)
+        # both stop rows at EOS: greedy and without insertions they decode the same tokens
+        gen = BatchGenerator(plain, max_tokens=max_tokens,
+                             stop_tokens=[[t] for t in tokenizer.eos_token_ids])
         gen.insert(ids, [max_tokens] * batch_size)
         n, tic = 0, None
         while responses := gen.next_generated():
