@@ -38,6 +38,7 @@ from itertools import count
 from typing import Callable, List, Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models.cache import BatchKVCache
 from mlx_lm.sample_utils import greedy_sampler
 
@@ -326,9 +327,6 @@ class SafeBatchGenerator:
         ns = [r.slot for r in rows]
         probing = any(p is not None for p in plans)
 
-        def stacked(arrays):  # per-row masks -> [B, 1, L, K]; a lone row's [L, K] as it is
-            return mx.stack(arrays)[:, None] if batched else arrays[0]
-
         def heads(h, i):  # the head row by row: its matrix-vector product rounds like a lone row's
             ps = [model.safety_prob(h[b, i]) for b in range(len(rows))]
             return mx.stack(ps) if batched else ps[0]
@@ -336,7 +334,8 @@ class SafeBatchGenerator:
         if not probing or not self.fused_probe:
             mask = None
             if batched:  # left padding: row i's slots start at width - n_i
-                mask = stacked([(mx.arange(width + 1) >= width - n)[None] for n in ns])
+                pads = mx.array([width - n for n in ns])
+                mask = (mx.arange(width + 1) >= pads[:, None])[:, None, None]
             h = model.hidden(ys[:, None], cache, mask=mask,
                              positions=mx.array(ns)[:, None] if batched else mx.array(ns),
                              compiled=True)
@@ -344,23 +343,24 @@ class SafeBatchGenerator:
             if not probing:
                 mx.async_eval(ys, logits)
                 return logits, None, plans
-            masks = [self._probe_row(n + 1, width + 1, plan, ys[i], with_token=False)
-                     for i, (n, plan) in enumerate(zip(ns, plans))]
+            if batched:
+                mask = self._batch_mask(ns, width, plans, ys, fused=False)
+            else:
+                mask = self._probe_row(ns[0] + 1, width + 1, plans[0], ys[0], with_token=False)
             pos = [probe_position(model, n + 1) for n in ns]
-            h = model.hidden(mx.full((len(rows), 1), model.cls_token_id), cache,
-                             mask=stacked(masks),
+            h = model.hidden(mx.full((len(rows), 1), model.cls_token_id), cache, mask=mask,
                              positions=mx.array(pos)[:, None] if batched else mx.array(pos))
             self._trim(1)
             ps = heads(h, -1)
         else:
-            masks = [self._probe_row(n, width, plan, ys[i], with_token=True)
-                     for i, (n, plan) in enumerate(zip(ns, plans))]
             pos = [[n, probe_position(model, n + 1)] for n in ns]
             if batched:
                 inputs = mx.stack([ys, mx.full(ys.shape, model.cls_token_id)], axis=1)
+                mask = self._batch_mask(ns, width, plans, ys, fused=True)
             else:
                 inputs = mx.concatenate([ys, self._cls])[None]
-            h = model.hidden(inputs, cache, mask=stacked(masks),
+                mask = self._probe_row(ns[0], width, plans[0], ys[0], with_token=True)
+            h = model.hidden(inputs, cache, mask=mask,
                              positions=mx.array(pos) if batched else mx.array(pos[0]),
                              compiled=True)
             self._trim(1)
@@ -368,6 +368,29 @@ class SafeBatchGenerator:
             ps = heads(h, 1)
         mx.async_eval(ys, logits, ps)
         return logits, ps, plans
+
+    def _batch_mask(self, ns: List[int], width: int, plans, ys: mx.array,
+                    fused: bool) -> mx.array:
+        """The mask [B, 1, L, width + 2] of a batch step, built in one piece: rows are left-padded
+        to ``width`` cached slots, row b's newest token ``ys[b]`` sits at padded slot ``width``
+        and its probe at ``width + 1``; L = 2 fused (token row, probe row), else 1 (the probe,
+        after the token's own step)."""
+        B, K = len(ns), width + 2
+        mask = np.zeros((B, 2 if fused else 1, K), dtype=bool)
+        sees_y = np.zeros(B, dtype=bool)
+        for b, (n, plan) in enumerate(zip(ns, plans)):
+            pad = width - n
+            if fused:
+                mask[b, 0, pad : width + 1] = True  # the token: its row causally, not the probe
+            if plan is not None:
+                mask[b, -1, pad + np.asarray(plan[0], dtype=np.int64)] = True
+                sees_y[b] = plan[1]
+        mask[:, -1, K - 1] = True  # every probe sees itself
+        # rule 4 inside the graph: a special newest token stays out of the window
+        sees = mx.array(sees_y) & mx.logical_not(self.tables.special_table[ys])
+        probe_row = mx.arange(mask.shape[1]) == mask.shape[1] - 1
+        at_y = probe_row[:, None] & (mx.arange(K) == width)[None]
+        return mx.where(at_y, sees[:, None, None], mx.array(mask))[:, None]
 
     def _probe_row(self, n: int, width: int, plan, y: mx.array, with_token: bool) -> mx.array:
         """Mask rows for a probe appended after a row's ``n`` slots (its newest token ``y`` at

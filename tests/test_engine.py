@@ -197,3 +197,21 @@ def test_options_that_cannot_be_honoured_are_one_clear_error(tokenizer, model):
     engine.insert([MSGS], 4)
     with pytest.raises(SafesigError, match="kv_bits works with safety on for one row"):
         engine.insert([MSGS], 4)
+
+
+def test_a_batch_with_separate_probes_equals_the_fused_batch(tokenizer):
+    model = judging_model()
+    safety = SafetyConfig(schedule="each", **MIXED)
+    rows = [(user(p), 40, None, None) for p in PROMPTS[:6]]
+    fused, a = drain(SafeBatchGenerator(model, tokenizer, safety), rows[:4], late=rows[4:])
+    separate, b = drain(SafeBatchGenerator(model, tokenizer, safety, fused_probe=False),
+                        rows[:4], late=rows[4:])
+    n_probes = 0
+    for ua, ub in zip(a, b):
+        items_a, items_b = as_items(fused[ua]), as_items(separate[ub])
+        assert [i[:3] for i in items_a] == [i[:3] for i in items_b]
+        probes_a = [p for i in items_a if i[0] == "token" for p in i[3]]
+        probes_b = [p for i in items_b if i[0] == "token" for p in i[3]]
+        assert probes_a == pytest.approx(probes_b, abs=1e-4)
+        n_probes += len(probes_a)
+    assert n_probes > 60
