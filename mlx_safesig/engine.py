@@ -3,7 +3,9 @@
 ``SafeBatchGenerator`` is the only generation loop with safety on. ``stream_generate`` drives it
 with one row, ``safe_batch`` (evaluation) and apps (a server's continuous batching) with many:
 rows are inserted at any time, each with its own prompt, monitor (``decoding.SafetyMonitor``),
-sampler, logits processors, token budget, rollback and events, and leave when done.
+sampler, logits processors, token budget, rollback and events, and leave when done. Each step
+hands out typed values (``TokenStep``, ``RetractStep``) carrying a snapshot of the row's safety
+state (``SafetySignal``).
 
 Cache layout of one row (slot = index in its KV cache, pos = RoPE position)::
 
@@ -57,17 +59,36 @@ from .prompt import PreparedPrompt, prompt_with_prefill, special_ids, wrap_token
 
 
 @dataclass
+class SafetySignal:
+    """What generation knows about safety after a token: ``p`` is the latest p(malicious),
+    ``query_p`` the query verdict, ``flagged`` whether the query was judged malicious,
+    ``inserted`` whether the refusal was inserted so far, ``events`` what happened at this step."""
+
+    p: Optional[float] = None
+    query_p: Optional[float] = None
+    flagged: bool = False
+    inserted: bool = False
+    events: List[SafetyEvent] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, monitor: SafetyMonitor, events: List[SafetyEvent]) -> "SafetySignal":
+        """A snapshot of ``monitor`` with ``events``."""
+        return cls(p=monitor.latest_p, query_p=monitor.query_p,
+                   flagged=bool(monitor.query_malicious), inserted=monitor.inserted,
+                   events=events)
+
+
+@dataclass
 class TokenStep:
     """A token handed out for row ``uid``. ``refusal`` marks tokens of the inserted prefix;
-    ``events`` are the safety events since the previous step of this row; ``finish_reason`` is
-    ``"stop"`` (an EOS token, which is this token) or ``"length"`` on the row's last step.
-    ``logprobs`` [V] is None for refusal tokens."""
+    ``safety`` is the row's safety state when the token was handed out, its events those since
+    the row's previous step; ``finish_reason`` is ``"stop"`` (an EOS token, which is this token)
+    or ``"length"`` on the row's last step. ``logprobs`` [V] is None for refusal tokens."""
 
     uid: int
     token: int
     logprobs: Optional[mx.array]
-    monitor: SafetyMonitor
-    events: List[SafetyEvent]
+    safety: SafetySignal
     refusal: bool = False
     finish_reason: Optional[str] = None
 
@@ -78,8 +99,7 @@ class RetractStep:
 
     uid: int
     count: int
-    monitor: SafetyMonitor
-    events: List[SafetyEvent]
+    safety: SafetySignal
 
 
 Step = Union[TokenStep, RetractStep]
@@ -286,8 +306,8 @@ class SafeBatchGenerator:
         row.generated += 1
         finish = "stop" if token in self.tables.eos else (
             "length" if row.generated >= row.max_tokens else None)
-        self._pending.append(TokenStep(row.uid, token, logprobs, row.monitor, row.events,
-                                       refusal, finish))
+        self._pending.append(TokenStep(row.uid, token, logprobs,
+                                       SafetySignal.of(row.monitor, row.events), refusal, finish))
         row.events = []
         return finish is not None
 
@@ -524,7 +544,8 @@ class SafeBatchGenerator:
                 del row.response[keep:], row.special[keep:]
                 if row.history is not None:
                     row.history = row.history[: row.history.size - drop]
-                self._pending.append(RetractStep(row.uid, drop, row.monitor, row.events))
+                self._pending.append(RetractStep(row.uid, drop,
+                                                 SafetySignal.of(row.monitor, row.events)))
                 row.events = []
             self._refuse(row)
 

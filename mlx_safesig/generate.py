@@ -5,7 +5,7 @@ safety off it is mlx-lm's own loop.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
@@ -13,23 +13,10 @@ import mlx_lm
 from mlx_lm.sample_utils import make_sampler
 
 from .decoding import SafetyConfig, SafetyEvent
-from .engine import RetractStep, SafeBatchGenerator, Step, TokenStep
+from .engine import RetractStep, SafeBatchGenerator, SafetySignal, Step, TokenStep
 from .model import Model, SafesigError
 from .prefill import PromptCache, prefill_prompt, probe
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
-
-
-@dataclass
-class SafetySignal:
-    """What generation knows about safety after a token: ``p`` is the latest p(malicious),
-    ``query_p`` the query verdict, ``flagged`` whether the query was judged malicious,
-    ``inserted`` whether the refusal was inserted so far, ``events`` what happened at this step."""
-
-    p: Optional[float] = None
-    query_p: Optional[float] = None
-    flagged: bool = False
-    inserted: bool = False
-    events: List[SafetyEvent] = field(default_factory=list)
 
 
 @dataclass
@@ -182,10 +169,10 @@ class StepText:
                 detok.add_token(tok)
             kept_text = detok.last_segment  # already shown: consumed, not re-sent
             withdrawn = self.text[len(kept_text) :]
-            events = step.events + [SafetyEvent("retracted", len(kept), step.monitor.latest_p,
-                                                withdrawn)]
+            safety = replace(step.safety, events=step.safety.events + [
+                SafetyEvent("retracted", len(kept), step.safety.p, withdrawn)])
             self.emitted, self.text = kept, kept_text
-            return self._result("", step, None, None, events)
+            return self._result("", step, None, None, safety)
         self.n += 1
         if step.finish_reason != "stop":
             detok.add_token(step.token)
@@ -194,14 +181,11 @@ class StepText:
             detok.finalize()
         segment = detok.last_segment
         self.text += segment
-        return self._result(segment, step, step.token, step.logprobs, step.events)
+        return self._result(segment, step, step.token, step.logprobs, step.safety)
 
-    def _result(self, text, step, token, logprobs, events) -> GenerationResult:
-        m = step.monitor
+    def _result(self, text, step, token, logprobs, safety) -> GenerationResult:
         return GenerationResult(
-            text=text, token=token, logprobs=logprobs,
-            safety=SafetySignal(p=m.latest_p, query_p=m.query_p, flagged=bool(m.query_malicious),
-                                inserted=m.inserted, events=events),
+            text=text, token=token, logprobs=logprobs, safety=safety,
             prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tps,
             generation_tokens=self.n,
             generation_tps=self.n / max(time.perf_counter() - self.tic, 1e-9),

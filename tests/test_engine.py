@@ -40,7 +40,7 @@ def single(model, tokenizer, prompt, n, safety, sampler=None, processors=None):
 
 def as_items(steps):
     return [("retract",) if isinstance(s, RetractStep) else
-            ("token", s.token, s.refusal, [round(e.p, 4) for e in s.events if e.kind == "probe"])
+            ("token", s.token, s.refusal, [round(e.p, 4) for e in s.safety.events if e.kind == "probe"])
             for s in steps]
 
 
@@ -100,6 +100,7 @@ def test_no_probe_after_the_refusal_insertion(tokenizer):
         for r in stream_generate(model, tokenizer, MSGS, 60,
                                  safety=SafetyConfig(schedule="each", tau=3)):
             inserted = [e.step for e in r.safety.events if e.kind == "refusal-inserted"]
+            assert r.safety.inserted == (bool(inserted) or calls_at_insertion is not None)
             if inserted:
                 calls_at_insertion, at = head.calls, inserted[0]
             elif calls_at_insertion is not None:
