@@ -243,6 +243,18 @@ class SafeBatchGenerator:
                     list(logits_processors or []), prompt_cache)
         return uid
 
+    def remove(self, uids: Sequence[int]):
+        """Drop rows ``uids`` (a client went away); the other rows go on unchanged."""
+        gone = set(uids)
+        self.joining = [r for r in self.joining if r.uid not in gone]
+        self._pending = [s for s in self._pending if s.uid not in gone]
+        keep = [i for i, r in enumerate(self.rows) if r.uid not in gone]
+        if len(keep) == len(self.rows):
+            return
+        self._trim(1)  # the step in flight: launched again without the rows that left
+        self._leave(keep)
+        self._out = self._launch([r.plan() for r in self.rows]) if self.rows else None
+
     def _admit(self, uid, prompt: PreparedPrompt, prefill_ids: List[int], max_tokens: int,
                sampler, processors, prompt_cache: Optional[PromptCache]):
         """Prefill one row on its own cache: the prompt (reusing a conversation cache's common

@@ -115,6 +115,9 @@ def stream_generate(
     safety = (safety or SafetyConfig()).resolved(model.args.safesig)
     if max_tokens < 1:
         raise SafesigError(f"max_tokens must be at least 1, got {max_tokens}.")
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise SafesigError("prompt_cache must come from mlx_safesig.make_prompt_cache(model): "
+                           "it remembers which prompt its keys and values belong to.")
     prepared, prefill_ids = prompt_with_prefill(model, tokenizer, prompt, prefill_response)
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if not safety.enabled:

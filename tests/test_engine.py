@@ -191,6 +191,8 @@ def test_options_that_cannot_be_honoured_are_one_clear_error(tokenizer, model):
         list(stream_generate(model, tokenizer, MSGS, 4, max_kv_size=64))
     with pytest.raises(SafesigError, match="max_kv_size cannot be honoured"):
         make_prompt_cache(model, max_kv_size=64)
+    with pytest.raises(SafesigError, match="prompt_cache must come from mlx_safesig.make_prompt"):
+        list(stream_generate(model, tokenizer, MSGS, 4, prompt_cache=model.make_cache()))
     with pytest.raises(SafesigError, match="with safety on does not take prefill_step_size"):
         list(stream_generate(model, tokenizer, MSGS, 4, prefill_step_size=64))
     engine = SafeBatchGenerator(make_model(head_dim=32), tokenizer, SafetyConfig(), kv_bits=8,
@@ -216,3 +218,19 @@ def test_a_batch_with_separate_probes_equals_the_fused_batch(tokenizer):
         assert probes_a == pytest.approx(probes_b, abs=1e-4)
         n_probes += len(probes_a)
     assert n_probes > 60
+
+
+def test_removed_rows_leave_and_the_others_go_on_unchanged(tokenizer):
+    model = judging_model()
+    safety = SafetyConfig(schedule="annealing", **MIXED)
+    engine = SafeBatchGenerator(model, tokenizer, safety)
+    uids = engine.insert([user(p) for p in PROMPTS[:4]], 30)
+    steps = {}
+    for k in range(40):
+        if k == 3:
+            engine.remove([uids[1]])
+        for s in engine.next():
+            steps.setdefault(s.uid, []).append(s)
+    assert len(steps[uids[1]]) == 3 and steps[uids[1]][-1].finish_reason is None
+    for i in (0, 2, 3):
+        assert as_items(steps[uids[i]]) == single(model, tokenizer, user(PROMPTS[i]), 30, safety)
