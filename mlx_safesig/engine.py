@@ -118,6 +118,7 @@ class _Row:
     max_tokens: int
     cache: Optional[list]  # its own caches while outside the batch
     history: Optional[mx.array]  # what logits processors see (prompt + response)
+    refusal: List[int] = field(default_factory=list)  # its refusal prefix's ids
     response: List[int] = field(default_factory=list)
     special: List[bool] = field(default_factory=list)
     generated: int = 0
@@ -156,7 +157,7 @@ class _Row:
 
 @dataclass
 class _Tables:
-    """What every row shares: token sets, the refusal's ids and the ``[CLS]`` logit mask."""
+    """What every row shares: token sets, the default refusal's ids, the ``[CLS]`` logit mask."""
 
     refusal: List[int]
     special: set
@@ -206,12 +207,14 @@ class SafeBatchGenerator:
                prefill_responses: Optional[Sequence[Optional[str]]] = None,
                samplers: Optional[Sequence[Optional[Callable]]] = None,
                logits_processors: Optional[Sequence[Optional[List[Callable]]]] = None,
-               prompt_cache: Optional[PromptCache] = None) -> List[int]:
+               prompt_cache: Optional[PromptCache] = None,
+               safety: Optional[SafetyConfig] = None) -> List[int]:
         """Admit ``prompts`` (strings, token ids or chat messages, as ``stream_generate`` takes
         them) and return their uids. Per prompt: ``max_tokens``, a prefilled response text, a
         sampler (None: greedy) and logits processors. ``prompt_cache``: one prompt only, whose
-        conversation cache is reused and kept (``PromptCache``). Raises ``SafesigError`` for an
-        unusable prompt (nothing admitted then)."""
+        conversation cache is reused and kept (``PromptCache``). ``safety``: these rows' own
+        settings (schedule, thresholds, rollback, refusal ...) instead of the generator's.
+        Raises ``SafesigError`` for an unusable prompt (nothing admitted then)."""
         n = len(prompts)
         if isinstance(max_tokens, int):
             max_tokens = [max_tokens] * n
@@ -223,24 +226,31 @@ class SafeBatchGenerator:
         prepared = [prompt_with_prefill(self.model, self.tokenizer, p, f)
                     for p, f in zip(prompts, prefills)]
         return [self.insert_prepared(prompt, prefill_ids, m, sampler=s, logits_processors=procs,
-                                     prompt_cache=prompt_cache)
+                                     prompt_cache=prompt_cache, safety=safety)
                 for (prompt, prefill_ids), m, s, procs in
                 zip(prepared, max_tokens, samplers, processors)]
 
     def insert_prepared(self, prompt: PreparedPrompt, prefill_ids: Sequence[int] = (),
                         max_tokens: int = 256, *, sampler: Optional[Callable] = None,
                         logits_processors: Optional[List[Callable]] = None,
-                        prompt_cache: Optional[PromptCache] = None) -> int:
+                        prompt_cache: Optional[PromptCache] = None,
+                        safety: Optional[SafetyConfig] = None) -> int:
         """``insert`` for one prompt already prepared (``prompt_with_prefill``): its ids and query
         slots, and the prefill's token ids. Returns its uid."""
+        config = self.config if safety is None else safety.resolved(self.model.args.safesig)
+        if not config.enabled:
+            raise SafesigError("SafeBatchGenerator rows run with safety on; with safety off use "
+                               "mlx-lm's BatchGenerator.")
         if max_tokens < 1:
             raise SafesigError(f"max_tokens must be at least 1, got {max_tokens}.")
         if self.kv[0] is not None and (self.rows or self.joining):
             raise SafesigError("kv_bits works with safety on for one row at a time; mlx-lm's "
                                "batch cache is not quantized.")
         uid = next(self._uids)
+        refusal = self.tables.refusal if config.refusal_prefix == self.config.refusal_prefix \
+            else self.tokenizer.encode(config.refusal_prefix, add_special_tokens=False)
         self._admit(uid, prompt, list(prefill_ids), max_tokens, sampler,
-                    list(logits_processors or []), prompt_cache)
+                    list(logits_processors or []), prompt_cache, config, refusal)
         return uid
 
     def remove(self, uids: Sequence[int]):
@@ -256,7 +266,8 @@ class SafeBatchGenerator:
         self._out = self._launch([r.plan() for r in self.rows]) if self.rows else None
 
     def _admit(self, uid, prompt: PreparedPrompt, prefill_ids: List[int], max_tokens: int,
-               sampler, processors, prompt_cache: Optional[PromptCache]):
+               sampler, processors, prompt_cache: Optional[PromptCache],
+               config: SafetyConfig, refusal: List[int]):
         """Prefill one row on its own cache: the prompt (reusing a conversation cache's common
         prefix), the kept query verdict, the prefill and its window probe, the refusal if due;
         then sample its first token. It joins the batch at the next step."""
@@ -270,9 +281,9 @@ class SafeBatchGenerator:
             prompt_cache.ids = list(prompt.ids)
         self._maybe_quantize(cache)
         logits = model.logits(h[None])
-        monitor = SafetyMonitor(self.config, n_prefill=len(prefill_ids))
+        monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))
         row = _Row(uid, prompt, monitor, sampler, processors, max_tokens, cache,
-                   mx.array(prompt.ids) if processors else None)
+                   mx.array(prompt.ids) if processors else None, refusal)
         decision = monitor.start(probe(model, cache, prompt.query_slots, keep=True).item())
         row.events = decision.events
         if prefill_ids:
@@ -304,7 +315,7 @@ class SafeBatchGenerator:
     def _refuse(self, row: _Row):
         """Feed the refusal prefix on the row's own cache, hand its tokens out and sample the
         token after it; the row joins again unless it ended on the way."""
-        refusal = self.tables.refusal
+        refusal = row.refusal
         h = self.model.hidden(mx.array(refusal)[None], row.cache)
         row.append(refusal, self.tables)
         for tok in refusal:

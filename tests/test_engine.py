@@ -234,3 +234,22 @@ def test_removed_rows_leave_and_the_others_go_on_unchanged(tokenizer):
     assert len(steps[uids[1]]) == 3 and steps[uids[1]][-1].finish_reason is None
     for i in (0, 2, 3):
         assert as_items(steps[uids[i]]) == single(model, tokenizer, user(PROMPTS[i]), 30, safety)
+
+
+def test_rows_with_their_own_safety_settings_equal_their_single_runs(tokenizer):
+    model = judging_model()
+    each = SafetyConfig(schedule="each", **MIXED)
+    own = SafetyConfig(schedule="periodic:3", threshold=0.39, window_threshold=0.6, tau=2,
+                       refusal_prefix="\nNo.")
+    engine = SafeBatchGenerator(model, tokenizer, each)
+    a = engine.insert([user(p) for p in PROMPTS[:3]], 30)
+    b = engine.insert([user(p) for p in PROMPTS[:3]], 30, safety=own)
+    steps = {}
+    while engine.rows or engine.joining:
+        for s in engine.next():
+            steps.setdefault(s.uid, []).append(s)
+    for i in range(3):
+        assert as_items(steps[a[i]]) == single(model, tokenizer, user(PROMPTS[i]), 30, each)
+        assert as_items(steps[b[i]]) == single(model, tokenizer, user(PROMPTS[i]), 30, own)
+    assert as_items(steps[a[0]]) != as_items(steps[b[0]]) or \
+        as_items(steps[a[1]]) != as_items(steps[b[1]])
