@@ -15,7 +15,7 @@ preload_openblas()  # before anything imports mlx: the Linux wheel's reference B
 
 from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor  # noqa: E402
 from .default_model import DEFAULT_MODEL  # noqa: E402
-from .engine import RetractStep, SafeBatchGenerator, TokenStep, seeded_sampler  # noqa: E402
+from .engine import SafeBatchGenerator, seeded_sampler  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResult,
     SafetySignal,
@@ -27,6 +27,7 @@ from .loading import load  # noqa: E402
 from .model import Model, ModelArgs, SafesigError  # noqa: E402
 from .prefill import PromptCache, make_prompt_cache  # noqa: E402
 from .prompt import PreparedPrompt, prepare_prompt  # noqa: E402
+from .steps import RetractStep, TokenStep  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -13,10 +13,11 @@ import mlx_lm
 from mlx_lm.sample_utils import make_sampler
 
 from .decoding import SafetyConfig, SafetyEvent
-from .engine import RetractStep, SafeBatchGenerator, SafetySignal, Step, TokenStep
+from .engine import SafeBatchGenerator
 from .model import Model, SafesigError
 from .prefill import PromptCache, prefill_prompt, probe
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
+from .steps import RetractStep, SafetySignal, Step, TokenStep
 
 
 @dataclass

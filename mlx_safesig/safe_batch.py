@@ -14,10 +14,11 @@ logits, or a probability that close to a threshold, could in principle decide di
 from typing import TYPE_CHECKING, Dict, Iterator, List, Sequence, Tuple
 
 from .decoding import SafetyConfig
-from .engine import SafeBatchGenerator, Step
+from .engine import SafeBatchGenerator
 from .generate import StepText, without_retracted
 from .model import Model, SafesigError
 from .prompt import prompt_with_prefill, wrap_tokenizer
+from .steps import Step
 
 if TYPE_CHECKING:
     from .evaluate import Job
