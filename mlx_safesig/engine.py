@@ -96,7 +96,9 @@ class _Row:
         t = len(self.response)
         if not self.monitor.wants_probe(t):
             return None
-        include_query, window = self.monitor.window(t, self.special + [False])
+        self.special.append(False)  # y's own flag is looked up in the graph; no O(t) copy
+        include_query, window = self.monitor.window(t, self.special)
+        self.special.pop()
         slots = (self.prompt.query_slots if include_query else []) + [
             self.base + i for i in window if i < t]
         return tuple(slots), t in window
