@@ -16,12 +16,13 @@ The query verdict malicious inserts the refusal at once (after any prefill); oth
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
 Schedules count *generated* tokens (g = response index - prefill length): an attacker's prefill
-cannot thin the checks; the prefill itself is judged by one window probe before the first generated
-token. No probe runs after the insertion: there is at most one, so a verdict would change nothing
-(with an immediate insertion on a malicious query verdict, rule 1's windows are never probed).
-Which generated indices get a probe (in rule 3 every index is probed so that tau consecutive
-verdicts arrive without delay):
-- ``each``: every index;  ``first``: none (the query verdict only);  ``periodic:N``: every N-th;
+cannot thin the checks; the prefill itself is judged by one window probe before the first
+generated token, whatever the schedule. No probe runs after the insertion: there is at most one,
+so a verdict would change nothing (with an immediate insertion on a malicious query verdict, rule
+1's windows are never probed). Which generated indices get a probe (in rule 3 every index is
+probed so that tau consecutive verdicts arrive without delay):
+- ``each``: every index;  ``first``: none (only the query verdict and a prefill's probe);
+- ``periodic:N``: every N-th;
 - ``annealing``: dense early, sparse later -- index t is probed when t % k(t) == 0, where k doubles
   from 1 to 16 as the response grows: every token for t < 31, every 2nd up to 94, every 4th up to
   222, every 8th up to 478, every 16th after (``annealing_interval``). Prefill attacks and harmful
