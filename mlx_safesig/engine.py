@@ -326,9 +326,8 @@ class SafeBatchGenerator:
         ns = [r.slot for r in rows]
         probing = any(p is not None for p in plans)
 
-        def heads(h, i):  # the head row by row: its matrix-vector product rounds like a lone row's
-            ps = [model.safety_prob(h[b, i]) for b in range(len(rows))]
-            return mx.stack(ps) if batched else ps[0]
+        def heads(h, i):  # p(malicious) of every row's probe [B]; a lone row's as a scalar
+            return model.safety_prob(h[:, i]) if batched else model.safety_prob(h[0, i])
 
         if not probing or not self.fused_probe:
             mask = None
