@@ -7,8 +7,8 @@
     text = generate(model, tokenizer, messages, safety=SafetyConfig(schedule="each"))
 
 The [CLS] token and head live in ``model.py``, the strategic attention masks in ``attention.py``,
-the decoding rules in ``decoding.py``, the generation loop in ``generate.py``, the command line in
-``cli.py`` and the evaluation in ``eval/``.
+the decoding rules in ``decoding.py``, the one generation loop (1..B rows) in ``engine.py``, the
+command line in ``cli.py`` and the evaluation in ``eval/``.
 """
 
 from ._blas import preload_openblas
@@ -17,6 +17,7 @@ preload_openblas()  # before anything imports mlx: the Linux wheel's reference B
 
 from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor  # noqa: E402
 from .default_model import DEFAULT_MODEL  # noqa: E402
+from .engine import SafeBatchGenerator, seeded_sampler  # noqa: E402
 from .generate import (  # noqa: E402
     GenerationResult,
     SafetySignal,
@@ -26,7 +27,9 @@ from .generate import (  # noqa: E402
 )
 from .loading import load  # noqa: E402
 from .model import Model, ModelArgs, SafesigError  # noqa: E402
+from .prefill import PromptCache, make_prompt_cache  # noqa: E402
 from .prompt import PreparedPrompt, prepare_prompt  # noqa: E402
+from .steps import RetractStep, TokenStep  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -39,6 +42,12 @@ __all__ = [
     "SafetyMonitor",
     "SafetySignal",
     "GenerationResult",
+    "make_prompt_cache",
+    "PromptCache",
+    "SafeBatchGenerator",
+    "TokenStep",
+    "RetractStep",
+    "seeded_sampler",
     "prepare_prompt",
     "PreparedPrompt",
     "Model",

@@ -3,7 +3,9 @@
 Runs are interleaved (mlx-lm, then each schedule, repeated) and the median of the repeats is
 reported, because these machines are noisy: compare ratios, not seconds. Insertions are disabled
 during the benchmark (threshold and tau out of reach) so every run decodes the same tokens and the
-numbers are the cost of the checks alone.
+numbers are the cost of the checks alone. Optional parts: a batch of B prompts (mlx-lm's
+``BatchGenerator`` against the engine's ``SafeBatchGenerator``) and a chat of N turns (time to
+first token with the conversation cache reused, and with the whole conversation prefilled again).
 """
 
 import statistics
@@ -12,10 +14,13 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx_lm
+from mlx_lm.generate import BatchGenerator
 
 from .decoding import SafetyConfig
-from .generate import prefill_prompt, probe, stream_generate
+from .engine import SafeBatchGenerator
+from .generate import stream_generate
 from .loading import SAFETY_FILE, load, resolve_model_path
+from .prefill import make_prompt_cache, prefill_prompt, probe
 from .prompt import prepare_prompt
 
 BENCH_PROMPT = (
@@ -24,8 +29,13 @@ BENCH_PROMPT = (
     "village, and let the story unfold over several days."
 )
 NO_INSERTION = dict(threshold=0.999999, tau=10**9)
-
-
+BATCH_TOPICS = ("a lighthouse keeper", "a mountain village", "a river boat", "a city garden",
+                "an old library", "a desert caravan", "a winter market", "an island school")
+# one chat turn: about 60 tokens from the user and up to CHAT_REPLY_TOKENS from the model
+CHAT_TURN = ("Now continue the story with a new chapter number {k}: describe the morning, the "
+             "weather over the bay, what the keeper eats, who visits the lighthouse and what they "
+             "talk about, and end the chapter with a small surprise.")
+CHAT_REPLY_TOKENS = 40
 
 def bench(
     model_path: str,
@@ -35,12 +45,17 @@ def bench(
     repeats: int = 3,
     prompt: str = BENCH_PROMPT,
     progress: Optional[Callable[[str], None]] = None,
+    batch_size: Optional[int] = None,
+    chat_turns: Optional[int] = None,
 ) -> dict:
     """Decode tok/s and prefill tok/s of plain mlx-lm and of safesig per schedule.
 
     Returns ``{"runs": [{"name": "mlx-lm", "decode_tok_s", "prefill_tok_s"},
     {"name": "safesig", "schedule", "decode_tok_s", "prefill_tok_s", "decode_ratio",
-    "prefill_ratio"}, ...], ...}``."""
+    "prefill_ratio"}, ...], ...}``. With ``batch_size`` B, rows ``{"name": "mlx-lm",
+    "batch_size": B, "decode_tok_s"}`` and ``{"name": "safesig", "schedule", "batch_size": B,
+    "decode_tok_s", "decode_ratio"}`` follow (``bench_batch``); with ``chat_turns`` N, rows
+    ``{"name": "chat-reuse" | "chat-reprefill", "turn": k, "ttft_ms"}`` (``bench_chat``)."""
     path = resolve_model_path(model_path)
     plain, plain_tok = mlx_lm.load(str(path))
     model, tokenizer = load(str(path), add_safety=not (path / SAFETY_FILE).is_file())
@@ -106,6 +121,12 @@ def bench(
     for run in runs[1:]:
         run["decode_ratio"] = round(run["decode_tok_s"] / base["decode_tok_s"], 4)
         run["prefill_ratio"] = round(run["prefill_tok_s"] / base["prefill_tok_s"], 4)
+    if batch_size:
+        runs += bench_batch(plain, model, tokenizer, batch_size, schedules, max_tokens, repeats,
+                            progress)
+    if chat_turns:
+        runs += bench_chat(model, tokenizer, chat_turns, schedules[-1] if schedules else "first",
+                           progress)
     return {
         "model": str(path),
         "max_tokens": max_tokens,
@@ -116,14 +137,115 @@ def bench(
     }
 
 
+def _batch_prompts(tokenizer, batch_size: int) -> list:
+    """``batch_size`` chat prompts of different lengths (rows of a batch rarely line up)."""
+    return [[{"role": "user", "content": f"Write a long story about "
+              f"{BATCH_TOPICS[i % len(BATCH_TOPICS)]}." + " Make it vivid." * (i % 4)}]
+            for i in range(batch_size)]
+
+
+def bench_batch(plain, model, tokenizer, batch_size: int, schedules: Sequence[str],
+                max_tokens: int, repeats: int, progress=None) -> list:
+    """Decode tok/s of ``batch_size`` prompts decoded together: mlx-lm's ``BatchGenerator`` on
+    the plain model, and the engine per schedule; tokens and time are counted from the first
+    step after every row is prefilled."""
+    prompts = _batch_prompts(tokenizer, batch_size)
+    ids = [prepare_prompt(tokenizer, p).ids for p in prompts]  # what the engine runs
+
+    def plain_decode():
+        # both stop rows at EOS: greedy and without insertions they decode the same tokens
+        gen = BatchGenerator(plain, max_tokens=max_tokens,
+                             stop_tokens=[[t] for t in tokenizer.eos_token_ids])
+        gen.insert(ids, [max_tokens] * batch_size)
+        n, tic = 0, None
+        while responses := gen.next_generated():
+            if tic is None and len(responses) == batch_size:
+                tic = time.perf_counter()
+            elif tic is not None:
+                n += len(responses)
+        gen.close()
+        return n / (time.perf_counter() - tic)
+
+    def safe_decode(schedule):
+        engine = SafeBatchGenerator(model, tokenizer, SafetyConfig(schedule=schedule,
+                                                                   **NO_INSERTION))
+        engine.insert(prompts, max_tokens)
+        engine.next()
+        n, tic = 0, time.perf_counter()
+        while steps := engine.next():
+            n += len(steps)
+        return n / (time.perf_counter() - tic)
+
+    samples = {s: [] for s in (None, *schedules)}
+    plain_decode(), safe_decode(schedules[0] if schedules else "first")  # warm-up
+    for rep in range(repeats):
+        for schedule in samples:
+            if progress:
+                progress(f"batch {batch_size}, repeat {rep + 1}/{repeats}: "
+                         f"{schedule or 'mlx-lm'}")
+            samples[schedule].append(plain_decode() if schedule is None else safe_decode(schedule))
+    base = round(statistics.median(samples[None]), 3)
+    runs = [{"name": "mlx-lm", "batch_size": batch_size, "decode_tok_s": base}]
+    for schedule in schedules:
+        tok_s = round(statistics.median(samples[schedule]), 3)
+        runs.append({"name": "safesig", "schedule": schedule, "batch_size": batch_size,
+                     "decode_tok_s": tok_s, "decode_ratio": round(tok_s / base, 4)})
+    return runs
+
+
+def bench_chat(model, tokenizer, turns: int, schedule: str, progress=None) -> list:
+    """Time to first token at each turn of a conversation whose turns each add about 100 tokens
+    (a ~60-token user message and a reply of up to ``CHAT_REPLY_TOKENS``): on a reused
+    conversation cache, and with the whole conversation prefilled again (what a chat without a
+    cache does). Both see the same conversation (the replies made on the reused cache)."""
+    safety = SafetyConfig(schedule=schedule, **NO_INSERTION)
+    cache = make_prompt_cache(model)
+    history = [{"role": "user", "content": BENCH_PROMPT}]
+    runs = []
+
+    def first_token(prompt_cache):
+        tic = time.perf_counter()
+        stream = stream_generate(model, tokenizer, history, CHAT_REPLY_TOKENS, safety=safety,
+                                 prompt_cache=prompt_cache)
+        first = next(stream)
+        return (time.perf_counter() - tic) * 1000, first, stream
+
+    for k in range(1, turns + 1):
+        if progress:
+            progress(f"chat turn {k}/{turns}")
+        if k > 1:
+            history.append({"role": "user", "content": CHAT_TURN.format(k=k)})
+        reprefill_ms, _, _ = first_token(None)
+        reuse_ms, first, rest = first_token(cache)
+        reply = first.text + "".join(r.text for r in rest)
+        history.append({"role": "assistant", "content": reply})
+        runs.append({"name": "chat-reuse", "turn": k, "ttft_ms": round(reuse_ms, 2)})
+        runs.append({"name": "chat-reprefill", "turn": k, "ttft_ms": round(reprefill_ms, 2)})
+    return runs
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"{'run':<24}{'decode tok/s':>14}{'ratio':>8}{'prefill tok/s':>15}{'ratio':>8}",
     ]
     for run in result["runs"]:
+        if "decode_tok_s" not in run:
+            continue  # chat rows: their own table
         name = run["name"] + (f" ({run['schedule']})" if "schedule" in run else "")
+        if "batch_size" in run:
+            lines.append(f"{name + ' x' + str(run['batch_size']):<24}"
+                         f"{run['decode_tok_s']:>14.2f}{run.get('decode_ratio', 1.0):>8.3f}")
+            continue
         lines.append(
             f"{name:<24}{run['decode_tok_s']:>14.2f}{run.get('decode_ratio', 1.0):>8.3f}"
             f"{run['prefill_tok_s']:>15.1f}{run.get('prefill_ratio', 1.0):>8.3f}"
         )
+    chat = [run for run in result["runs"] if "turn" in run]
+    if chat:
+        lines.append(f"{'chat turn':<24}{'reuse ttft ms':>14}{'re-prefill ttft ms':>20}")
+        by_turn = {}
+        for run in chat:
+            by_turn.setdefault(run["turn"], {})[run["name"]] = run["ttft_ms"]
+        for k, row in sorted(by_turn.items()):
+            lines.append(f"{k:<24}{row['chat-reuse']:>14.1f}{row['chat-reprefill']:>20.1f}")
     return "\n".join(lines)

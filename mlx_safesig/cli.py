@@ -220,15 +220,23 @@ def _model_path(model):
               help="Prompt length for the prefill measurement.")
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1),
               help="Interleaved repetitions; the median is reported.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Also decode this many prompts together: mlx-lm's BatchGenerator vs the "
+              "safety engine.")
+@click.option("--chat-turns", type=click.IntRange(1), default=None,
+              help="Also time the first token of each turn of a chat this long (~100 tokens a "
+              "turn), reusing the conversation cache vs prefilling the conversation again.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @user_errors
-def bench(model, schedules, max_tokens, prefill_tokens, repeats, as_json):
+def bench(model, schedules, max_tokens, prefill_tokens, repeats, batch_size, chat_turns,
+          as_json):
     """Decode and prefill speed, safety on (per schedule) vs plain mlx-lm, same process."""
     from .bench import bench as run_bench
     from .bench import format_table
 
     result = run_bench(_model_path(model), schedules=schedules, max_tokens=max_tokens,
-                       prefill_tokens=prefill_tokens, repeats=repeats, progress=_say)
+                       prefill_tokens=prefill_tokens, repeats=repeats, progress=_say,
+                       batch_size=batch_size, chat_turns=chat_turns)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
@@ -332,10 +340,12 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
     the latest check); an inserted refusal is marked where it happens. /help shows this, /reset
     clears the conversation, /quit (or Ctrl-D) leaves; Ctrl-C stops the current reply."""
     from .generate import stream_generate
+    from .prefill import make_prompt_cache
 
     config = _safety_config(**safety)
     sampling = _sampling(temp, top_p, top_k, min_p, seed)
     net, tokenizer = _load(model, adapter_path=adapter_path)
+    cache = make_prompt_cache(net)  # each turn runs only what follows the previous prompt
     stdin = sys.stdin
     start = [{"role": "system", "content": system_prompt}] if system_prompt else []
     history = list(start)
@@ -357,7 +367,7 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
             if line in ("/quit", "/exit"):
                 return
             if line == "/reset":
-                history = list(start)
+                history, cache = list(start), make_prompt_cache(net)
                 click.echo("[conversation cleared]")
             elif line == "/help":
                 click.echo(CHAT_HELP)
@@ -369,7 +379,7 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
         try:
             with keys_held_back(stdin):
                 for r in stream_generate(net, tokenizer, history, max_tokens, safety=config,
-                                         **sampling):
+                                         prompt_cache=cache, **sampling):
                     reply.add(r)
         except KeyboardInterrupt:
             reply.mark(" [stopped]", "yellow")

@@ -15,9 +15,14 @@ Rules (r1, r2, r3 and tau from ``SafetyConfig``):
 The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
-Schedules (which response indices get a probe; in rule 3 every index is probed so that tau
-consecutive verdicts arrive without delay):
-- ``each``: every index;  ``first``: none (the query verdict only);  ``periodic:N``: every N-th;
+Schedules count *generated* tokens (g = response index - prefill length): an attacker's prefill
+cannot thin the checks; the prefill itself is judged by one window probe before the first
+generated token, whatever the schedule. No probe runs after the insertion: there is at most one,
+so a verdict would change nothing (with an immediate insertion on a malicious query verdict, rule
+1's windows are never probed). Which generated indices get a probe (in rule 3 every index is
+probed so that tau consecutive verdicts arrive without delay):
+- ``each``: every index;  ``first``: none (only the query verdict and a prefill's probe);
+- ``periodic:N``: every N-th;
 - ``annealing``: dense early, sparse later -- index t is probed when t % k(t) == 0, where k doubles
   from 1 to 16 as the response grows: every token for t < 31, every 2nd up to 94, every 4th up to
   222, every 8th up to 478, every 16th after (``annealing_interval``). Prefill attacks and harmful
@@ -115,7 +120,7 @@ def annealing_interval(t: int) -> int:
 
 
 def scheduled(schedule: str, t: int) -> bool:
-    """Does the schedule ask for a probe after response index ``t``?"""
+    """Does the schedule ask for a probe after generated token ``t`` (0 = the first)?"""
     s = parse_schedule(schedule)
     if s == "each":
         return True
@@ -168,9 +173,25 @@ class SafetyMonitor:
         return Decision(insert=self.query_malicious, events=events)
 
     def wants_probe(self, t: int) -> bool:
+        """Is the token at response index ``t`` checked? Never after the insertion (at most one,
+        so a verdict would change nothing); at every index during a flip (rule 3); otherwise where
+        the schedule says, counting *generated* tokens only (index ``t - n_prefill``), so a long
+        prefill cannot thin the checks (SPEC §3b). The prefill has its own probe
+        (``wants_prefill_probe``)."""
+        if self.inserted:
+            return False
         if self.flip_step is not None:
             return True
-        return t + 1 >= (self.config.min_window or 1) and scheduled(self.config.schedule, t)
+        g = t - self.n_prefill
+        return g >= 0 and t + 1 >= (self.config.min_window or 1) and scheduled(
+            self.config.schedule, g)
+
+    def wants_prefill_probe(self) -> bool:
+        """Is the prefilled response text judged by a window probe (as response index
+        ``n_prefill - 1``) before the first generated token? Whenever there is a prefill, the
+        query verdict did not already insert, and it holds ``min_window`` tokens."""
+        return 0 < self.n_prefill and not self.inserted and \
+            self.n_prefill >= (self.config.min_window or 1)
 
     def window(self, t: int, special: Sequence[bool]) -> tuple[bool, List[int]]:
         """What a probe after response index ``t`` attends to: (include the query span?,

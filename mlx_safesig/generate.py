@@ -1,55 +1,23 @@
-"""Safety-aware generation: prompt preparation, the query verdict, the probe loop, streaming.
-
-Cache layout during generation (slot = index in the KV cache, pos = RoPE position)::
-
-    slots 0 .. n-1   the prompt (BOS, template, query, template)   pos 1 .. n    plain causal
-    slot  n          [CLS], attends to the query span and itself  pos 0         kept: the verdict
-    slots n+1 ..     response tokens (prefill, generated, refusal) pos = slot    attend all, [CLS] too
-
-This is the strategic prefill mask of SPEC §3 (``attention.sft_mask``) evaluated in three plain
-steps: nobody in the prompt attends to ``[CLS]`` so the prompt runs at mlx-lm's causal speed, and the
-order of slots in a KV cache does not matter to attention, only masks and positions do. Probes at
-generation time are transient: fused with the next decode token as ``[token, [CLS]]`` and their
-slot trimmed right after.
+"""Safety-aware generation for one prompt: the query verdict (``score``), streaming
+(``stream_generate``), the whole text (``generate``). With safety on, the one strategic-decoding
+engine runs it as a batch of one row (``engine.SafeBatchGenerator``; cache layout there); with
+safety off it is mlx-lm's own loop.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx_lm
-import numpy as np
-from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .attention import decode_probe_mask, window_row
-from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor
+from .decoding import SafetyConfig, SafetyEvent
+from .engine import SafeBatchGenerator
 from .model import Model, SafesigError
-from .prompt import (
-    PreparedPrompt,
-    Prompt,
-    check_context,
-    prepare_prompt,
-    prompt_with_prefill,
-    special_ids,
-    wrap_tokenizer,
-)
-
-PREFILL_STEP = 2048
-
-
-@dataclass
-class SafetySignal:
-    """What generation knows about safety after a token: ``p`` is the latest p(malicious),
-    ``query_p`` the query verdict, ``flagged`` whether the query was judged malicious,
-    ``inserted`` whether the refusal was inserted so far, ``events`` what happened at this step."""
-
-    p: Optional[float] = None
-    query_p: Optional[float] = None
-    flagged: bool = False
-    inserted: bool = False
-    events: List[SafetyEvent] = field(default_factory=list)
+from .prefill import PromptCache, prefill_prompt, probe
+from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
+from .steps import RetractStep, SafetySignal, Step, TokenStep
 
 
 @dataclass
@@ -70,41 +38,13 @@ class GenerationResult:
     finish_reason: Optional[str] = None
 
 
-def prefill_prompt(model: Model, ids: Sequence[int], cache, start_position: int = 1) -> mx.array:
-    """Run the prompt causally at positions ``start_position ..`` in chunks; returns the final-norm
-    hidden state [D] of its last token."""
-    done = 0
-    tokens = mx.array(ids)
-    while True:
-        chunk = tokens[done : done + PREFILL_STEP]
-        h = model.hidden(chunk[None], cache, positions=start_position + done)
-        done += chunk.size
-        if done >= len(ids):
-            return h[0, -1]
-        mx.eval([c.state for c in cache])
-
-
-def probe(model: Model, cache, slots: Sequence[int], position: int = 0, keep: bool = False):
-    """One ``[CLS]`` row appended after the cache, attending to ``slots`` and itself, at RoPE
-    ``position``. Returns p(malicious) (a scalar array). Its keys/values are dropped unless
-    ``keep`` (the query verdict is kept: response tokens attend to it)."""
-    n = cache[0].offset
-    h = model.hidden(
-        mx.array([[model.cls_token_id]]), cache,
-        mask=window_row(n, slots)[None], positions=mx.array([position]),
-    )
-    if not keep:
-        trim_prompt_cache(cache, 1)
-    return model.safety_prob(h[0, -1])
-
-
 def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]]) -> float:
     """p(malicious) from the ``[CLS]`` head.
 
     A string: ``[CLS]`` at position 0, the text's tokens at 1..n (BOS only if the tokenizer adds
     one); ``[CLS]`` attends to all of them and itself; nobody attends to ``[CLS]``.
     Chat messages: the query verdict generation starts from (template rendered, ``[CLS]`` over the
-    query span of the last user message)."""
+    conversation's query slots)."""
     tokenizer = wrap_tokenizer(tokenizer)
     if isinstance(text_or_messages, str):
         ids = tokenizer.encode(text_or_messages)
@@ -118,172 +58,6 @@ def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]])
     cache = model.make_cache()
     prefill_prompt(model, ids, cache)
     return probe(model, cache, slots, position=0).item()
-
-
-def _probe_position(model: Model, slot: int) -> int:
-    return slot if model.args.safesig["probe_position"] == "current" else 0
-
-
-def _cls_logits_mask(model: Model, vocab: int) -> Optional[mx.array]:
-    if model.cls_token_id < vocab:  # [CLS] is input only: never sample it
-        return mx.where(mx.arange(vocab) == model.cls_token_id, -mx.inf, 0.0)
-    return None
-
-
-def _token_table(vocab: int, ids: set) -> mx.array:
-    table = np.zeros(vocab, dtype=bool)
-    table[[i for i in ids if i < vocab]] = True
-    return mx.array(table)
-
-
-def safe_generate_step(
-    model: Model,
-    prompt: PreparedPrompt,
-    config: SafetyConfig,
-    *,
-    refusal_ids: Sequence[int],
-    special_ids: set,
-    eos_ids: set,
-    prefill_ids: Sequence[int] = (),
-    max_tokens: int = 256,
-    sampler: Optional[Callable] = None,
-    logits_processors: Optional[List[Callable]] = None,
-    fused_probe: bool = True,
-) -> Iterator[tuple]:
-    """Token-level generator of strategic decoding (SPEC §4).
-
-    Yields ``(kind, payload, monitor, events)``: kind ``"token"`` with payload ``(token, logprobs,
-    is_refusal)``, or ``"retract"`` with payload = number of yielded tokens withdrawn. Prefilled
-    tokens are not yielded (the caller gave them). Stops after an EOS token or ``max_tokens``.
-
-    Like mlx-lm, the forward of token t+1 is launched before token t is handed out, so building
-    the graph overlaps computing it. The probe plan for t+1 depends on the verdict of the probe
-    that rode with t; it is planned speculatively and re-launched in the rare case that verdict
-    changed the plan (a flip starting or clearing), so the result equals step-by-step decoding.
-    Whether the newest token is special (rule 4) is decided inside the graph.
-    """
-    sampler = sampler or (lambda lp: mx.argmax(lp, axis=-1))
-    processors = list(logits_processors or [])
-    cache = model.make_cache()
-    base = len(prompt.ids) + 1  # slot of response index 0 (the [CLS] verdict sits at slot n)
-    response: List[int] = []  # response tokens: prefill, generated, refusal
-    special: List[bool] = []
-    history = mx.array(prompt.ids)  # what logits processors see
-    monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))
-    query_slots = prompt.query_slots
-    cls = mx.array([model.cls_token_id])
-
-    logits = model.logits(prefill_prompt(model, prompt.ids, cache)[None])
-    vocab = logits.shape[-1]
-    cls_mask = _cls_logits_mask(model, vocab)
-    special_table = _token_table(max(vocab, model.cls_token_id + 1), special_ids)
-    p0 = probe(model, cache, query_slots, position=0, keep=True).item()
-    decision = monitor.start(p0)
-    events = decision.events
-
-    def feed(ids):
-        nonlocal history
-        h = model.hidden(mx.array(ids)[None], cache)
-        response.extend(ids)
-        special.extend(t in special_ids for t in ids)
-        history = mx.concatenate([history, mx.array(ids)])
-        return model.logits(h[:, -1])
-
-    def sample(z):
-        if cls_mask is not None:
-            z = z + cls_mask
-        for proc in processors:
-            z = proc(history, z)
-        logprobs = z - mx.logsumexp(z, keepdims=True)
-        return sampler(logprobs).reshape(1), logprobs[0]
-
-    def plan(t):
-        if not monitor.wants_probe(t):
-            return None
-        include_query, window = monitor.window(t, special[:t] + [False])
-        return include_query, tuple(window)
-
-    def launch(y, t, probe_plan):
-        """Feed the (lazy) token y at response index t; returns (logits, p or None)."""
-        n = cache[0].offset
-        if probe_plan is None:
-            h = model.hidden(y[None], cache, positions=mx.array([n]), compiled=True)
-            return model.logits(h[:, -1]), None
-        include_query, window = probe_plan
-        slots = (query_slots if include_query else []) + [base + i for i in window if i < t]
-        sees_y = mx.logical_not(special_table[y[0]]) if t in window else mx.array(False)
-        position = _probe_position(model, n + 1)
-        if fused_probe:
-            column_n = mx.stack([mx.array(True), sees_y])[:, None]  # rows: [token, probe]
-            mask = mx.where(mx.arange(n + 2) == n, column_n, decode_probe_mask(n, slots))
-            h = model.hidden(
-                mx.concatenate([y, cls])[None], cache, mask=mask,
-                positions=mx.array([n, position]), compiled=True,
-            )
-            trim_prompt_cache(cache, 1)
-            return model.logits(h[:, 0]), model.safety_prob(h[0, 1])
-        h = model.hidden(y[None], cache, positions=mx.array([n]), compiled=True)
-        logits = model.logits(h[:, -1])
-        row = mx.where(mx.arange(n + 2) == n, sees_y, window_row(n + 1, slots))
-        h = model.hidden(cls[None], cache, mask=row[None], positions=mx.array([position]))
-        trim_prompt_cache(cache, 1)
-        return logits, model.safety_prob(h[0, -1])
-
-    def evaluate(y, out):
-        mx.async_eval(y, *[o for o in out if o is not None])
-
-    if prefill_ids:
-        logits = feed(list(prefill_ids))
-    refusal_due = decision.insert
-    generated = 0
-    while True:
-        if refusal_due:
-            refusal_due = False
-            logits = feed(list(refusal_ids))
-            for tok in refusal_ids:
-                yield "token", (tok, None, True), monitor, events
-                events, generated = [], generated + 1
-                if generated >= max_tokens:
-                    return
-        y, logprobs = sample(logits)
-        t = len(response)
-        history = mx.concatenate([history, y])
-        out = launch(y, t, plan(t))
-        evaluate(y, out)
-        while True:
-            token = y.item()
-            yield "token", (token, logprobs, False), monitor, events
-            events, generated = [], generated + 1
-            if token in eos_ids or generated >= max_tokens:
-                return
-            response.append(token)
-            special.append(token in special_ids)
-            y_next, logprobs_next = sample(out[0])
-            history = mx.concatenate([history, y_next])
-            planned = plan(t + 1)
-            out_next = launch(y_next, t + 1, planned)
-            evaluate(y_next, out_next)
-            if out[1] is not None:
-                decision = monitor.observe(t, out[1].item())
-                events = decision.events
-                if decision.insert:
-                    trim_prompt_cache(cache, 1)  # the speculative token t+1 is not kept
-                    history = history[:-1]
-                    keep = decision.rollback_to
-                    if keep is not None and keep < len(response):
-                        drop = len(response) - keep
-                        trim_prompt_cache(cache, drop)
-                        del response[keep:], special[keep:]
-                        history = history[: history.size - drop]
-                        yield "retract", drop, monitor, events
-                        events = []
-                    refusal_due = True
-                    break
-                if plan(t + 1) != planned:
-                    trim_prompt_cache(cache, 1)
-                    out_next = launch(y_next, t + 1, plan(t + 1))
-                    evaluate(y_next, out_next)
-            out, y, logprobs, t = out_next, y_next, logprobs_next, t + 1
 
 
 def streamed_text(tokenizer, ids: Sequence[int], finish: str) -> str:
@@ -313,6 +87,12 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
+    prompt_cache: Optional[PromptCache] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
+    max_kv_size: Optional[int] = None,
+    fused_probe: bool = True,
     **kwargs: Any,
 ) -> Iterator[GenerationResult]:
     """Stream a response with safety-aware sampling.
@@ -321,96 +101,118 @@ def stream_generate(
     rendered with the tokenizer's chat template). ``prefill_response``: assistant text placed
     before the model's own (a prefill attack, or an app's prefix); it is not streamed back.
     ``sampler`` / ``logits_processors``: mlx-lm callables (``make_sampler``,
-    ``make_logits_processors``); without a sampler, ``temp/top_p/top_k/min_p`` build one.
+    ``make_logits_processors``, or ``engine.seeded_sampler``); without a sampler,
+    ``temp/top_p/top_k/min_p`` build one. ``prompt_cache``: a ``make_prompt_cache(model)`` kept
+    across a conversation's turns; pass the whole conversation each turn and only what follows
+    the previous turn's prompt is run. ``kv_bits`` / ``kv_group_size`` / ``quantized_kv_start``:
+    mlx-lm's quantized KV cache (with safety on it is quantized once, after the prompt, if that
+    holds ``quantized_kv_start`` tokens). ``max_kv_size`` works with safety off only (a rotating
+    cache overwrites the slots the safety checks address).
     ``safety``: a ``SafetyConfig``; ``SafetyConfig(enabled=False)`` is exactly mlx-lm's
-    ``stream_generate``. Each result carries ``safety`` (latest p(malicious), query verdict, events).
-    On a ``retracted`` event drop ``event.text`` from the end of what you displayed."""
+    ``stream_generate`` (other keyword arguments go to it). Each result carries ``safety``
+    (latest p(malicious), query verdict, events). On a ``retracted`` event drop ``event.text``
+    from the end of what you displayed (``without_retracted``)."""
     tokenizer = wrap_tokenizer(tokenizer)
     safety = (safety or SafetyConfig()).resolved(model.args.safesig)
     if max_tokens < 1:
         raise SafesigError(f"max_tokens must be at least 1, got {max_tokens}.")
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise SafesigError("prompt_cache must come from mlx_safesig.make_prompt_cache(model): "
+                           "it remembers which prompt its keys and values belong to.")
     prepared, prefill_ids = prompt_with_prefill(model, tokenizer, prompt, prefill_response)
     sampler = sampler or make_sampler(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
     if not safety.enabled:
         yield from _plain_stream(
-            model, tokenizer, prepared.ids + prefill_ids, max_tokens, sampler,
-            logits_processors, **kwargs,
+            model, tokenizer, prepared.ids + prefill_ids, max_tokens, sampler, logits_processors,
+            prompt_cache, kv_bits=kv_bits, kv_group_size=kv_group_size,
+            quantized_kv_start=quantized_kv_start, max_kv_size=max_kv_size, **kwargs,
         )
         return
-    steps = safe_generate_step(
-        model, prepared, safety,
-        refusal_ids=tokenizer.encode(safety.refusal_prefix, add_special_tokens=False),
-        special_ids=special_ids(tokenizer),
-        eos_ids=set(tokenizer.eos_token_ids),
-        prefill_ids=prefill_ids,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=logits_processors,
-        **kwargs,
-    )
-    detok = tokenizer.detokenizer
-    detok.reset()
-    emitted: List[int] = []
-    text_so_far = ""
+    if max_kv_size is not None:
+        raise SafesigError("max_kv_size cannot be honoured with safety on: the safety checks "
+                           "address fixed cache slots, which a rotating cache overwrites.")
+    if kwargs:
+        raise SafesigError(f"stream_generate with safety on does not take "
+                           f"{', '.join(sorted(kwargs))}.")
     tic = time.perf_counter()
-    prompt_tps, n = 0.0, 0
+    engine = SafeBatchGenerator(model, tokenizer, safety, fused_probe=fused_probe,
+                                kv_bits=kv_bits, kv_group_size=kv_group_size,
+                                quantized_kv_start=quantized_kv_start)
+    engine.insert_prepared(prepared, prefill_ids, max_tokens, sampler=sampler,
+                           logits_processors=logits_processors, prompt_cache=prompt_cache)
+    prompt_tps = len(prepared.ids) / max(time.perf_counter() - tic, 1e-9)
+    to_result = StepText(tokenizer, len(prepared.ids), prompt_tps)
+    while True:
+        for step in engine.next():
+            r = to_result(step)
+            yield r
+            if r.finish_reason is not None:
+                return
 
-    def result(text, token, logprobs, monitor, events, refusal=False, finish=None):
-        return GenerationResult(
-            text=text, token=token, logprobs=logprobs,
-            safety=SafetySignal(
-                p=monitor.latest_p, query_p=monitor.query_p, flagged=bool(monitor.query_malicious),
-                inserted=monitor.inserted, events=events,
-            ),
-            prompt_tokens=len(prepared.ids), prompt_tps=prompt_tps,
-            generation_tokens=n, generation_tps=n / max(time.perf_counter() - tic, 1e-9),
-            peak_memory=mx.get_peak_memory() / 1e9, refusal=refusal, finish_reason=finish,
-        )
 
-    last = None
-    for kind, payload, monitor, events in steps:
-        if n == 0 and prompt_tps == 0.0:
-            prompt_tps = len(prepared.ids) / max(time.perf_counter() - tic, 1e-9)
-            tic = time.perf_counter()
-        if kind == "retract":
-            kept = emitted[: len(emitted) - payload]
+class StepText:
+    """One row's engine steps -> ``GenerationResult`` objects, in order: text segments from
+    mlx-lm's streaming detokenizer (EOS not shown), and for a ``RetractStep`` an event-only result
+    whose ``retracted`` event carries the withdrawn text. Timing counts from construction."""
+
+    def __init__(self, tokenizer, prompt_tokens: int, prompt_tps: float):
+        self.detok = tokenizer.detokenizer
+        self.detok.reset()
+        self.emitted: List[int] = []
+        self.text = ""  # what was shown so far
+        self.prompt_tokens, self.prompt_tps = prompt_tokens, prompt_tps
+        self.tic = time.perf_counter()
+        self.n = 0
+
+    def __call__(self, step: Step) -> GenerationResult:
+        detok = self.detok
+        if isinstance(step, RetractStep):
+            kept = self.emitted[: len(self.emitted) - step.count]
             detok.reset()
             for tok in kept:
                 detok.add_token(tok)
             kept_text = detok.last_segment  # already shown: consumed, not re-sent
-            withdrawn = text_so_far[len(kept_text) :]
-            events = events + [SafetyEvent("retracted", len(kept), monitor.latest_p, withdrawn)]
-            emitted, text_so_far = kept, kept_text
-            yield result("", None, None, monitor, events)
-            continue
-        token, logprobs, refusal = payload
-        n += 1
-        if token in tokenizer.eos_token_ids:
-            last = (token, logprobs, monitor, events, refusal, "stop")
-            break
-        detok.add_token(token)
-        emitted.append(token)
-        if n >= max_tokens:
-            last = (token, logprobs, monitor, events, refusal, "length")
-            break
+            withdrawn = self.text[len(kept_text) :]
+            safety = replace(step.safety, events=step.safety.events + [
+                SafetyEvent("retracted", len(kept), step.safety.p, withdrawn)])
+            self.emitted, self.text = kept, kept_text
+            return self._result("", step, None, None, safety)
+        self.n += 1
+        if step.finish_reason != "stop":
+            detok.add_token(step.token)
+            self.emitted.append(step.token)
+        if step.finish_reason is not None:
+            detok.finalize()
         segment = detok.last_segment
-        text_so_far += segment
-        yield result(segment, token, logprobs, monitor, events, refusal)
-    detok.finalize()
-    if last is None:
-        return
-    token, logprobs, monitor, events, refusal, finish = last
-    segment = detok.last_segment
-    yield result(segment, token, logprobs, monitor, events, refusal, finish)
+        self.text += segment
+        return self._result(segment, step, step.token, step.logprobs, step.safety)
+
+    def _result(self, text, step, token, logprobs, safety) -> GenerationResult:
+        return GenerationResult(
+            text=text, token=token, logprobs=logprobs, safety=safety,
+            prompt_tokens=self.prompt_tokens, prompt_tps=self.prompt_tps,
+            generation_tokens=self.n,
+            generation_tps=self.n / max(time.perf_counter() - self.tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9,
+            refusal=isinstance(step, TokenStep) and step.refusal,
+            finish_reason=getattr(step, "finish_reason", None),
+        )
 
 
-def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors, **kwargs):
-    """Safety off: mlx-lm's own generation loop on the same model (no [CLS] anywhere)."""
-    kwargs.pop("fused_probe", None)
+def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors, prompt_cache,
+                  **kwargs):
+    """Safety off: mlx-lm's own generation loop on the same model (no [CLS] anywhere); a
+    ``PromptCache`` gives mlx-lm its layers and only the ids after the reused prefix."""
+    start = 0
+    if prompt_cache is not None:
+        start = prompt_cache.reuse(ids, safety=False)
+        kwargs["prompt_cache"] = prompt_cache.layers
     for r in mlx_lm.stream_generate(
-        model, tokenizer, mx.array(ids), max_tokens=max_tokens, sampler=sampler,
+        model, tokenizer, mx.array(ids[start:]), max_tokens=max_tokens, sampler=sampler,
         logits_processors=logits_processors, **kwargs,
     ):
+        if prompt_cache is not None and not prompt_cache.ids:
+            prompt_cache.ids = list(ids)
         yield GenerationResult(
             text=r.text, token=r.token, logprobs=r.logprobs, safety=SafetySignal(),
             prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,

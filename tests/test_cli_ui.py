@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_model, write_model_dir
 
-from mlx_safesig import loading
+from mlx_safesig import loading, prefill
 from mlx_safesig.cli import main
 from mlx_safesig.decoding import REFUSAL_PREFIX, SafetyEvent
 from mlx_safesig.generate import GenerationResult, SafetySignal
@@ -49,6 +49,7 @@ def scripted(monkeypatch):
 
     monkeypatch.setattr(generate_module, "stream_generate", stream)
     monkeypatch.setattr(loading, "load", lambda *a, **k: (None, None))
+    monkeypatch.setattr(prefill, "make_prompt_cache", lambda model: None)
     return calls, scripts
 
 

@@ -188,3 +188,26 @@ def test_window_query_lets_the_checks_of_the_generated_text_see_the_query():
         monitor.observe(5, 0.9)
         assert monitor.window(6, special) == (expected, [3, 4, 5, 6])  # rule 3
     assert SafetyConfig().resolved({"threshold": 0.5, "window_query": True}).window_query is True
+
+
+def test_schedules_count_generated_tokens_and_a_prefill_gets_its_own_probe():
+    monitor = SafetyMonitor(SafetyConfig(**{**CFG, "schedule": "periodic:4"}), n_prefill=40)
+    monitor.start(0.1)
+    assert monitor.wants_prefill_probe()
+    assert [t for t in range(60) if monitor.wants_probe(t)] == [43, 47, 51, 55, 59]
+    annealing = SafetyMonitor(SafetyConfig(**{**CFG, "schedule": "annealing"}), n_prefill=500)
+    annealing.start(0.1)
+    assert sum(annealing.wants_probe(500 + g) for g in range(64)) == \
+        sum(scheduled("annealing", g) for g in range(64)) == 47
+
+
+def test_no_probe_is_wanted_after_the_insertion():
+    monitor = SafetyMonitor(SafetyConfig(**CFG), n_prefill=3)
+    monitor.start(0.9)  # inserted at once
+    assert not monitor.wants_prefill_probe()
+    assert not any(monitor.wants_probe(t) for t in range(20))
+    monitor = SafetyMonitor(SafetyConfig(**CFG))
+    monitor.start(0.1)
+    for t in range(3):
+        monitor.observe(t, 0.9)
+    assert monitor.inserted and not any(monitor.wants_probe(t) for t in range(3, 20))

@@ -152,12 +152,16 @@ def test_min_window_delays_the_first_check_of_the_generated_text(tokenizer):
     steps = [e.step for r in results for e in r.safety.events if e.kind == "probe"]
     assert steps[:3] == [-1, 3, 4]
     assert [r.refusal for r in results].index(True) == 8
-    # a prefill counts: with 4 prefilled tokens the first generated token is checked at once
+    # a prefill counts: with n prefilled tokens the prefill is judged before the first
+    # generated token, and the first generated token is checked at once
     prefill = "Sure, here is"
     n = len(tokenizer.encode(prefill, add_special_tokens=False))
     _, results = run(tokenizer, [0.1], n=3, prefill=prefill, min_window=n)
     steps = [e.step for r in results for e in r.safety.events if e.kind == "probe"]
-    assert steps[:2] == [-1, n]
+    assert steps[:3] == [-1, n - 1, n]
+    _, results = run(tokenizer, [0.1], n=3, prefill=prefill, min_window=n + 1)
+    steps = [e.step for r in results for e in r.safety.events if e.kind == "probe"]
+    assert steps[:2] == [-1, n]  # too short to judge on its own
 
 
 def test_rollback_retracts_tokens_from_the_flip_step(tokenizer):

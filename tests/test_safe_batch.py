@@ -35,7 +35,7 @@ THRESHOLD = 0.39  # the query verdicts of three prompts reach it
 WINDOW_THRESHOLD = 0.855  # windows late in some answers reach it
 MAX_TOKENS = 64
 SCHEDULES = ("annealing", "each")
-generation = importlib.import_module("mlx_safesig.generate")  # the package exports generate()
+engine = importlib.import_module("mlx_safesig.engine")
 
 
 def judging_model(**overrides):
@@ -118,7 +118,8 @@ def test_the_jobs_cover_every_case(tokenizer, sequential, schedule):
     assert any(cleared(o) for o in direct)
     prefilled = [outcomes[j.key] for j in JOBS if j.prefill]
     n_prefill = len(tokenizer.encode("Sure, here is", add_special_tokens=False))
-    assert all(o["probes"][1][0] == n_prefill for o in prefilled)  # the first generated token
+    # the prefill is judged before the first generated token
+    assert all(o["probes"][1][0] == n_prefill - 1 for o in prefilled)
     assert any(o["inserted"] for o in prefilled)
     probes = {s: sum(len(o.get("probes", [])) for o in sequential[s].values()) for s in SCHEDULES}
     assert probes["annealing"] < probes["each"]  # answers long enough for annealing to thin out
@@ -167,7 +168,7 @@ def test_model_variants_batched_equal_sequential(tokenizer, variant, monkeypatch
         assert any("<|endoftext|>" in o.get("response", "") for o in expected.values())
     if variant == "[CLS] inside the LM head":  # without its mask the [CLS] id would be sampled
         with monkeypatch.context() as m:
-            m.setattr(generation, "_cls_logits_mask", lambda model, vocab: None)
+            m.setattr(engine, "cls_logits_mask", lambda model, vocab: None)
             assert one_by_one(model, tokenizer, JOBS, safety) != expected
     if variant == "min_window from the model":
         window_probes = [t for o in expected.values() for t, _ in o.get("probes", []) if t >= 0]
@@ -181,15 +182,27 @@ def test_model_variants_batched_equal_sequential(tokenizer, variant, monkeypatch
         assert_same(expected[key], got[key])
 
 
-def test_only_safety_on_greedy_jobs_without_rollback_are_batchable(model, tokenizer):
+def test_only_safety_on_greedy_jobs_are_batchable(model, tokenizer):
     on = Job("direct", "direct", "p0", "on", PROMPTS[0], sampling=dict(temp=0.0, top_p=1.0))
     assert safe_batchable(on, SafetyConfig())
+    assert safe_batchable(on, SafetyConfig(rollback=True))
     assert not safe_batchable(Job("direct", "direct", "p0", "off", PROMPTS[0]), SafetyConfig())
     sampled = Job("decoding", "t", "p0", "on", PROMPTS[0], sampling=dict(temp=0.7))
     assert not safe_batchable(sampled, SafetyConfig())
-    assert not safe_batchable(on, SafetyConfig(rollback=True))
-    with pytest.raises(ValueError, match="without rollback"):
-        list(safe_batch(model, tokenizer, [on], SafetyConfig(rollback=True), 4, 2))
+    with pytest.raises(ValueError, match="safety-on generations only"):
+        list(safe_batch(model, tokenizer, [on], SafetyConfig(enabled=False), 4, 2))
+
+
+def test_batched_outcomes_with_rollback_equal_the_sequential_ones(model, tokenizer):
+    safety = SafetyConfig(schedule="each", threshold=THRESHOLD, window_threshold=0.6,
+                          rollback=True)
+    expected = one_by_one(model, tokenizer, JOBS, safety)
+    rolled_back = [o for o in expected.values() if o.get("inserted_at")]
+    assert rolled_back  # refusals mid-answer, after withdrawing the flagged tokens
+    got = batched(model, tokenizer, JOBS, safety, 3)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert_same(expected[key], got[key])
 
 
 def write_jsonl(path, rows):

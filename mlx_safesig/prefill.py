@@ -1,0 +1,111 @@
+"""What runs on one sequence's own KV cache: the prompt prefill, ``[CLS]`` probes, and the
+conversation cache an app keeps across turns (``make_prompt_cache``).
+
+Shared by ``score``, the engine (``engine.py``) and the benchmark.
+"""
+
+from typing import List, Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import trim_prompt_cache
+
+from .attention import window_row
+from .model import Model, SafesigError
+
+PREFILL_STEP = 2048
+
+
+def prefill_prompt(model: Model, ids: Sequence[int], cache, start_position: int = 1) -> mx.array:
+    """Run the prompt tokens ``ids`` causally after what ``cache`` holds, at positions
+    ``start_position ..``, in chunks; returns the final-norm hidden state [D] of the last one."""
+    done = 0
+    tokens = mx.array(ids)
+    while True:
+        chunk = tokens[done : done + PREFILL_STEP]
+        h = model.hidden(chunk[None], cache, positions=start_position + done)
+        done += chunk.size
+        if done >= len(ids):
+            return h[0, -1]
+        mx.eval([c.state for c in cache])
+
+
+def probe(model: Model, cache, slots: Sequence[int], position: int = 0, keep: bool = False):
+    """One ``[CLS]`` row appended after the cache, attending to ``slots`` and itself, at RoPE
+    ``position``. Returns p(malicious) (a scalar array). Its keys/values are dropped unless
+    ``keep`` (the query verdict is kept: response tokens attend to it)."""
+    n = cache[0].offset
+    h = model.hidden(
+        mx.array([[model.cls_token_id]]), cache,
+        mask=window_row(n, slots)[None], positions=mx.array([position]),
+    )
+    if not keep:
+        trim_prompt_cache(cache, 1)
+    return model.safety_prob(h[0, -1])
+
+
+def probe_position(model: Model, slot: int) -> int:
+    """RoPE position of a probe appended at ``slot`` (the model's ``probe_position``)."""
+    return slot if model.args.safesig["probe_position"] == "current" else 0
+
+
+def cls_logits_mask(model: Model, vocab: int) -> Optional[mx.array]:
+    """[vocab] additive mask that keeps ``[CLS]`` from being sampled when the LM head has a row
+    for its id (tied embeddings, padded vocabularies); None when it has none."""
+    if model.cls_token_id < vocab:  # [CLS] is input only: never sample it
+        return mx.where(mx.arange(vocab) == model.cls_token_id, -mx.inf, 0.0)
+    return None
+
+
+def token_table(vocab: int, ids: set) -> mx.array:
+    """[vocab] bool: True at ``ids`` (for lookups inside a lazy graph)."""
+    table = np.zeros(vocab, dtype=bool)
+    table[[i for i in ids if i < vocab]] = True
+    return mx.array(table)
+
+
+class PromptCache:
+    """A conversation's KV cache, kept across turns: pass the *whole* conversation each turn
+    (``stream_generate(model, tokenizer, messages, prompt_cache=cache)``) and only the tokens
+    after the longest prefix it shares with the previous turn's prompt are run.
+
+    What is kept is the previous turn's prompt, never its ``[CLS]`` verdict or its response: the
+    response comes back as part of the new prompt, rendered by the chat template as a re-prefill
+    would render it. So a conversation continued on its cache gives the tokens and probabilities
+    of a prefill of the whole conversation (the response's keys as generated attended to that
+    turn's ``[CLS]``, which a later turn's tokens must not see; re-running those ~100 tokens is
+    the price of exactness). Safety on and off lay the prompt out at different positions, so a
+    switch between them starts the cache over."""
+
+    def __init__(self, model: Model):
+        self.layers = model.make_cache()
+        self.ids: List[int] = []  # the prompt whose keys/values lead the cache
+        self.safety: Optional[bool] = None
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].offset
+
+    def reuse(self, ids: Sequence[int], safety: bool) -> int:
+        """Trim the cache to the longest prefix it shares with ``ids`` (one token at least is left
+        to run, for the logits) and return that prefix's length."""
+        n = 0
+        if self.safety == safety:
+            for a, b in zip(self.ids, ids):
+                if a != b:
+                    break
+                n += 1
+        n = min(n, len(ids) - 1)
+        trim_prompt_cache(self.layers, self.offset - n)
+        self.ids, self.safety = [], safety  # set again once the new prompt is in
+        return n
+
+
+def make_prompt_cache(model: Model, max_kv_size: Optional[int] = None) -> PromptCache:
+    """A conversation cache for ``stream_generate(..., prompt_cache=cache)`` (mlx-lm's function
+    of the same name, for this model). ``max_kv_size`` (a rotating cache) cannot be honoured:
+    the safety windows address fixed cache slots."""
+    if max_kv_size is not None:
+        raise SafesigError("max_kv_size cannot be honoured with safety on: the safety checks "
+                           "address fixed cache slots, which a rotating cache overwrites.")
+    return PromptCache(model)
