@@ -497,7 +497,7 @@ def _suites(ctx, param, values) -> tuple:
               "repeatable or comma-separated: direct, prefill, decoding, templates, benign, all "
               "(default: all).")
 @click.option("--data", "data_dir", default="data", show_default=True, type=click.Path(),
-              help="Output directory of examples/data/build_data.py.")
+              help="Output directory of `python -m mlx_safesig.align.build`.")
 @click.option("--split", default="dev", show_default=True, help="Read harmful/benign.<split>.jsonl.")
 @click.option("--out", "out_dir", default="eval-results", show_default=True, type=click.Path(),
               help="Where rows.jsonl, results.json, report.md and the plots are written.")

@@ -276,10 +276,14 @@ def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
     assert {r["label"] for r in held if r["source"] in ("harmbench", "jbb_tense")} == {1}
     assert {r["label"] for r in held if r["source"] not in ("harmbench", "jbb_tense")} == {0}
     assert {r["text"] for r in held if r["source"] == "kto_en_demo"} == {"placeholder ktoone question"}
+    by_label = read_jsonl(out / "harmful.heldout.jsonl") + read_jsonl(out / "benign.heldout.jsonl")
+    assert sorted(by_label, key=lambda r: r["id"]) == sorted(held, key=lambda r: r["id"])
+    assert {r["label"] for r in read_jsonl(out / "harmful.heldout.jsonl")} == {1}
     held_ids = {r["id"] for r in held}
     guard = bd.LeakGuard([r["text"] for r in held])
     for f in out.glob("*.jsonl"):
-        if f.name in ("heldout.jsonl", "templates.jsonl", "gcg.jsonl", "autodan.jsonl", "dan.jsonl"):
+        if f.name in ("heldout.jsonl", "harmful.heldout.jsonl", "benign.heldout.jsonl",
+                      "templates.jsonl", "gcg.jsonl", "autodan.jsonl", "dan.jsonl"):
             continue
         rows = read_jsonl(f)
         assert not any(r["source"] in sources.HELDOUT_SOURCES for r in rows), f.name
@@ -418,7 +422,7 @@ def test_manifest(built):
     assert on_disk["sources"]["advbench"]["raw_items"] == 6
     expected = {"harmful.jsonl", "benign.jsonl", "heldout.jsonl", "templates.jsonl", "gcg.jsonl",
                 "autodan.jsonl", "dan.jsonl", "train_wrappers.jsonl", "refusal_keywords.json"}
-    expected |= {f"{k}.{sp}.jsonl" for k in ("harmful", "benign") for sp in bd.SPLITS}
+    expected |= {f"{k}.{sp}.jsonl" for k in ("harmful", "benign") for sp in (*bd.SPLITS, "heldout")}
     expected |= {f"harmful.holdout-donotanswer.{p}.jsonl" for p in ("train", "dev", "unseen")}
     assert set(on_disk["files"]) == expected
     for name, info in on_disk["files"].items():

@@ -497,6 +497,10 @@ def test_benign_and_detection_counts_per_data_source(tokenizer, data_dir, tmp_pa
     det = results["detection"]
     assert (det["benign / ours"]["flagged"], det["benign / ours"]["n"]) == (1, 2)
     assert (det["harmful / x"]["flagged"], det["harmful / y"]["flagged"]) == (1, 0)
+    direct = results["suites"]["direct"]["attacks"]
+    assert list(direct) == ["direct", "direct / x", "direct / y"]
+    assert direct["direct / x"]["on"]["refusal-inserted"]["n"] == 1
+    assert direct["direct / y"]["on"]["refusal-inserted"]["n"] == 1
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| benign / theirs | `kw-prefix+inserted` | 100.0% (1/1) | 100.0% (1/1) |" in report
     assert "| benign (false positives), source `ours` | 50.0% (1/2) |" in report

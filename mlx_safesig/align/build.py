@@ -10,6 +10,7 @@ deduplicates the rows and writes JSONL files plus a MANIFEST.json:
   with deterministic hash-based splits (a row's split is a pure function of its id, so it is stable
   across runs and independent of row order; ``test`` is never looked at during development);
 * ``heldout.jsonl``: the prompts of the frozen held-out sources (HELDOUT.md), never trained or tuned on;
+  ``harmful.heldout.jsonl`` / ``benign.heldout.jsonl``: those rows by label (``eval --split heldout``);
 * ``templates.jsonl``, ``gcg.jsonl``, ``autodan.jsonl``, ``dan.jsonl``: the held-out jailbreak wrappers
   of the eval ``templates`` suite; ``train_wrappers.jsonl``: wrappers that training may use;
 * ``refusal_keywords.json``: the GCG / garak refusal keyword lists.
@@ -219,6 +220,9 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         "benign.jsonl": _sort(benign),
         "heldout.jsonl": _sort(heldout),
     }
+    # the held-out rows by label, so every eval suite runs on them with `--split heldout`
+    outputs["harmful.heldout.jsonl"] = [r for r in outputs["heldout.jsonl"] if r["label"] == 1]
+    outputs["benign.heldout.jsonl"] = [r for r in outputs["heldout.jsonl"] if r["label"] == 0]
     for sp in SPLITS:
         outputs[f"harmful.{sp}.jsonl"] = [r for r in outputs["harmful.jsonl"] if r["split"] == sp]
         outputs[f"benign.{sp}.jsonl"] = [r for r in outputs["benign.jsonl"] if r["split"] == sp]

@@ -57,7 +57,7 @@ def read_keywords(path: Path) -> Dict[str, KeywordList]:
     """``refusal_keywords.json`` -> judge name -> keyword list."""
     if not path.is_file():
         raise SafesigError(f"{path} does not exist; build the data with "
-                           f"`python examples/data/build_data.py --out {path.parent}`.")
+                           f"`python -m mlx_safesig.align.build --out {path.parent}`.")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:

@@ -71,7 +71,8 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
     of the generated text inserted. ``detection[attack]`` = ``{"flagged", "n", "rate", "ids"}``:
     query verdicts at or above ``threshold``. Where the prompts of the benign suite or of a
     detection attack come from more than one data source, ``"<attack> / <source>"`` entries
-    count each source alone."""
+    count each source alone; likewise ``"direct / <source>"`` and ``"any / <source>"`` (every
+    attack of the suite) for the harmful suites."""
     judges = list(KEYWORD_JUDGES) + ["refusal-inserted", "kw-prefix+inserted"]
     judges += ["judge-model"] if judge_given else []
     detection: Dict[str, dict] = {}
@@ -79,7 +80,7 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
     sweeps: Dict[str, tuple] = {}
     # attack -> source -> its rows / verdict cell: shown when an attack's prompts come from
     # more than one source
-    benign_sources: Dict[str, List[dict]] = {}
+    suite_sources: Dict[str, Dict[str, List[dict]]] = {}  # suite -> source -> rows (all attacks)
     verdict_sources: Dict[str, Dict[str, dict]] = {}
     for job in jobs:
         row = rows.get(job.key)
@@ -98,21 +99,22 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
             continue
         by_suite.setdefault(job.suite, {}).setdefault(job.attack, []).append(row)
         sweeps[job.attack] = job.sweeps
-        if job.suite == "benign":
-            benign_sources.setdefault(job.source, []).append(row)
+        suite_sources.setdefault(job.suite, {}).setdefault(job.source, []).append(row)
     for attack, cells in verdict_sources.items():
         if len(cells) > 1:
             detection.update({f"{attack} / {src}": cells[src] for src in sorted(cells)})
     suites = {}
     for suite, attacks in by_suite.items():
         groups = dict(attacks)
-        if suite == "benign" and len(benign_sources) > 1:
-            groups.update({f"benign / {src}": benign_sources[src] for src in sorted(benign_sources)})
+        per_source = suite_sources.get(suite, {})
         if suite == "decoding":
             groups = {sweep: [r for a, rs in attacks.items() if sweep in sweeps[a] for r in rs]
                       for sweep in ("temperature", "top-p", "top-k")}
         if suite in ("prefill", "decoding", "templates"):
             groups["any"] = [r for rs in attacks.values() for r in rs]
+        if len(per_source) > 1:  # held-out reports are per source: the worst one counts
+            name = "benign" if suite == "benign" else "direct" if suite == "direct" else "any"
+            groups.update({f"{name} / {src}": per_source[src] for src in sorted(per_source)})
         all_rows = [r for rs in attacks.values() for r in rs]
         suites[suite] = {
             "attacks": {a: _group(rs, keywords, judges, suite == "benign")

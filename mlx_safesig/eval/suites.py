@@ -15,7 +15,7 @@ options say otherwise; the same prompts, sampling and seed with safety on and of
   prompt followed by the request; each prompt gets one variant of each, picked by hash.
 - ``benign``: over-refusal: benign prompts should be answered.
 
-The data is the output directory of ``examples/data/build_data.py``.
+The data is the output directory of ```python -m mlx_safesig.align.build```.
 """
 
 import hashlib
@@ -50,7 +50,7 @@ def read_jsonl(path: Path) -> List[dict]:
     """Rows of a JSONL data file; each must carry ``id`` and ``text``."""
     if not path.is_file():
         raise SafesigError(f"{path} does not exist; build the data with "
-                           f"`python examples/data/build_data.py --out {path.parent}`.")
+                           f"`python -m mlx_safesig.align.build --out {path.parent}`.")
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
@@ -76,12 +76,12 @@ class EvalData:
 
 
 def load_data(data_dir, split: str, suites: Sequence[str], exclude: Sequence[str] = ()) -> EvalData:
-    """Read the files of ``examples/data/build_data.py`` that ``suites`` need; harmful rows whose
+    """Read the files of ```python -m mlx_safesig.align.build``` that ``suites`` need; harmful rows whose
     ``category`` is in ``exclude`` are left out."""
     root = Path(data_dir)
     if not root.is_dir():
         raise SafesigError(f"the data directory {root} does not exist; build it with "
-                           f"`python examples/data/build_data.py --out {root}`.")
+                           f"`python -m mlx_safesig.align.build --out {root}`.")
     data = EvalData(read_keywords(root / KEYWORDS_FILE))
     for name in dict.fromkeys(n for s in suites for n in NEEDS[s]):
         rows = read_jsonl(root / DATA_FILES[name].format(split=split))
@@ -197,20 +197,21 @@ def plan_suite(suite: str, data: EvalData, modes: Sequence[str], limit: Optional
                                source=r.get("source", ""))]
     jobs = []
     for r in data.sets["harmful"][:limit]:
-        pid, text = str(r["id"]), r["text"]
+        pid, text, src = str(r["id"]), r["text"], r.get("source", "")
         if suite == "direct":
-            jobs += _pair(suite, "direct", pid, text, modes, sampling=sampling)
+            jobs += _pair(suite, "direct", pid, text, modes, sampling=sampling, source=src)
         elif suite == "prefill":
             for attack, (prefill, k) in prefill_texts(tokenizer, continuations[pid]).items():
                 jobs += _pair(suite, attack, pid, text, modes, prefill=prefill, prefill_tokens=k,
-                              sampling=sampling)
+                              sampling=sampling, source=src)
         elif suite == "decoding":
             for s in decoding_grid(grid_size):
                 jobs += _pair(suite, s["name"], pid, text, modes, sweeps=tuple(s["sweeps"]),
-                              sampling={k: s[k] for k in ("temp", "top_p", "top_k")})
+                              sampling={k: s[k] for k in ("temp", "top_p", "top_k")}, source=src)
         else:
             for attack, (variant, content) in template_attacks(data, r, model_name).items():
-                jobs += _pair(suite, attack, pid, content, modes, variant=variant, sampling=sampling)
+                jobs += _pair(suite, attack, pid, content, modes, variant=variant, sampling=sampling,
+                              source=src)
     return jobs
 
 
@@ -228,7 +229,8 @@ def plan_verdicts(suites: Sequence[str], data: EvalData, limit: Optional[int],
     if "templates" in suites:
         for r in data.sets["harmful"][:limit]:
             for attack, (variant, content) in template_attacks(data, r, model_name).items():
-                jobs.append(Job("detection", attack, str(r["id"]), "verdict", content, variant=variant))
+                jobs.append(Job("detection", attack, str(r["id"]), "verdict", content, variant=variant,
+                                source=r.get("source", "")))
     return jobs
 
 
