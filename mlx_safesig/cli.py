@@ -484,8 +484,9 @@ def _suites(ctx, param, values) -> tuple:
 
     names = [n.strip() for v in values for n in v.split(",") if n.strip()] or ["all"]
     for n in names:
-        if n != "all" and n not in SUITES:
-            raise click.BadParameter(f"unknown suite {n!r}; use {', '.join(SUITES)} or all.")
+        if n not in ("all", "detection") and n not in SUITES:
+            raise click.BadParameter(f"unknown suite {n!r}; use {', '.join(SUITES)}, detection "
+                                     "or all.")
     return SUITES if "all" in names else tuple(dict.fromkeys(names))
 
 
@@ -495,7 +496,8 @@ def _suites(ctx, param, values) -> tuple:
               "[CLS] row and a random head (tests the pipeline; its numbers mean nothing).")
 @click.option("--suite", "suites", multiple=True, callback=_suites, help="Suites to run, "
               "repeatable or comma-separated: direct, prefill, decoding, templates, benign, all "
-              "(default: all).")
+              "(default: all), and detection (the query verdict per source, plain and in "
+              "conversations; on --split heldout also inside the held-out wrappers).")
 @click.option("--data", "data_dir", default="data", show_default=True, type=click.Path(),
               help="Output directory of `python -m mlx_safesig.align.build`.")
 @click.option("--split", default="dev", show_default=True, help="Read harmful/benign.<split>.jsonl.")
@@ -536,6 +538,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     from .eval.plots import PLOTS_HINT, plots_available
     from .eval.suites import MODES, load_data
 
+    detection, suites = "detection" in suites, tuple(s for s in suites if s != "detection")
     settings = EvalSettings(
         suites=suites, split=split, limit=limit, max_tokens=max_tokens, grid_size=grid_size,
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
@@ -544,9 +547,13 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         window_query=window_query, model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
-    load_data(data_dir, split, suites, exclude_categories)  # fails before the model loads
+    load_data(data_dir, split, suites or ("direct", "benign"), exclude_categories)  # before loading
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = _load(model, add_safety=add_safety)
+    if detection:
+        _detection(net, tokenizer, data_dir, split, limit, threshold, Path(out_dir), as_json)
+    if not suites:
+        return
     results = run_eval(
         net, tokenizer, data_dir, out_dir, settings,
         model_id=(str(model) if model else f"default ({default_model_path().name})")
@@ -560,6 +567,26 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     else:
         click.echo((Path(out_dir) / "report.md").read_text(), nl=False)
         _say(f"[wrote {Path(out_dir) / 'report.md'}, results.json and rows.jsonl]")
+
+
+def _detection(net, tokenizer, data_dir, split, limit, threshold, out_dir: Path, as_json: bool):
+    from tqdm import tqdm
+
+    from .eval.detection import DETECTION_FILE, format_counts, planned_rows, run_detection
+
+    with tqdm(total=planned_rows(data_dir, split, limit), desc="verdicts", unit="row",
+              disable=None, file=sys.stderr) as bar:
+        report = run_detection(net, tokenizer, data_dir, split, limit, threshold,
+                               sweep=(0.3, 0.7, 0.9), progress=bar.update)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DETECTION_FILE).write_text(json.dumps(report, indent=1))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    for suite, counts in report["suites"].items():
+        click.echo(f"## detection: {suite} ({report['judge']}, threshold {report['threshold']})")
+        click.echo("\n".join(format_counts(counts)))
+    _say(f"[wrote {out_dir / DETECTION_FILE}]")
 
 
 if __name__ == "__main__":

@@ -604,3 +604,37 @@ def test_exclude_category_leaves_those_harmful_rows_out(tmp_path):
     assert [r["id"] for r in data.sets["benign"]] == ["b0"]  # only harmful rows are filtered
     fp = EvalSettings(exclude_categories=("drop",)).fingerprint("m")
     assert fp["exclude_categories"] == ["drop"]  # a resume must use the same exclusion
+
+
+def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, data_dir, tmp_path):
+    from mlx_safesig import load, score
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for f in data_dir.iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    for split in ("dev", "heldout"):
+        write_jsonl(d / f"harmful.{split}.jsonl", [
+            {"id": f"h{i}", "text": t, "source": "x" if i % 2 else "y"} for i, t in enumerate(HARMFUL)])
+        write_jsonl(d / f"benign.{split}.jsonl", [
+            {"id": f"b{i}", "text": t, "source": "z"} for i, t in enumerate(BENIGN)])
+    write_jsonl(d / "heldout.jsonl", [])
+    net, tok = load(str(model_dir))
+    p = {t: score(net, tok, [{"role": "user", "content": t}]) for t in HARMFUL + BENIGN}
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "o", "--suite", "detection",
+            "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report == json.loads((tmp_path / "o" / "detection.json").read_text())
+    assert set(report["suites"]) == {"plain", "conversation"}  # wrappers: held-out split only
+    plain = report["suites"]["plain"]["sources"]
+    assert plain["x"]["flagged"] == sum(p[t] >= 0.5 for t in HARMFUL[1::2])
+    assert plain["z"]["flagged"] == sum(p[t] >= 0.5 for t in BENIGN)
+    assert set(report["suites"]["conversation"]["sources"]) == {
+        f"{s}+{shape}" for s in ("x", "y") for shape in ("split", "continue", "system")} | {
+        "z+follow-up"}
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "h", "--suite", "detection",
+            "--split", "heldout")
+    assert r.exit_code == 0, r.output
+    assert "## detection: wrapped" in r.stdout and "worst harmful source" in r.stdout
+    assert not any(t in r.stdout for t in HARMFUL + BENIGN)

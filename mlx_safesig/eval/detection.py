@@ -13,6 +13,7 @@ evaluation-only: no training-row builder may use them.
 """
 
 import hashlib
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 from ..generate import score
@@ -193,26 +194,58 @@ def held_out_rows(heldout: Sequence[dict], templates: Sequence[dict], suites: Se
     return out
 
 
-HELD_OUT_FILE = "heldout.jsonl"
 TEMPLATES_FILE = "templates.jsonl"
 SLOT = "{{ prompt }}"
 
 
-def load_held_out(data_dir) -> tuple[List[dict], List[dict]]:
-    """The frozen held-out requests and wrapper templates from the builder's output folder
-    (``python -m mlx_safesig.align.build``): rows with ``label``, and templates with one slot."""
-    import json
-    from pathlib import Path
+def wrapper_templates(data_dir) -> List[dict]:
+    """The frozen held-out wrapper templates (the builder's ``templates.jsonl``) with one slot."""
+    from .suites import read_jsonl
+
+    templates = [t for t in read_jsonl(Path(data_dir) / TEMPLATES_FILE)
+                 if t.get("plain") and t["plain"].count(SLOT) == 1]
+    if not templates:
+        raise SafesigError(f"{Path(data_dir) / TEMPLATES_FILE} has no template with one {SLOT} slot.")
+    return templates
+
+
+DETECTION_FILE = "detection.json"
+
+
+def split_rows(data_dir, split: str) -> List[dict]:
+    """``harmful.<split>.jsonl`` (label 1) and ``benign.<split>.jsonl`` (label 0) of the builder's
+    output folder, with their labels."""
+    from .suites import DATA_FILES, read_jsonl
 
     root = Path(data_dir)
-    files = [root / HELD_OUT_FILE, root / TEMPLATES_FILE]
-    for f in files:
-        if not f.is_file():
-            raise SafesigError(f"{f} does not exist; build the data with "
-                               f"`python -m mlx_safesig.align.build --out {root}`.")
-    rows, templates = ([json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-                       for f in files)
-    templates = [t for t in templates if t.get("plain") and t["plain"].count(SLOT) == 1]
-    if not rows or not templates:
-        raise SafesigError(f"{root} has no held-out rows or no usable wrapper templates.")
-    return rows, templates
+    rows = []
+    for name, label in (("harmful", 1), ("benign", 0)):
+        rows += [dict(r, label=label) for r in read_jsonl(root / DATA_FILES[name].format(split=split))]
+    return rows
+
+
+def run_detection(model, tokenizer, data_dir, split: str, limit: Optional[int] = None,
+                  threshold: Optional[float] = None, sweep: Sequence[float] = (),
+                  progress: Optional[Callable[[int], None]] = None) -> Dict:
+    """The query verdict per source on the split's rows as they are (``plain``) and in
+    conversations (``conversation``), and, on the frozen ``heldout`` split only, inside the
+    held-out wrapper templates (``wrapped``: those wrappers are never used to tune on dev).
+    Returns ``{"split", "judge", "threshold", "suites": {suite: detection_counts(...)}}``."""
+    rows = split_rows(data_dir, split)
+    suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
+    templates = wrapper_templates(data_dir) if split == "heldout" else []
+    threshold = model.args.safesig["threshold"] if threshold is None else threshold
+    report = {"split": split, "judge": JUDGE, "threshold": threshold, "suites": {}}
+    for suite in suites:
+        suite_rows = held_out_rows(rows, templates, [suite], limit)
+        scores = score_rows(model, tokenizer, suite_rows, progress=progress)
+        report["suites"][suite] = detection_counts(suite_rows, scores, threshold, sweep)
+    return report
+
+
+def planned_rows(data_dir, split: str, limit: Optional[int] = None) -> int:
+    """How many verdicts ``run_detection`` computes (for a progress bar)."""
+    rows = split_rows(data_dir, split)
+    templates = wrapper_templates(data_dir) if split == "heldout" else []
+    suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
+    return len(held_out_rows(rows, templates, suites, limit))
