@@ -129,6 +129,9 @@ decoding_rule_options = options(
                  "model's, else 1)."),
     click.option("--window-query/--no-window-query", default=None, help="Let the checks of the "
                  "generated text see the query span too, or not (default: the model's, else not)."),
+    click.option("--keep-verdict", type=click.Choice(["always", "flagged"]), default=None,
+                 help="When the response attends to the query verdict's [CLS]: always (the "
+                 "paper) or only when it is flagged (default: the model's, else always)."),
 )
 
 safety_options = options(
@@ -247,12 +250,12 @@ def _load(model, **kwargs):
 
 
 def _safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window, window_query,
-                   rollback, refusal_prefix):
+                   keep_verdict, rollback, refusal_prefix):
     from .decoding import SafetyConfig
 
     return SafetyConfig(enabled=not no_safety, schedule=schedule, threshold=threshold,
                         window_threshold=window_threshold, tau=tau, min_window=min_window,
-                        window_query=window_query, rollback=rollback,
+                        window_query=window_query, keep_verdict=keep_verdict, rollback=rollback,
                         refusal_prefix=refusal_prefix)
 
 
@@ -525,7 +528,8 @@ def _suites(ctx, param, values) -> tuple:
 @user_errors
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, temp, top_p, top_k, seed, grid_size, safety, schedule, threshold,
-                 window_threshold, tau, min_window, window_query, judge_model, batch_size, resume,
+                 window_threshold, tau, min_window, window_query, keep_verdict, judge_model,
+                 batch_size, resume,
                  as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
@@ -544,7 +548,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
         threshold=threshold, window_threshold=window_threshold, tau=tau, min_window=min_window,
-        window_query=window_query, model_name=Path(model).name if model else "Assistant",
+        window_query=window_query, keep_verdict=keep_verdict,
+        model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
     load_data(data_dir, split, suites or ("direct", "benign"), exclude_categories)  # before loading

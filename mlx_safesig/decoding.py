@@ -56,7 +56,13 @@ class SafetyConfig:
     well as their window (rule 1's probes always do). None: the model's value, else False (the
     paper). A window such as "X is a type of cybercrime that ..." is harmful or not depending on
     what was asked; the default model sets it although its probes were trained on windows alone
-    (``train --window-query`` trains them on query and window; docs/default-model.md)."""
+    (``train --window-query`` trains them on query and window; docs/default-model.md).
+
+    ``keep_verdict`` [ours]: when the response attends to the kept query ``[CLS]``: ``"always"``
+    (the paper's mask) or ``"flagged"`` (only when the query verdict is malicious; a benign
+    verdict's ``[CLS]`` leaves the cache and the response is the language model's own, at the same
+    positions). None: the model's value, else ``"always"``. On the default model the kept benign
+    verdict sent some answers into loops that the same weights without it do not write."""
 
     enabled: bool = True
     threshold: Optional[float] = None
@@ -70,9 +76,12 @@ class SafetyConfig:
     schedule: str = "annealing"
     refusal_prefix: Optional[str] = None
     rollback: bool = False
+    keep_verdict: Optional[str] = None
 
     def __post_init__(self):
         parse_schedule(self.schedule)
+        if self.keep_verdict not in (None, "always", "flagged"):
+            raise ValueError(f"keep_verdict must be 'always' or 'flagged', got {self.keep_verdict!r}.")
         for name in ("threshold", "window_threshold"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
@@ -86,7 +95,7 @@ class SafetyConfig:
         """A copy with every ``None`` filled from the model's ``safesig`` block."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
         for k in ("threshold", "window_threshold", "tau", "min_window", "window_query", "r1",
-                  "r2", "r3", "refusal_prefix"):
+                  "r2", "r3", "refusal_prefix", "keep_verdict"):
             if values[k] is None:
                 values[k] = model_defaults.get(k)
         if values["refusal_prefix"] is None:
@@ -96,6 +105,7 @@ class SafetyConfig:
         if values["min_window"] is None:
             values["min_window"] = 1
         values["window_query"] = bool(values["window_query"])
+        values["keep_verdict"] = values["keep_verdict"] or "always"
         return SafetyConfig(**values)
 
 

@@ -11,7 +11,11 @@ Cache layout of one row (slot = index in its KV cache, pos = RoPE position)::
 
     slots 0 .. n-1   the prompt (BOS, template, query, template)   pos 1 .. n    plain causal
     slot  n          [CLS], attends to the query slots and itself  pos 0         kept: the verdict
-    slots n+1 ..     response tokens (prefill, generated, refusal) pos = slot    attend all, [CLS] too
+    slots n+1 ..     response tokens (prefill, generated, refusal) pos n+1 ..  attend all, [CLS] too
+
+With ``SafetyConfig.keep_verdict="flagged"`` a benign verdict's ``[CLS]`` leaves the cache right
+after it is read: the response then starts at slot n, still at positions n+1 .., so it is the
+language model's own continuation of the prompt.
 
 This is the strategic prefill mask of SPEC §3 (``attention.sft_mask``) evaluated in three plain
 steps: nobody in the prompt attends to ``[CLS]``, so the prompt runs at mlx-lm's causal speed, and
@@ -41,7 +45,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
 from .attention import decode_probe_mask, window_row
@@ -79,16 +83,23 @@ class _Row:
     events: List[SafetyEvent] = field(default_factory=list)
     y: Optional[mx.array] = None
     logprobs: Optional[mx.array] = None
+    kept: bool = True  # the query verdict's [CLS] is in the cache (``SafetyConfig.keep_verdict``)
 
     @property
     def base(self) -> int:
-        """Slot of response index 0 (the ``[CLS]`` verdict sits just before it)."""
-        return len(self.prompt.ids) + 1
+        """Slot of response index 0 (the kept ``[CLS]`` verdict, if any, sits just before it)."""
+        return len(self.prompt.ids) + int(self.kept)
 
     @property
     def slot(self) -> int:
-        """Slot (and RoPE position) of ``y``."""
+        """Slot of ``y``: the number of slots before it in the row's cache."""
         return self.base + len(self.response)
+
+    @property
+    def position(self) -> int:
+        """RoPE position of ``y``: the prompt sits at 1 .. n, the response after it, whether or
+        not the verdict's ``[CLS]`` (position 0) stays in the cache."""
+        return len(self.prompt.ids) + 1 + len(self.response)
 
     def plan(self) -> Optional[tuple]:
         """What the probe riding on ``y`` sees: (slots before ``y``, whether ``y``'s own slot is
@@ -242,8 +253,11 @@ class SafeBatchGenerator:
                    mx.array(prompt.ids) if processors else None, refusal)
         decision = monitor.start(probe(model, cache, prompt.query_slots, keep=True).item())
         row.events = decision.events
+        if config.keep_verdict == "flagged" and not monitor.query_malicious:
+            trim_prompt_cache(cache, 1)
+            row.kept = False
         if prefill_ids:
-            h = model.hidden(mx.array(prefill_ids)[None], cache)
+            h = model.hidden(mx.array(prefill_ids)[None], cache, positions=row.position)
             row.append(prefill_ids, self.tables)
             logits = model.logits(h[:, -1])
             if monitor.wants_prefill_probe():
@@ -251,7 +265,7 @@ class SafeBatchGenerator:
                 include_query, window = monitor.window(t, row.special)
                 slots = (prompt.query_slots if include_query else []) + [
                     row.base + i for i in window]
-                p = probe(model, cache, slots, position=probe_position(model, cache[0].offset))
+                p = probe(model, cache, slots, position=probe_position(model, row.position))
                 decision = monitor.observe(t, p.item())
                 row.events += decision.events
         if decision.insert:
@@ -272,7 +286,7 @@ class SafeBatchGenerator:
         """Feed the refusal prefix on the row's own cache, hand its tokens out and sample the
         token after it; the row joins again unless it ended on the way."""
         refusal = row.refusal
-        h = self.model.hidden(mx.array(refusal)[None], row.cache)
+        h = self.model.hidden(mx.array(refusal)[None], row.cache, positions=row.position)
         row.append(refusal, self.tables)
         for tok in refusal:
             if self._emit(row, tok, None, refusal=True):
@@ -323,7 +337,8 @@ class SafeBatchGenerator:
         batched = isinstance(cache[0], BatchKVCache)
         width = cache[0].size() if batched else cache[0].offset
         ys = mx.concatenate([r.y for r in rows]) if batched else rows[0].y
-        ns = [r.slot for r in rows]
+        ns = [r.slot for r in rows]  # cached slots before each row's y: masks and padding
+        ps_y = [r.position for r in rows]  # RoPE positions of the ys
         probing = any(p is not None for p in plans)
 
         def heads(h, i):  # p(malicious) of every row's probe [B]; a lone row's as a scalar
@@ -335,7 +350,7 @@ class SafeBatchGenerator:
                 pads = mx.array([width - n for n in ns])
                 mask = (mx.arange(width + 1) >= pads[:, None])[:, None, None]
             h = model.hidden(ys[:, None], cache, mask=mask,
-                             positions=mx.array(ns)[:, None] if batched else mx.array(ns),
+                             positions=mx.array(ps_y)[:, None] if batched else mx.array(ps_y),
                              compiled=True)
             logits = model.logits(h[:, -1])
             if not probing:
@@ -345,13 +360,13 @@ class SafeBatchGenerator:
                 mask = self._batch_mask(ns, width, plans, ys, fused=False)
             else:
                 mask = self._probe_row(ns[0] + 1, width + 1, plans[0], ys[0], with_token=False)
-            pos = [probe_position(model, n + 1) for n in ns]
+            pos = [probe_position(model, p + 1) for p in ps_y]
             h = model.hidden(mx.full((len(rows), 1), model.cls_token_id), cache, mask=mask,
                              positions=mx.array(pos)[:, None] if batched else mx.array(pos))
             self._trim(1)
             ps = heads(h, -1)
         else:
-            pos = [[n, probe_position(model, n + 1)] for n in ns]
+            pos = [[p, probe_position(model, p + 1)] for p in ps_y]
             if batched:
                 inputs = mx.stack([ys, mx.full(ys.shape, model.cls_token_id)], axis=1)
                 mask = self._batch_mask(ns, width, plans, ys, fused=True)

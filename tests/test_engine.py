@@ -253,3 +253,53 @@ def test_rows_with_their_own_safety_settings_equal_their_single_runs(tokenizer):
         assert as_items(steps[b[i]]) == single(model, tokenizer, user(PROMPTS[i]), 30, own)
     assert as_items(steps[a[0]]) != as_items(steps[b[0]]) or \
         as_items(steps[a[1]]) != as_items(steps[b[1]])
+
+
+def plain_tokens(model, tokenizer, prompt, n):
+    return [(r.token, r.logprobs) for r in stream_generate(
+        model, tokenizer, prompt, n, safety=SafetyConfig(enabled=False)) if r.token is not None]
+
+
+def test_a_benign_verdict_left_out_of_context_gives_the_language_models_own_answer(tokenizer):
+    """keep_verdict="flagged": a benign verdict's [CLS] leaves the cache, so the answer is the
+    language model's own (safety off), at the same relative positions; the probes still run."""
+    model = judging_model()
+    safety = SafetyConfig(schedule="each", keep_verdict="flagged", **NEVER)
+    for prompt in (user(PROMPTS[0]), user(PROMPTS[5])):
+        on = [(r.token, r.logprobs, r.safety) for r in stream_generate(
+            model, tokenizer, prompt, 24, safety=safety) if r.token is not None]
+        off = plain_tokens(model, tokenizer, prompt, 24)
+        assert [t for t, _, _ in on] == [t for t, _ in off]
+        assert max(mx.abs(a - b).max().item() for (_, a, _), (_, b) in zip(on, off)) < 1e-4
+        assert sum(len(s.events) for _, _, s in on) >= len(on) - 1  # the checks did run
+    kept = [r.token for r in stream_generate(model, tokenizer, user(PROMPTS[0]), 24,
+                                             safety=SafetyConfig(schedule="each", **NEVER))]
+    assert kept != [t for t, _ in plain_tokens(model, tokenizer, user(PROMPTS[0]), 24)]
+
+
+def test_a_flagged_verdict_stays_in_context_either_way(tokenizer):
+    model = judging_model()
+    flagged = dict(schedule="each", threshold=0.01)
+    for prompt in (user(PROMPTS[0]), user(PROMPTS[1])):
+        assert single(model, tokenizer, prompt, 20, SafetyConfig(keep_verdict="flagged", **flagged)) \
+            == single(model, tokenizer, prompt, 20, SafetyConfig(**flagged))
+
+
+def test_a_batch_mixing_kept_and_dropped_verdicts_gives_each_row_its_single_run(tokenizer):
+    model = judging_model()
+    safety = SafetyConfig(schedule="annealing", keep_verdict="flagged", **MIXED)
+    jobs = [(user(p), 40, None, None) for p in PROMPTS[:6]]
+    steps, uids = drain(SafeBatchGenerator(model, tokenizer, safety), jobs[:4], late=jobs[4:])
+    for (prompt, n, _, _), uid in zip(jobs, uids):
+        assert as_items(steps[uid]) == single(model, tokenizer, prompt, n, safety)
+    flagged = {s.uid for uid in uids for s in steps[uid] if s.safety.flagged}
+    assert flagged and flagged != set(uids)  # both kinds of row were in the batch
+
+
+def test_keep_verdict_takes_two_values_and_the_models_default():
+    with pytest.raises(ValueError, match="keep_verdict must be 'always' or 'flagged'"):
+        SafetyConfig(keep_verdict="never")
+    assert SafetyConfig().resolved({}).keep_verdict == "always"
+    assert SafetyConfig().resolved({"keep_verdict": "flagged"}).keep_verdict == "flagged"
+    assert SafetyConfig(keep_verdict="always").resolved(
+        {"keep_verdict": "flagged"}).keep_verdict == "always"

@@ -208,6 +208,7 @@ class EvalSettings:
     tau: Optional[int] = None
     min_window: Optional[int] = None
     window_query: Optional[bool] = None
+    keep_verdict: Optional[str] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -220,7 +221,8 @@ class EvalSettings:
                 "sampling": self.sampling, "seed": self.seed, "schedule": self.schedule,
                 "threshold": self.threshold, "window_threshold": self.window_threshold,
                 "tau": self.tau, "min_window": self.min_window, "window_query": self.window_query,
-                "model_name": self.model_name, "prefill": PREFILL_SCHEME,
+                "keep_verdict": self.keep_verdict, "model_name": self.model_name,
+                "prefill": PREFILL_SCHEME,
                 "exclude_categories": sorted(self.exclude_categories), "decoding": decoding}
 
 
@@ -266,7 +268,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     data = load_data(data_dir, settings.split, settings.suites, settings.exclude_categories)
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
                           window_threshold=settings.window_threshold, tau=settings.tau,
-                          min_window=settings.min_window, window_query=settings.window_query)
+                          min_window=settings.min_window, window_query=settings.window_query,
+                          keep_verdict=settings.keep_verdict)
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
@@ -350,6 +353,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                          "grid_size": settings.grid_size, "modes": list(settings.modes),
                          "threshold": threshold, "window_threshold": resolved.window_threshold,
                          "tau": resolved.tau, "min_window": resolved.min_window,
-                         "window_query": resolved.window_query, "judge_model": judge_id or None}
+                         "window_query": resolved.window_query,
+                         "keep_verdict": resolved.keep_verdict, "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results
