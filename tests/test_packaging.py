@@ -97,7 +97,7 @@ def test_every_package_is_listed_for_setuptools():
 def test_only_the_cli_imports_click():
     importers = {name for name, (f, _) in modules().items()
                  if re.search(r"^\s*(import click|from click)", f.read_text(), re.M)}
-    assert importers == {"mlx_safesig.cli"}
+    assert importers and all(name.split(".")[:2] == ["mlx_safesig", "cli"] for name in importers)
 
 
 def test_no_module_is_longer_than_600_lines():
