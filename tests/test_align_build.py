@@ -272,7 +272,10 @@ def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
     held = read_jsonl(out / "heldout.jsonl")
     assert manifest["files"]["heldout.jsonl"]["sources"] == {
         "dpo_en_demo": 1, "harmbench": 3, "jbb_tense": 4, "kto_en_demo": 1, "senator_search": 2}
-    assert all(set(r) == {"id", "text", "source", "label", "license"} for r in held)
+    assert all(set(r) - {"reference"} == {"id", "text", "source", "label", "license"} for r in held)
+    dpo = [r.get("reference") for r in held if r["source"] == "dpo_en_demo"]
+    assert dpo == [DPO[0]["chosen"]["value"]]
+    assert not any("reference" in r for r in held if r["source"] != "dpo_en_demo")
     assert {r["label"] for r in held if r["source"] in ("harmbench", "jbb_tense")} == {1}
     assert {r["label"] for r in held if r["source"] not in ("harmbench", "jbb_tense")} == {0}
     assert {r["text"] for r in held if r["source"] == "kto_en_demo"} == {"placeholder ktoone question"}

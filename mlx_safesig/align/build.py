@@ -186,7 +186,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
 
     # held out first: the guard is made of them
     heldout = dedup(_priority_sort(read(*HELDOUT_PROMPTS), HELDOUT_PROMPTS), dd, "heldout")
-    heldout = [{k: r[k] for k in HELDOUT_FIELDS} for r in heldout]
+    heldout = [{k: r[k] for k in HELDOUT_FIELDS + ("reference",) if k in r} for r in heldout]
     guard = LeakGuard([r["text"] for r in heldout])
 
     harmful = dedup(_priority_sort(read(*HARMFUL_SOURCES), HARMFUL_SOURCES), dd, "harmful")

@@ -269,9 +269,17 @@ def read_kto(llamafactory: Archive) -> list[dict]:
 
 
 def read_dpo(llamafactory: Archive) -> list[dict]:
-    """The first human turn of each DPO demo row."""
-    texts = _turns(_json(llamafactory, P_DPO), P_DPO, "conversations", "from", "human", "value", True)
-    return [make_row(t, "dpo_en_demo", label=0) for t in texts]
+    """The first human turn of each DPO demo row; a single-turn row keeps its ``chosen`` answer as
+    ``reference`` (for the utility measure: answers from a source never trained on)."""
+    rows = _json(llamafactory, P_DPO)
+    texts = _turns(rows, P_DPO, "conversations", "from", "human", "value", True)
+    out = []
+    for r, t in zip(rows, texts):
+        chosen = r.get("chosen") if isinstance(r.get("chosen"), dict) else {}
+        single = len(r["conversations"]) == 1 and isinstance(chosen.get("value"), str)
+        out.append(make_row(t, "dpo_en_demo", label=0,
+                            **({"reference": chosen["value"].strip()} if single else {})))
+    return out
 
 
 def read_prompts(path: Path, source: str) -> list[dict]:
