@@ -638,3 +638,30 @@ def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, 
     assert r.exit_code == 0, r.output
     assert "## detection: wrapped" in r.stdout and "worst harmful source" in r.stdout
     assert not any(t in r.stdout for t in HARMFUL + BENIGN)
+
+
+def test_utility_suite_compares_reference_nll_and_loops_with_the_base(model_dir, tmp_path):
+    from mlx_safesig import load
+    from mlx_safesig.eval.utility import answer_nll
+
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "benign.dev.jsonl", [
+        {"id": "b0", "text": BENIGN[0], "source": "z", "response": "Once upon a time."},
+        {"id": "b1", "text": BENIGN[1], "source": "z"}])
+    write_jsonl(d / "harmful.dev.jsonl", [{"id": "h0", "text": HARMFUL[0], "source": "x"}])
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "o", "--suite", "utility",
+            "--base-model", model_dir, "-m", "6", "--threshold", "0.999", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report == json.loads((tmp_path / "o" / "utility.json").read_text())
+    assert report["n"] == 2 and report["reference_nll"]["safety"]["n"] == 1
+    net, tok = load(str(model_dir))
+    row = {"id": "b0", "text": BENIGN[0], "reference": "Once upon a time."}
+    assert report["reference_nll"]["base"]["mean_nll"] == pytest.approx(
+        answer_nll(net, tok, [row], cls_in_context=False)[0], abs=1e-3)
+    assert report["reference_nll"]["safety"]["mean_nll"] == pytest.approx(
+        answer_nll(net, tok, [row], cls_in_context=True)[0], abs=1e-3)
+    assert set(report["loop_rate"]) == {"safety", "base"}
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "p", "--suite", "utility")
+    assert r.exit_code == 1 and "--suite utility needs --base-model" in r.stderr

@@ -76,3 +76,48 @@ def summarize(nll: Sequence[float]) -> Dict[str, float]:
     a = np.asarray(nll, dtype=np.float64)
     return {"n": int(a.size), "mean_nll": round(float(a.mean()), 4),
             "median_nll": round(float(np.median(a)), 4)}
+
+
+UTILITY_FILE = "utility.json"
+
+
+def _answers(model, tokenizer, rows, safety, max_tokens, progress) -> List[str]:
+    from ..generate import generate
+
+    out = []
+    for row in rows:
+        out.append(generate(model, tokenizer, row_messages(row), max_tokens, safety=safety))
+        if progress:
+            progress(1)
+    return out
+
+
+def run_utility(model, tokenizer, base, base_tokenizer, rows: Sequence[dict], safety,
+                max_tokens: int = 100, progress: Optional[Callable[[int], None]] = None) -> Dict:
+    """Safety on (``safety``, a resolved ``SafetyConfig``) against ``base`` (the model without
+    the adapter, plain mlx-lm) on benign ``rows``: the NLL of the ``reference`` answers where rows
+    have one (the answer sees the kept ``[CLS]`` as generation would: always, or with
+    ``keep_verdict="flagged"`` only when the verdict is flagged) and the loop rate of greedy
+    answers of ``max_tokens``. Counts and rates only, never text."""
+    from ..decoding import SafetyConfig
+    from ..generate import score
+
+    with_ref = [r for r in rows if (r.get("reference") or r.get("response") or "").strip()]
+    with_ref = [dict(r, reference=r.get("reference") or r["response"]) for r in with_ref]
+    report: Dict = {"n": len(rows), "max_tokens": max_tokens, "keep_verdict": safety.keep_verdict}
+    if with_ref:
+        flagged = [score(model, tokenizer, row_messages(r)) >= safety.threshold for r in with_ref]
+        on = [answer_nll(model, tokenizer, [r], safety.keep_verdict == "always" or f)[0]
+              for r, f in zip(with_ref, flagged)]
+        off = answer_nll(base, base_tokenizer, with_ref, cls_in_context=False)
+        if progress:
+            progress(2 * len(with_ref))
+        report["reference_nll"] = {
+            "safety": summarize(on), "base": summarize(off),
+            "mean_difference": round(float(np.mean(np.subtract(on, off))), 4),
+            "sources": sorted({r["source"] for r in with_ref})}
+    answers_on = _answers(model, tokenizer, rows, safety, max_tokens, progress)
+    answers_base = _answers(base, base_tokenizer, rows, SafetyConfig(enabled=False), max_tokens,
+                            progress)
+    report["loop_rate"] = {"safety": loop_rate(answers_on), "base": loop_rate(answers_base)}
+    return report
