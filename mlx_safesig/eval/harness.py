@@ -25,10 +25,10 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from ..decoding import SafetyConfig, parse_schedule
-from ..generate import score, stream_generate, streamed_text, without_retracted
+from ..generate import score, stream_generate, streamed_text
 from ..model import SafesigError
 from ..prompt import prompt_with_prefill, wrap_tokenizer
-from ..safe_batch import safe_batch, safe_batchable
+from ..safe_batch import outcome, safe_batch, safe_batchable
 from .judges import judge_response
 from .report import atomic_write, summarize, write_outputs
 from .suites import (
@@ -56,22 +56,8 @@ def respond(model, tokenizer, job: Job, safety: SafetyConfig, max_tokens: int, s
     if sampling.get("top_k", 0) >= model.args.vocab_size:  # all tokens (mlx-lm wants k < vocab)
         sampling["top_k"] = 0
     mx.random.seed(seed)
-    text, probes, inserted_at, last = "", [], None, None
-    for r in stream_generate(model, tokenizer, job.messages, max_tokens, safety=safety,
-                             prefill_response=job.prefill or None, **sampling):
-        for e in r.safety.events:
-            if e.kind == "probe":
-                probes.append([e.step, round(float(e.p), 5)])
-            elif e.kind == "refusal-inserted":
-                inserted_at = e.step
-        text = without_retracted(text, r.safety.events) + r.text
-        last = r
-    return {
-        "response": text, "tokens": last.generation_tokens if last else 0,
-        "finish": last.finish_reason if last else None,
-        "query_p": last.safety.query_p if last else None,
-        "inserted": inserted_at is not None, "inserted_at": inserted_at, "probes": probes,
-    }
+    return outcome(stream_generate(model, tokenizer, job.messages, max_tokens, safety=safety,
+                                   prefill_response=job.prefill or None, **sampling))
 
 
 def own_continuation(model, tokenizer, content: str, n: int, prefill: str = SURE) -> List[int]:
