@@ -49,14 +49,14 @@ class SafetyConfig:
     this many tokens (an attacker's or app's prefill counts). None: the model's value, else 1
     (the paper: a check from the first token on). A probe over the first one to three tokens of
     an answer ("The", "To create a") has little to judge; on the default model's benign answers
-    holding the checks back hardly changed which answers get flagged (docs/default-model.md), so
+    holding the checks back hardly changed which answers get flagged (CHANGELOG.md), so
     no shipped model sets it.
 
     ``window_query`` [ours]: the checks of the generated text (rules 2-3) see the query span as
     well as their window (rule 1's probes always do). None: the model's value, else False (the
     paper). A window such as "X is a type of cybercrime that ..." is harmful or not depending on
     what was asked; the default model sets it although its probes were trained on windows alone
-    (``train --window-query`` trains them on query and window; docs/default-model.md).
+    (``train --window-query`` trains them on query and window; CHANGELOG.md).
 
     ``keep_verdict`` [ours]: when the response attends to the kept query ``[CLS]``: ``"always"``
     (the paper's mask) or ``"flagged"`` (only when the query verdict is malicious; a benign

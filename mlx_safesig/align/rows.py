@@ -7,7 +7,7 @@ Rows (the JSONL format of `mlx_safesig.data`):
 * harmful prompts (train split, label 1): the response is the refusal prefix plus a short
   justification, both language-modelling targets (the shipped v7); with ``--give-refusal-prefix``
   the prefix is the row's ``prefill`` instead (given, not learned: strategic decoding inserts it,
-  the model only learns to justify it; v8, measured in docs/default-model.md: the model no longer starts
+  the model only learns to justify it; v8, measured in CHANGELOG.md: the model no longer starts
   that refusal on benign prompts by itself, but its query verdict is weaker under jailbreak
   templates); the ``continuation`` is the base model's OWN answer to the prompt (it answers
   harmful requests on its own), so window probes learn to catch harmful text mid-generation --
@@ -63,7 +63,7 @@ from .sources import read_prompts, text_id
 PROG = "mlx_safesig.align.rows"
 
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
-# the shipped adapter's (v7; v8's too); v6 had no everyday_tasks (see docs/default-model.md)
+# the shipped adapter's (v7; v8's too); v6 had no everyday_tasks (see CHANGELOG.md)
 BENIGN_SOURCES = "alpaca_gpt4_demo,edgy_benign,everyday_tasks"
 WINDOW_SOURCES = "advbench,harmbench,donotanswer:malicious_uses"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
