@@ -105,7 +105,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
     if "detection" in extra:
-        _detection(net, tokenizer, data_dir, split, limit, threshold, Path(out_dir), as_json)
+        _detection(net, tokenizer, data_dir, split, limit, threshold, exclude_categories,
+                   Path(out_dir), as_json)
     if "utility" in extra:
         config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
                                window_query, keep_verdict, False, None)
@@ -128,15 +129,16 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         say(f"[wrote {Path(out_dir) / 'report.md'}, results.json and rows.jsonl]")
 
 
-def _detection(net, tokenizer, data_dir, split, limit, threshold, out_dir: Path, as_json: bool):
+def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_dir: Path,
+               as_json: bool):
     from tqdm import tqdm
 
     from ..eval.detection import DETECTION_FILE, format_counts, planned_rows, run_detection
 
-    with tqdm(total=planned_rows(data_dir, split, limit), desc="verdicts", unit="row",
+    with tqdm(total=planned_rows(data_dir, split, limit, exclude), desc="verdicts", unit="row",
               disable=None, file=sys.stderr) as bar:
         report = run_detection(net, tokenizer, data_dir, split, limit, threshold,
-                               sweep=(0.3, 0.7, 0.9), progress=bar.update)
+                               sweep=(0.3, 0.7, 0.9), progress=bar.update, exclude=exclude)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DETECTION_FILE).write_text(json.dumps(report, indent=1))
     if as_json:

@@ -212,26 +212,28 @@ def wrapper_templates(data_dir) -> List[dict]:
 DETECTION_FILE = "detection.json"
 
 
-def split_rows(data_dir, split: str) -> List[dict]:
+def split_rows(data_dir, split: str, exclude: Sequence[str] = ()) -> List[dict]:
     """``harmful.<split>.jsonl`` (label 1) and ``benign.<split>.jsonl`` (label 0) of the builder's
-    output folder, with their labels."""
+    output folder, with their labels; harmful rows of the categories in ``exclude`` left out."""
     from .suites import DATA_FILES, read_jsonl
 
     root = Path(data_dir)
     rows = []
     for name, label in (("harmful", 1), ("benign", 0)):
-        rows += [dict(r, label=label) for r in read_jsonl(root / DATA_FILES[name].format(split=split))]
+        rows += [dict(r, label=label) for r in read_jsonl(root / DATA_FILES[name].format(split=split))
+                 if not (label and r.get("category") in exclude)]
     return rows
 
 
 def run_detection(model, tokenizer, data_dir, split: str, limit: Optional[int] = None,
                   threshold: Optional[float] = None, sweep: Sequence[float] = (),
-                  progress: Optional[Callable[[int], None]] = None) -> Dict:
+                  progress: Optional[Callable[[int], None]] = None,
+                  exclude: Sequence[str] = ()) -> Dict:
     """The query verdict per source on the split's rows as they are (``plain``) and in
     conversations (``conversation``), and, on the frozen ``heldout`` split only, inside the
     held-out wrapper templates (``wrapped``: those wrappers are never used to tune on dev).
     Returns ``{"split", "judge", "threshold", "suites": {suite: detection_counts(...)}}``."""
-    rows = split_rows(data_dir, split)
+    rows = split_rows(data_dir, split, exclude)
     suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
     templates = wrapper_templates(data_dir) if split == "heldout" else []
     threshold = model.args.safesig["threshold"] if threshold is None else threshold
@@ -243,9 +245,10 @@ def run_detection(model, tokenizer, data_dir, split: str, limit: Optional[int] =
     return report
 
 
-def planned_rows(data_dir, split: str, limit: Optional[int] = None) -> int:
+def planned_rows(data_dir, split: str, limit: Optional[int] = None,
+                 exclude: Sequence[str] = ()) -> int:
     """How many verdicts ``run_detection`` computes (for a progress bar)."""
-    rows = split_rows(data_dir, split)
+    rows = split_rows(data_dir, split, exclude)
     templates = wrapper_templates(data_dir) if split == "heldout" else []
     suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
     return len(held_out_rows(rows, templates, suites, limit))
