@@ -331,6 +331,14 @@ def summary(rows) -> str:
             f"{sum(conts.values())} with a continuation: {part(conts)}")
 
 
+def share_options(ap, what: str, needs: str, harmful: float, benign: float):
+    """``--<what>-harmful`` / ``--<what>-benign``: the shares of train prompts also ``what``."""
+    for label, default in (("harmful", harmful), ("benign", benign)):
+        ap.add_argument(f"--{what}-{label}", type=float, default=default,
+                        help=f"with {needs}: share of {label} train prompts also {what} "
+                             f"(default {default})")
+
+
 def main():
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data",
@@ -365,17 +373,11 @@ def main():
     ap.add_argument("--framings", type=Path, default=None,
                     help="framings file (e.g. examples/default_adapter/framings.txt, v12): wrap "
                          "shares of the train prompts in them as extra rows")
-    ap.add_argument("--framed-harmful", type=float, default=0.3,
-                    help="with --framings: share of harmful train prompts also framed (default 0.3)")
-    ap.add_argument("--framed-benign", type=float, default=0.15,
-                    help="with --framings: share of benign train prompts also framed (default 0.15)")
+    share_options(ap, "framed", "--framings", harmful=0.3, benign=0.15)
     ap.add_argument("--wrappers", type=Path, default=None,
                     help="training wrappers (the builder's train_wrappers.jsonl): wrap shares of "
                          "the train prompts in real-world jailbreak templates as extra rows")
-    ap.add_argument("--wrapped-harmful", type=float, default=0.1,
-                    help="with --wrappers: share of harmful train prompts also wrapped (default 0.1)")
-    ap.add_argument("--wrapped-benign", type=float, default=0.1,
-                    help="with --wrappers: share of benign train prompts also wrapped (default 0.1)")
+    share_options(ap, "wrapped", "--wrappers", harmful=0.1, benign=0.1)
     ap.add_argument("--max-wrapper-chars", type=int, default=1800,
                     help="with --wrappers: leave out longer wrappers (default 1800, to fit "
                          "train --max-seq-length 768)")
