@@ -633,6 +633,16 @@ def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, 
     assert set(report["suites"]["conversation"]["sources"]) == {
         f"{s}+{shape}" for s in ("x", "y") for shape in ("split", "continue", "system")} | {
         "z+follow-up"}
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "x", "--suite", "detection",
+            "--exclude-category", "gone", "--json")
+    assert json.loads(r.stdout) == report  # no row has the category: nothing changes
+    write_jsonl(d / "harmful.dev.jsonl", [
+        {"id": f"h{i}", "text": t, "source": "x" if i % 2 else "y", "category": "gone" if i else ""}
+        for i, t in enumerate(HARMFUL)])
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "x", "--suite", "detection",
+            "--exclude-category", "gone", "--json")
+    assert set(json.loads(r.stdout)["suites"]["plain"]["sources"]) == {"y", "z"}
+    assert json.loads(r.stdout)["suites"]["plain"]["sources"]["y"]["n"] == 1
     r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "h", "--suite", "detection",
             "--split", "heldout")
     assert r.exit_code == 0, r.output
