@@ -133,12 +133,13 @@ def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_d
                as_json: bool):
     from tqdm import tqdm
 
-    from ..eval.detection import DETECTION_FILE, format_counts, planned_rows, run_detection
+    from ..eval.detection import DETECTION_FILE, detection_plan, format_counts, run_detection
 
-    with tqdm(total=planned_rows(data_dir, split, limit, exclude), desc="verdicts", unit="row",
-              disable=None, file=sys.stderr) as bar:
-        report = run_detection(net, tokenizer, data_dir, split, limit, threshold,
-                               sweep=(0.3, 0.7, 0.9), progress=bar.update, exclude=exclude)
+    plan = detection_plan(data_dir, split, limit, exclude)
+    with tqdm(total=sum(map(len, plan.values())), desc="verdicts", unit="row", disable=None,
+              file=sys.stderr) as bar:
+        report = run_detection(net, tokenizer, plan, split, threshold, sweep=(0.3, 0.7, 0.9),
+                               progress=bar.update)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / DETECTION_FILE).write_text(json.dumps(report, indent=1))
     if as_json:

@@ -225,30 +225,25 @@ def split_rows(data_dir, split: str, exclude: Sequence[str] = ()) -> List[dict]:
     return rows
 
 
-def run_detection(model, tokenizer, data_dir, split: str, limit: Optional[int] = None,
-                  threshold: Optional[float] = None, sweep: Sequence[float] = (),
-                  progress: Optional[Callable[[int], None]] = None,
-                  exclude: Sequence[str] = ()) -> Dict:
-    """The query verdict per source on the split's rows as they are (``plain``) and in
-    conversations (``conversation``), and, on the frozen ``heldout`` split only, inside the
-    held-out wrapper templates (``wrapped``: those wrappers are never used to tune on dev).
-    Returns ``{"split", "judge", "threshold", "suites": {suite: detection_counts(...)}}``."""
+def detection_plan(data_dir, split: str, limit: Optional[int] = None,
+                   exclude: Sequence[str] = ()) -> Dict[str, List[dict]]:
+    """The rows of each detection suite: the split's rows as they are (``plain``), in
+    conversations (``conversation``) and, on the frozen ``heldout`` split only, inside the
+    held-out wrapper templates (``wrapped``: those wrappers are never used to tune on dev)."""
     rows = split_rows(data_dir, split, exclude)
     suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
     templates = wrapper_templates(data_dir) if split == "heldout" else []
+    return {suite: held_out_rows(rows, templates, [suite], limit) for suite in suites}
+
+
+def run_detection(model, tokenizer, plan: Dict[str, List[dict]], split: str,
+                  threshold: Optional[float] = None, sweep: Sequence[float] = (),
+                  progress: Optional[Callable[[int], None]] = None) -> Dict:
+    """The query verdict per source on each suite of ``plan`` (``detection_plan``). Returns
+    ``{"split", "judge", "threshold", "suites": {suite: detection_counts(...)}}``."""
     threshold = model.args.safesig["threshold"] if threshold is None else threshold
     report = {"split": split, "judge": JUDGE, "threshold": threshold, "suites": {}}
-    for suite in suites:
-        suite_rows = held_out_rows(rows, templates, [suite], limit)
+    for suite, suite_rows in plan.items():
         scores = score_rows(model, tokenizer, suite_rows, progress=progress)
         report["suites"][suite] = detection_counts(suite_rows, scores, threshold, sweep)
     return report
-
-
-def planned_rows(data_dir, split: str, limit: Optional[int] = None,
-                 exclude: Sequence[str] = ()) -> int:
-    """How many verdicts ``run_detection`` computes (for a progress bar)."""
-    rows = split_rows(data_dir, split, exclude)
-    templates = wrapper_templates(data_dir) if split == "heldout" else []
-    suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
-    return len(held_out_rows(rows, templates, suites, limit))
