@@ -84,6 +84,7 @@ class _Row:
     y: Optional[mx.array] = None
     logprobs: Optional[mx.array] = None
     kept: bool = True  # the query verdict's [CLS] is in the cache (``SafetyConfig.keep_verdict``)
+    conversation: Optional[PromptCache] = None  # kept across turns (``insert(prompt_cache=)``)
 
     @property
     def base(self) -> int:
@@ -250,7 +251,8 @@ class SafeBatchGenerator:
         logits = model.logits(h[None])
         monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))
         row = _Row(uid, prompt, monitor, sampler, processors, max_tokens, cache,
-                   mx.array(prompt.ids) if processors else None, refusal)
+                   mx.array(prompt.ids) if processors else None, refusal,
+                   conversation=prompt_cache)
         decision = monitor.start(probe(model, cache, prompt.query_slots, keep=True).item())
         row.events = decision.events
         if config.keep_verdict == "flagged" and not monitor.query_malicious:
@@ -290,6 +292,7 @@ class SafeBatchGenerator:
         row.append(refusal, self.tables)
         for tok in refusal:
             if self._emit(row, tok, None, refusal=True):
+                self._keep_conversation(row, row.cache)
                 return
         self._sample([row], self.model.logits(h[:, -1]))
         self.joining.append(row)
@@ -486,14 +489,17 @@ class SafeBatchGenerator:
             if not self._emit(row, token, row.logprobs):
                 row.append([token], self.tables, sampled=True)
                 keep.append(i)
-        if not keep:
-            self._leave([])
-            self._out = None
-            return
         t_of = {i: len(self.rows[i].response) - 1 for i in keep}
         if len(keep) < len(self.rows):  # finished rows leave before the next step is launched
+            done = [i for i in range(len(self.rows)) if i not in keep]
+            saving = [i for i in done if self.rows[i].conversation is not None]
+            leaving = [self.rows[i] for i in saving]
+            for row, cache, i in zip(leaving, self._leave(keep, saving), saving):
+                self._keep_conversation(row, cache, final=tokens[i])
+            if not keep:
+                self._out = None
+                return
             logits = logits[mx.array(keep)]
-            self._leave(keep)
         self._sample(self.rows, logits)
         planned = [r.plan() for r in self.rows]
         self._join()  # new rows ride along from the next launch on
@@ -519,6 +525,20 @@ class SafeBatchGenerator:
             self._join()
             out_next = self._launch([r.plan() for r in self.rows]) if self.rows else None
         self._out = out_next
+
+    def _keep_conversation(self, row: _Row, cache: list, final: Optional[int] = None):
+        """A finished row hands its cache to its conversation (``PromptCache``). With the
+        verdict's ``[CLS]`` out of the cache (``keep_verdict="flagged"``, a benign verdict) the
+        response's keys are those of a plain prefill of prompt + response, so the next turn runs
+        only what follows them; with it in, they attended to that ``[CLS]``, which a later turn's
+        tokens must not see, so only the prompt is kept and the response runs again. ``final``:
+        the last token handed out, whose keys the step in flight put in the cache."""
+        if row.conversation is None:
+            return
+        ids = list(row.prompt.ids)
+        if not row.kept:
+            ids += row.response + ([final] if final is not None else [])
+        row.conversation.hold(cache, ids)
 
     def _refuse_rows(self, refusing: List[tuple]):
         """Take the rows that must refuse out of the batch, roll them back if asked, and feed

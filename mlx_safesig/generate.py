@@ -207,12 +207,14 @@ def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors,
     if prompt_cache is not None:
         start = prompt_cache.reuse(ids, safety=False)
         kwargs["prompt_cache"] = prompt_cache.layers
+    held = list(ids)  # what leads the cache: the prompt, then the tokens fed after it
     for r in mlx_lm.stream_generate(
         model, tokenizer, mx.array(ids[start:]), max_tokens=max_tokens, sampler=sampler,
         logits_processors=logits_processors, **kwargs,
     ):
-        if prompt_cache is not None and not prompt_cache.ids:
-            prompt_cache.ids = list(ids)
+        held.append(r.token)
+        if prompt_cache is not None:  # mlx-lm may have fed one token more than it handed out
+            prompt_cache.ids = held[: prompt_cache.offset]
         yield GenerationResult(
             text=r.text, token=r.token, logprobs=r.logprobs, safety=SafetySignal(),
             prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,

@@ -67,15 +67,17 @@ def token_table(vocab: int, ids: set) -> mx.array:
 class PromptCache:
     """A conversation's KV cache, kept across turns: pass the *whole* conversation each turn
     (``stream_generate(model, tokenizer, messages, prompt_cache=cache)``) and only the tokens
-    after the longest prefix it shares with the previous turn's prompt are run.
+    after the longest prefix it shares with what the cache holds are run.
 
-    What is kept is the previous turn's prompt, never its ``[CLS]`` verdict or its response: the
-    response comes back as part of the new prompt, rendered by the chat template as a re-prefill
-    would render it. So a conversation continued on its cache gives the tokens and probabilities
-    of a prefill of the whole conversation (the response's keys as generated attended to that
-    turn's ``[CLS]``, which a later turn's tokens must not see; re-running those ~100 tokens is
-    the price of exactness). Safety on and off lay the prompt out at different positions, so a
-    switch between them starts the cache over."""
+    What is kept is what a prefill of the whole conversation would compute, never a ``[CLS]``:
+    the previous turn's prompt, and its response when the response's keys never attended to a
+    ``[CLS]`` (safety off, or ``keep_verdict="flagged"`` with a benign verdict). A response
+    generated with the verdict's ``[CLS]`` in context is run again as part of the new prompt
+    (that ``[CLS]`` must stay invisible to later turns; re-running the reply is the price of
+    exactness). The reply comes back rendered by the chat template; the shared prefix ends where
+    its tokens differ from the ones generated. So a conversation continued on its cache gives
+    the tokens and probabilities of a prefill of the whole conversation. Safety on and off lay
+    the prompt out at different positions, so a switch between them starts the cache over."""
 
     def __init__(self, model: Model):
         self.layers = model.make_cache()
@@ -99,6 +101,15 @@ class PromptCache:
         trim_prompt_cache(self.layers, self.offset - n)
         self.ids, self.safety = [], safety  # set again once the new prompt is in
         return n
+
+
+    def hold(self, layers: list, ids: Sequence[int]):
+        """Keep ``layers`` (this conversation's caches after a turn; the same list, or a row's
+        caches taken out of a batch), trimmed to the ``ids`` whose keys lead them."""
+        if layers is not self.layers:
+            self.layers[:] = layers
+        trim_prompt_cache(self.layers, self.offset - len(ids))
+        self.ids = list(ids)
 
 
 def make_prompt_cache(model: Model, max_kv_size: Optional[int] = None) -> PromptCache:

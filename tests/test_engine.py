@@ -15,6 +15,7 @@ from mlx_safesig import (
     SafetyConfig,
     TokenStep,
     make_prompt_cache,
+    prepare_prompt,
     seeded_sampler,
     stream_generate,
 )
@@ -303,3 +304,46 @@ def test_keep_verdict_takes_two_values_and_the_models_default():
     assert SafetyConfig().resolved({"keep_verdict": "flagged"}).keep_verdict == "flagged"
     assert SafetyConfig(keep_verdict="always").resolved(
         {"keep_verdict": "flagged"}).keep_verdict == "always"
+
+
+def test_a_conversation_without_a_kept_verdict_runs_only_the_new_turn(tokenizer):
+    """keep_verdict="flagged", benign verdicts: each reply's keys never saw a [CLS], so the next
+    turn reuses prompt and reply (it runs only the new user turn) and still equals a prefill of
+    the whole conversation."""
+    model = make_model()
+    safety = SafetyConfig(schedule="each", keep_verdict="flagged", **NEVER)
+    cache, history, reused_prefix, lengths = make_prompt_cache(model), [], [], []
+    reuse = cache.reuse
+    cache.reuse = lambda ids, safety: reused_prefix.append(reuse(ids, safety)) or reused_prefix[-1]
+    for question in ["Tell me a story", "Write a poem about the sea", "What is the capital"]:
+        history.append({"role": "user", "content": question})
+        reused = list(stream_generate(model, tokenizer, history, 12, prompt_cache=cache,
+                                      safety=safety))
+        whole = list(stream_generate(model, tokenizer, history, 12, safety=safety))
+        assert [r.token for r in reused] == [r.token for r in whole]
+        assert max(mx.abs(a.logprobs - b.logprobs).max().item()
+                   for a, b in zip(reused, whole)) < 1e-5
+        lengths.append(whole[0].prompt_tokens)
+        history.append({"role": "assistant", "content": "".join(r.text for r in reused)})
+    assert reused_prefix == [0, lengths[0] + 12, lengths[1] + 12]  # prompt and reply kept
+
+
+def test_a_conversation_row_leaving_a_batch_keeps_its_reply_in_its_cache(tokenizer):
+    """The conversation's row shares a batch with a longer row; when it finishes, its keys are
+    taken out of the batch cache into the conversation's, and the next turn equals a prefill."""
+    model = make_model()
+    safety = SafetyConfig(schedule="each", keep_verdict="flagged", **NEVER)
+    cache, history = make_prompt_cache(model), [{"role": "user", "content": "Tell me a story"}]
+    engine = SafeBatchGenerator(model, tokenizer, safety)
+    mine = engine.insert([history], 6, prompt_cache=cache)[0]
+    engine.insert(["Write a long poem about the sea"], 20)
+    reply = []
+    while steps := engine.next():
+        reply += [s.token for s in steps if s.uid == mine and isinstance(s, TokenStep)]
+    assert cache.ids == prepare_prompt(tokenizer, history).ids + reply
+    history.append({"role": "assistant", "content": tokenizer.decode(reply)})
+    history.append({"role": "user", "content": "Tell me more"})
+    reused = list(stream_generate(model, tokenizer, history, 8, prompt_cache=cache, safety=safety))
+    whole = list(stream_generate(model, tokenizer, history, 8, safety=safety))
+    assert [r.token for r in reused] == [r.token for r in whole]
+    assert max(mx.abs(a.logprobs - b.logprobs).max().item() for a, b in zip(reused, whole)) < 1e-5
