@@ -198,7 +198,7 @@ def bench_chat(model, tokenizer, turns: int, schedule: str, progress=None) -> li
     (a ~60-token user message and a reply of up to ``CHAT_REPLY_TOKENS``): on a reused
     conversation cache, and with the whole conversation prefilled again (what a chat without a
     cache does). Both see the same conversation (the replies made on the reused cache)."""
-    safety = SafetyConfig(schedule=schedule, **NO_INSERTION)
+    safety = SafetyConfig(schedule=schedule, **NO_INSERTION).resolved(model.args.safesig)
     cache = make_prompt_cache(model)
     history = [{"role": "user", "content": BENCH_PROMPT}]
     runs = []
@@ -219,8 +219,9 @@ def bench_chat(model, tokenizer, turns: int, schedule: str, progress=None) -> li
         reuse_ms, first, rest = first_token(cache)
         reply = first.text + "".join(r.text for r in rest)
         history.append({"role": "assistant", "content": reply})
-        runs.append({"name": "chat-reuse", "turn": k, "ttft_ms": round(reuse_ms, 2)})
-        runs.append({"name": "chat-reprefill", "turn": k, "ttft_ms": round(reprefill_ms, 2)})
+        for name, ms in (("chat-reuse", reuse_ms), ("chat-reprefill", reprefill_ms)):
+            runs.append({"name": name, "turn": k, "ttft_ms": round(ms, 2),
+                         "keep_verdict": safety.keep_verdict})
     return runs
 
 
