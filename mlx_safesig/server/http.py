@@ -214,6 +214,7 @@ class Server(ThreadingHTTPServer):
     (SIGTERM, Ctrl-C) and returns once the running and queued requests are answered."""
 
     daemon_threads = True
+    request_queue_size = 128  # connections the kernel holds before accept (default 5 resets bursts)
 
     def __init__(self, model, tokenizer, safety, *, model_id: str, host: str = "127.0.0.1",
                  port: int = 8080, sampling: Optional[Sampling] = None, max_batch: int = 32,
@@ -287,4 +288,9 @@ class Server(ThreadingHTTPServer):
         """Stop accepting connections; ``serve`` then drains and returns. Safe from a signal
         handler (the listening loop is stopped from another thread)."""
         self.worker.stopping.set()
-        threading.Thread(target=self.shutdown, daemon=True).start()
+
+        def close():
+            self.shutdown()
+            self.socket.close()  # new connections are refused at once, not left waiting
+
+        threading.Thread(target=close, daemon=True).start()
