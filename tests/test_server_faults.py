@@ -81,6 +81,7 @@ ERRORS = [  # (path, body or raw bytes, status, param, code)
      "context_length_exceeded"),
     ("/v1/completions", {"prompt": LONG}, 413, "prompt", "context_length_exceeded"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt", "invalid_type"),
+    ("/v1/completions", {"prompt": [5, 320]}, 400, "prompt", "invalid_value"),
     (CHAT, {"model": "gpt-4", "messages": USER}, 404, "model", "model_not_found"),
     ("/v1/embeddings", {"input": "hi"}, 404, None, "not_found"),
 ]
@@ -129,6 +130,19 @@ def test_http_level_mistakes_are_json_too(server):
     conn.endheaders()
     r = conn.getresponse()
     assert r.status == 411 and json.loads(r.read())["error"]["code"] == "length_required"
+
+
+def test_a_generation_fault_is_a_500_and_the_server_goes_on(tokenizer):
+    with running(endless_model(), tokenizer) as s:
+        def broken():
+            raise RuntimeError("simulated fault")
+
+        s.worker.engine.next = broken
+        status, _, body = call(s, "POST", CHAT, {"messages": USER, "max_tokens": 3})
+        assert status == 500 and body["error"]["type"] == "server_error"
+        assert body["error"]["message"] == "generation failed: RuntimeError: simulated fault"
+        r = client(s).chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+        assert r.usage.completion_tokens == 3
 
 
 def test_health_reports_the_batch(server):
@@ -239,3 +253,51 @@ def test_sigterm_answers_the_request_in_flight_then_exits(tmp_path, tokenizer):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_server_command_refuses_no_safety(tmp_path, tokenizer):
+    from click.testing import CliRunner
+
+    from mlx_safesig.cli import main
+
+    result = CliRunner().invoke(main, ["server", "--no-safety"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: the server runs with safety on (its responses carry the safety signal); for "
+        "plain generation run mlx_lm.server on the same model directory.")
+
+
+def test_server_command_warns_when_not_on_loopback(tmp_path, tokenizer, monkeypatch):
+    from click.testing import CliRunner
+
+    import mlx_safesig.server
+    from mlx_safesig.cli import main
+
+    path = write_model_dir(tmp_path / "m", endless_model(), tokenizer)
+    calls = []
+    monkeypatch.setattr(mlx_safesig.server, "serve", lambda *a, **kw: calls.append(kw))
+    result = CliRunner().invoke(main, ["server", "--model", str(path), "--host", "0.0.0.0",
+                                       "--port", "9999", "--temp", "0.5", "--max-tokens", "7"])
+    assert result.exit_code == 0, result.output
+    assert "warning: listening on 0.0.0.0, not loopback" in result.output
+    (kw,) = calls
+    assert (kw["host"], kw["port"], kw["model_id"]) == ("0.0.0.0", 9999, str(path))
+    assert (kw["sampling"].temperature, kw["sampling"].max_tokens) == (0.5, 7)
+
+
+def test_server_command_says_when_the_port_is_taken(tmp_path, tokenizer):
+    import socket
+
+    from click.testing import CliRunner
+
+    from mlx_safesig.cli import main
+
+    path = write_model_dir(tmp_path / "m", endless_model(), tokenizer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["server", "--model", str(path), "--port", str(port)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: cannot listen on 127.0.0.1:{port}: Address already in use.")

@@ -51,7 +51,10 @@ def server(model, adapter_path, host, port, decode_concurrency, queue_size, max_
     sampling = Sampling(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
                         min_p=min_p, seed=seed)
     net, tokenizer = load_model(model, adapter_path=adapter_path)
-    serve(net, tokenizer, config, model_id=model or DEFAULT_MODEL, host=host, port=port,
-          sampling=sampling, max_batch=decode_concurrency, max_queue=queue_size,
-          on_ready=lambda s: say(f"mlx-safesig server: {s.url}/v1 (model {s.model_id}); "
-                                 "SIGTERM or Ctrl-C stops it."))
+    try:
+        serve(net, tokenizer, config, model_id=model or DEFAULT_MODEL, host=host, port=port,
+              sampling=sampling, max_batch=decode_concurrency, max_queue=queue_size,
+              on_ready=lambda s: say(f"mlx-safesig server: {s.url}/v1 (model {s.model_id}); "
+                                     "SIGTERM or Ctrl-C stops it."))
+    except OSError as e:  # the address is taken, or not this machine's
+        raise click.ClickException(f"cannot listen on {host}:{port}: {e.strerror or e}.") from None

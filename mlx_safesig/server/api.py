@@ -171,8 +171,9 @@ def parse_request(body: dict, chat: bool, model_id: str, defaults: Sampling) -> 
     if model is not None and model != model_id:
         raise ApiError(404, f"the model {model!r} does not exist; this server serves "
                        f"{model_id!r}.", param="model", code="model_not_found")
-    if (_number(body, "n", 1, 1, integer=True) or 1) != 1:
-        raise ApiError(400, "'n' must be 1.", param="n", code="invalid_value")
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, f"'n' must be 1 (one choice per request), got "
+                       f"{json.dumps(body['n'])}.", param="n", code="invalid_value")
     for name in ("logprobs", "top_logprobs", "tools", "functions", "echo", "suffix"):
         if body.get(name) not in (None, False, [], 0):
             raise ApiError(400, f"'{name}' is not supported by this server.", param=name,

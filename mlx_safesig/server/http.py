@@ -156,9 +156,12 @@ class Handler(BaseHTTPRequestHandler):
         while True:
             try:
                 item = job.out.get(timeout=0.05)
-            except queue.Empty:  # meanwhile, check on the client
+            except queue.Empty:  # meanwhile, check on the client and the generation thread
                 if self._client_gone():
                     raise ClientGone from None
+                if not self.server.worker.thread.is_alive():
+                    raise ApiError(503, "the generation thread has stopped.",
+                                   type="server_error", code="unavailable") from None
                 continue
             if isinstance(item, ApiError):
                 raise item
@@ -238,6 +241,10 @@ class Server(ThreadingHTTPServer):
         """Tokenize ``req``'s prompt and size its response: 400 for a prompt the model cannot
         judge, 413 for one longer than the context, 400 for ``max_tokens`` past its end."""
         model = self.model
+        vocab = model.args.vocab_size
+        if not req.chat and isinstance(req.prompt, list) and max(req.prompt) >= vocab:
+            raise ApiError(400, f"prompt token ids must be below the vocabulary size {vocab}, "
+                           f"got {max(req.prompt)}.", param="prompt", code="invalid_value")
         with self._tokenizer_lock:
             try:
                 prepared, prefill_ids = prompt_with_prefill(model, self.tokenizer, req.prompt)

@@ -88,7 +88,8 @@ class Job:
         self.query_p, self.inserted = r.safety.query_p, r.safety.inserted
         self.tokens = r.generation_tokens
         self.finish_reason = finish
-        self.out.put(delta)
+        if self.request.stream or finish:  # a whole response is sent once, at its end
+            self.out.put(delta)
         return finish is not None
 
 
@@ -104,6 +105,7 @@ class Worker:
         self.waiting: "queue.Queue[Job]" = queue.Queue(max_queue)
         self.running: Dict[int, Job] = {}
         self.counts = Counter()
+        self._counts_lock = threading.Lock()
         self._cancelled: "queue.SimpleQueue[Job]" = queue.SimpleQueue()
         self._wake = threading.Event()
         self.stopping = threading.Event()
@@ -123,11 +125,15 @@ class Worker:
         try:
             self.waiting.put_nowait(job)
         except queue.Full:
-            self.counts["rejected"] += 1
+            self.count("rejected")
             raise ApiError(429, f"the server is busy: {self.waiting.maxsize} requests are "
                            "already waiting; retry shortly.", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
         self._wake.set()
+
+    def count(self, what: str):
+        with self._counts_lock:
+            self.counts[what] += 1
 
     def cancel(self, job: Job):
         """The client went away: free the job's row before the next step."""
@@ -144,20 +150,19 @@ class Worker:
 
     def _run(self):
         while True:
-            self._drop_cancelled()
-            self._admit()
-            if not self.running:
-                if self.stopping.is_set() and self.waiting.empty():
-                    return
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
+                self._drop_cancelled()
+                self._admit()
+                if not self.running:
+                    if self.stopping.is_set() and self.waiting.empty():
+                        return
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 self._step()
             except Exception as e:  # a fault fails the running requests, never the server
                 log.exception("generation failed")
-                self._fail_all(ApiError(500, f"generation failed: {type(e).__name__}: {e}",
-                                        type="server_error", code="generation_failed"))
+                self._fail_all(_fault(e))
 
     def _drop_cancelled(self):
         while True:
@@ -167,7 +172,7 @@ class Worker:
                 return
             if self.running.pop(job.uid, None) is not None:
                 self.engine.remove([job.uid])
-                self.counts["cancelled"] += 1
+                self.count("cancelled")
 
     def _admit(self):
         while len(self.running) < self.max_batch:
@@ -176,13 +181,17 @@ class Worker:
             except queue.Empty:
                 return
             if job.cancelled.is_set():
-                self.counts["cancelled"] += 1
+                self.count("cancelled")
                 continue
             try:
                 job.uid = self.engine.insert_prepared(job.prepared, job.prefill_ids,
                                                       job.max_tokens, sampler=job.sampler)
             except SafesigError as e:
                 job.out.put(ApiError(400, str(e).splitlines()[0], code="invalid_prompt"))
+                continue
+            except Exception as e:
+                log.exception("admission failed")
+                job.out.put(_fault(e))
                 continue
             job.to_result = StepText(self.engine.tokenizer, job.prompt_tokens, 0.0)
             self.running[job.uid] = job
@@ -194,7 +203,7 @@ class Worker:
                 continue
             if job.feed(job.to_result(step)):
                 del self.running[step.uid]
-                self.counts["completed"] += 1
+                self.count("completed")
                 if getattr(step, "finish_reason", None) is None:
                     self.engine.remove([step.uid])
 
@@ -203,3 +212,8 @@ class Worker:
             job.out.put(error)
         self.running.clear()
         self.engine = SafeBatchGenerator(self.model, self.tokenizer, self.safety)
+
+
+def _fault(e: Exception) -> ApiError:
+    return ApiError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error",
+                    code="generation_failed")
