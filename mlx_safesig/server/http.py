@@ -74,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
             route()
         except ApiError as e:
             self._send_json(e.status, e.body(), e.headers)
-        except (ClientGone, BrokenPipeError, ConnectionResetError):
+        except (ClientGone, BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True
         except Exception as e:  # a bug: logged here, one line to the client
             log.exception("request failed")
@@ -227,7 +227,8 @@ class Server(ThreadingHTTPServer):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.sampling = sampling or Sampling()
         self.created = int(time.time())
-        self.worker = Worker(model, tokenizer, safety, max_batch=max_batch, max_queue=max_queue)
+        self.worker = Worker(model, tokenizer, safety, self.sampling, max_batch=max_batch,
+                             max_queue=max_queue)
         self._tokenizer_lock = threading.Lock()  # one tokenizer, many handler threads
         self._active = 0
         self._idle = threading.Condition()
@@ -263,8 +264,7 @@ class Server(ThreadingHTTPServer):
                            f"context, but max_tokens is {req.max_tokens}.", param="max_tokens",
                            code="context_length_exceeded")
         max_tokens = min(req.max_tokens or self.sampling.max_tokens, room)
-        return Job(req, prepared, prefill_ids, max_tokens,
-                   self.worker.sampler(req, self.sampling.top_k, self.sampling.min_p))
+        return Job(req, prepared, prefill_ids, max_tokens)
 
     def process_request_thread(self, request, client_address):
         with self._idle:
@@ -285,6 +285,7 @@ class Server(ThreadingHTTPServer):
             self.serve_forever()
         except KeyboardInterrupt:
             pass
+        self.socket.close()  # new connections are refused at once, not left waiting
         self.worker.stop()
         self.worker.thread.join()
         with self._idle:  # the handlers write their last bytes
@@ -295,9 +296,4 @@ class Server(ThreadingHTTPServer):
         """Stop accepting connections; ``serve`` then drains and returns. Safe from a signal
         handler (the listening loop is stopped from another thread)."""
         self.worker.stopping.set()
-
-        def close():
-            self.shutdown()
-            self.socket.close()  # new connections are refused at once, not left waiting
-
-        threading.Thread(target=close, daemon=True).start()
+        threading.Thread(target=self.shutdown, daemon=True).start()

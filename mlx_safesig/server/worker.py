@@ -16,7 +16,7 @@ from ..engine import SafeBatchGenerator, seeded_sampler
 from ..generate import GenerationResult, StepText, without_retracted
 from ..model import SafesigError
 from ..prompt import PreparedPrompt
-from .api import ApiError, Request, event_dict
+from .api import ApiError, Request, Sampling, event_dict
 
 log = logging.getLogger("mlx_safesig.server")
 
@@ -42,14 +42,14 @@ def held_back(text: str, stops: List[str]) -> int:
 
 
 class Job:
-    """One request inside the generation thread: its prompt, sampler and stop sequences, the text
+    """One request inside the generation thread: its prompt and stop sequences, the text
     made so far and the safety state. ``out`` carries ``Delta`` values (or one ``ApiError``) to
     the handler thread."""
 
     def __init__(self, request: Request, prepared: PreparedPrompt, prefill_ids: List[int],
-                 max_tokens: int, sampler: Callable):
+                 max_tokens: int):
         self.request, self.prepared, self.prefill_ids = request, prepared, prefill_ids
-        self.max_tokens, self.sampler = max_tokens, sampler
+        self.max_tokens = max_tokens
         self.out: "queue.SimpleQueue" = queue.SimpleQueue()
         self.cancelled = threading.Event()
         self.uid: Optional[int] = None
@@ -98,8 +98,10 @@ class Worker:
     503 once stopping); the thread admits waiting jobs while fewer than ``max_batch`` run, steps
     the batch and routes each step to its job. ``stop`` lets running and queued jobs finish."""
 
-    def __init__(self, model, tokenizer, safety, max_batch: int = 32, max_queue: int = 64):
+    def __init__(self, model, tokenizer, safety, sampling: Sampling, max_batch: int = 32,
+                 max_queue: int = 64):
         self.model, self.tokenizer, self.safety = model, tokenizer, safety
+        self.sampling = sampling
         self.engine = SafeBatchGenerator(model, tokenizer, safety)
         self.max_batch = max_batch
         self.waiting: "queue.Queue[Job]" = queue.Queue(max_queue)
@@ -112,11 +114,12 @@ class Worker:
         self.thread = threading.Thread(target=self._run, name="mlx-safesig-generation",
                                        daemon=True)
 
-    def sampler(self, request: Request, top_k: int, min_p: float) -> Callable:
-        """The request's own sampler: its draws depend on its seed only, whatever else runs."""
+    def _sampler(self, request: Request) -> Callable:
+        """The request's own sampler (made in this thread, as every array the model meets): its
+        draws depend on its seed only, whatever else runs."""
         seed = request.seed if request.seed is not None else random.getrandbits(63)
-        return seeded_sampler(seed, temp=request.temperature, top_p=request.top_p, top_k=top_k,
-                              min_p=min_p)
+        return seeded_sampler(seed, temp=request.temperature, top_p=request.top_p,
+                              top_k=self.sampling.top_k, min_p=self.sampling.min_p)
 
     def submit(self, job: Job):
         if self.stopping.is_set():
@@ -185,7 +188,8 @@ class Worker:
                 continue
             try:
                 job.uid = self.engine.insert_prepared(job.prepared, job.prefill_ids,
-                                                      job.max_tokens, sampler=job.sampler)
+                                                      job.max_tokens,
+                                                      sampler=self._sampler(job.request))
             except SafesigError as e:
                 job.out.put(ApiError(400, str(e).splitlines()[0], code="invalid_prompt"))
                 continue
