@@ -103,6 +103,28 @@ def test_stream_sends_events_apart_from_content_and_the_whole_object_last(server
     assert last.choices[0].finish_reason == "length"
     assert last.model_extra["safety"] == whole.model_extra["safety"]
     assert streamed == whole.model_extra["safety"]["events"]
+    assert all(c.model_extra["safety"]["query_p"] == whole.model_extra["safety"]["query_p"]
+               for c in event_chunks)
+
+
+def test_streamed_refusal_flag_turns_true_with_its_event(tokenizer):
+    """Each events chunk carries the state of its step: ``refusal_inserted`` is false before the
+    ``refusal-inserted`` event and true from its chunk on (here mid-answer, after tau checks)."""
+    safety = SafetyConfig(schedule="each", threshold=0.9, window_threshold=0.6)
+    mid_answer = 0
+    with running(judging_model(), tokenizer, safety) as s:
+        for prompt in PROMPTS:
+            chunks = list(client(s).chat.completions.create(
+                model="tiny", messages=chat(prompt), max_tokens=24, stream=True))
+            seen = False
+            for c in chunks[:-1]:
+                if "safety" in c.model_extra:
+                    inserted = [e for e in c.model_extra["safety"]["events"]
+                                if e["kind"] == "refusal-inserted"]
+                    seen = seen or bool(inserted)
+                    assert c.model_extra["safety"]["refusal_inserted"] is seen
+                    mid_answer += any(e["step"] > 0 for e in inserted)
+    assert mid_answer > 0
 
 
 def test_stream_usage_chunk_comes_last_with_the_safety_object(server):

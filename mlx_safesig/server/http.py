@@ -191,7 +191,7 @@ class Handler(BaseHTTPRequestHandler):
             for d in self._deltas(job):
                 if d.events:  # safety events as they happen: no content
                     self._event(chunk_body(req, model_id, first=first, safety=safety_object(
-                        job.query_p, job.inserted, d.events)))
+                        d.query_p, d.inserted, d.events)))
                     first = False
                 if d.text or first or d.finish_reason:
                     last = d.finish_reason is not None and not req.include_usage

@@ -24,11 +24,14 @@ log = logging.getLogger("mlx_safesig.server")
 @dataclass
 class Delta:
     """What one engine step changed in a response: ``text`` the client appends (after dropping
-    what ``retracted`` events among ``events`` say), the step's safety ``events`` (wire dicts) and,
-    on the last one, ``finish_reason``."""
+    what ``retracted`` events among ``events`` say), the step's safety ``events`` (wire dicts),
+    the query verdict and whether the refusal is in so far, and on the last one
+    ``finish_reason``."""
 
     text: str
     events: List[dict]
+    query_p: Optional[float]
+    inserted: bool
     finish_reason: Optional[str] = None
 
 
@@ -82,7 +85,8 @@ class Job:
                 self.text, finish = self.text[: min(hits)], "stop"
         end = len(self.text) if finish else max(self.sent, len(self.text) - held_back(
             self.text, stops))
-        delta = Delta(self.text[self.sent : end], events, finish)
+        delta = Delta(self.text[self.sent : end], events, r.safety.query_p, r.safety.inserted,
+                      finish)
         self.sent = end
         self.events += events
         self.query_p, self.inserted = r.safety.query_p, r.safety.inserted
