@@ -5,11 +5,21 @@ reported, because these machines are noisy: compare ratios, not seconds. Inserti
 during the benchmark (threshold and tau out of reach) so every run decodes the same tokens and the
 numbers are the cost of the checks alone. Optional parts: a batch of B prompts (mlx-lm's
 ``BatchGenerator`` against the engine's ``SafeBatchGenerator``) and a chat of N turns (time to
-first token with the conversation cache reused, and with the whole conversation prefilled again).
+first token with the conversation cache reused, and with the whole conversation prefilled again),
+and the HTTP servers: mlx_lm.server and ``mlx-safesig server`` on the same model, each in its own
+process on a free loopback port, driven by the same concurrent clients (``bench_server``).
 """
 
+import json
+import multiprocessing
+import socket
 import statistics
+import subprocess
+import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
@@ -47,6 +57,7 @@ def bench(
     progress: Optional[Callable[[str], None]] = None,
     batch_size: Optional[int] = None,
     chat_turns: Optional[int] = None,
+    server_concurrency: Optional[int] = None,
 ) -> dict:
     """Decode tok/s and prefill tok/s of plain mlx-lm and of safesig per schedule.
 
@@ -55,7 +66,9 @@ def bench(
     "prefill_ratio"}, ...], ...}``. With ``batch_size`` B, rows ``{"name": "mlx-lm",
     "batch_size": B, "decode_tok_s"}`` and ``{"name": "safesig", "schedule", "batch_size": B,
     "decode_tok_s", "decode_ratio"}`` follow (``bench_batch``); with ``chat_turns`` N, rows
-    ``{"name": "chat-reuse" | "chat-reprefill", "turn": k, "ttft_ms"}`` (``bench_chat``)."""
+    ``{"name": "chat-reuse" | "chat-reprefill", "turn": k, "ttft_ms"}`` (``bench_chat``); with
+    ``server_concurrency`` C, rows ``{"name": "mlx_lm.server" | "safesig-server", "concurrency":
+    C, "tok_s"}`` (``bench_server``)."""
     path = resolve_model_path(model_path)
     plain, plain_tok = mlx_lm.load(str(path))
     model, tokenizer = load(str(path), add_safety=not (path / SAFETY_FILE).is_file())
@@ -127,6 +140,9 @@ def bench(
     if chat_turns:
         runs += bench_chat(model, tokenizer, chat_turns, schedules[-1] if schedules else "first",
                            progress)
+    if server_concurrency:
+        runs += bench_server(path, tokenizer, server_concurrency, max_tokens,
+                             schedules[-1] if schedules else "first", repeats, progress)
     return {
         "model": str(path),
         "max_tokens": max_tokens,
@@ -225,6 +241,96 @@ def bench_chat(model, tokenizer, turns: int, schedule: str, progress=None) -> li
     return runs
 
 
+def _serve_for_bench(path: str, schedule: str, ready):
+    """``mlx-safesig server`` on ``path`` in a process of its own (insertions disabled, as in
+    every run of the benchmark); sends its URL through ``ready``. SIGTERM stops it."""
+    from .server import serve
+
+    model, tokenizer = load(path, add_safety=not (Path(path) / SAFETY_FILE).is_file())
+    serve(model, tokenizer, SafetyConfig(schedule=schedule, **NO_INSERTION),
+          model_id=path, port=0, on_ready=lambda server: ready.put(server.url))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=600) as r:
+        return json.loads(r.read())
+
+
+def _wait_healthy(url: str, proc, timeout: float = 600):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlx_lm.server exited with code {proc.returncode}.")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"mlx_lm.server did not answer at {url} within {timeout:.0f} s.")
+
+
+def bench_server(path: Path, tokenizer, concurrency: int, max_tokens: int, schedule: str,
+                 repeats: int, progress=None) -> list:
+    """Tokens/s of mlx_lm.server and ``mlx-safesig server`` (safety on, ``schedule``) on the model
+    at ``path``, each in its own process on a free loopback port, answering the same
+    ``concurrency`` clients (two greedy chat requests each, ``max_tokens`` at most); generated
+    tokens (the responses' usage) over wall time, median of ``repeats`` interleaved runs."""
+    prompts = _batch_prompts(tokenizer, 2 * concurrency)
+    plain_url = f"http://127.0.0.1:{_free_port()}"
+    # mlx_lm.server with the BLAS ``import mlx_safesig`` preloads, as the other runs have it
+    plain = subprocess.Popen(
+        [sys.executable, "-c", "import mlx_safesig; from mlx_lm.server import main; main()",
+         "--model", str(path), "--host", "127.0.0.1", "--port", plain_url.rsplit(":", 1)[1],
+         "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    ours = ctx.Process(target=_serve_for_bench, args=(str(path), schedule, ready), daemon=True)
+    ours.start()
+    try:
+        ours_url = ready.get(timeout=600)
+        _wait_healthy(plain_url, plain)
+
+        def run(url):
+            def ask(messages):
+                return _post(url + "/v1/chat/completions", {
+                    "model": str(path), "messages": messages, "max_tokens": max_tokens,
+                    "temperature": 0.0})["usage"]["completion_tokens"]
+
+            tic = time.perf_counter()
+            with ThreadPoolExecutor(concurrency) as pool:
+                tokens = sum(pool.map(ask, prompts))
+            return tokens / (time.perf_counter() - tic)
+
+        names = {"mlx_lm.server": plain_url, "safesig-server": ours_url}
+        for url in names.values():  # warm-up
+            _post(url + "/v1/chat/completions", {"model": str(path), "messages": prompts[0],
+                                                 "max_tokens": 4})
+        samples = {name: [] for name in names}
+        for rep in range(repeats):
+            for name, url in names.items():
+                if progress:
+                    progress(f"servers, {concurrency} clients, repeat {rep + 1}/{repeats}: {name}")
+                samples[name].append(run(url))
+    finally:
+        plain.terminate()
+        ours.terminate()
+        plain.wait(60)
+        ours.join(60)
+    runs = [{"name": name, "concurrency": concurrency,
+             "tok_s": round(statistics.median(tok_s), 3)} for name, tok_s in samples.items()]
+    runs[1]["schedule"] = schedule
+    return runs
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"{'run':<24}{'decode tok/s':>14}{'ratio':>8}{'prefill tok/s':>15}{'ratio':>8}",
@@ -241,6 +347,9 @@ def format_table(result: dict) -> str:
             f"{name:<24}{run['decode_tok_s']:>14.2f}{run.get('decode_ratio', 1.0):>8.3f}"
             f"{run['prefill_tok_s']:>15.1f}{run.get('prefill_ratio', 1.0):>8.3f}"
         )
+    for run in result["runs"]:
+        if "concurrency" in run:
+            lines.append(f"{run['name'] + ' c' + str(run['concurrency']):<24}{run['tok_s']:>14.2f}")
     chat = [run for run in result["runs"] if "turn" in run]
     if chat:
         lines.append(f"{'chat turn':<24}{'reuse ttft ms':>14}{'re-prefill ttft ms':>20}")
