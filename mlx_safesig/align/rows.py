@@ -367,11 +367,11 @@ def main():
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     ap.add_argument("--extra-benign", type=Path, default=None,
-                    help="prompt file written for training only (e.g. examples/default_adapter/"
+                    help="prompt file written for training only (e.g. mlx_safesig/align/prompts/"
                          "extra_benign.txt, v11): train rows with the base model's answers; "
                          "duplicates and near-copies of dev/test prompts are left out")
     ap.add_argument("--framings", type=Path, default=None,
-                    help="framings file (e.g. examples/default_adapter/framings.txt, v12): wrap "
+                    help="framings file (e.g. mlx_safesig/align/prompts/framings.txt, v12): wrap "
                          "shares of the train prompts in them as extra rows")
     share_options(ap, "framed", "--framings", harmful=0.3, benign=0.15)
     ap.add_argument("--wrappers", type=Path, default=None,
