@@ -301,7 +301,7 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
         }
         if not learn_prefix:
             row["prefill"] = prefix
-        if r["id"] in gen:
+        if gen.get(r["id"], "").strip():  # a blank one (the model stopped) is no window to learn
             row.update(continuation=gen[r["id"]], continuation_label=1)
         out.append(row)
     for r in rows_b:
@@ -394,10 +394,14 @@ def _log(message: str):
 def write_rows(path: Path, rows):
     """``rows`` as JSONL at ``path``, through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log):
