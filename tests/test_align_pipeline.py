@@ -233,3 +233,28 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(inputs, no_template, tm
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == "Error: " + message.format(**names)
     assert not (tmp_path / "out").exists()
+
+
+def test_train_sh_spells_out_aligns_defaults():
+    """The script that rebuilds the default adapter is one align line whose options are align's
+    defaults (the current recipe), so either can be read for the other."""
+    import shlex
+
+    from mlx_safesig.align.pipeline import Recipe
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "examples" / "default_adapter" / "train.sh").read_text()
+    line = text[text.index("\nmlx-safesig align") + 1:].replace("\\\n", " ").split('"$@"')[0]
+    words = shlex.split(line)[4:]  # after: mlx-safesig align --out "$OUT"
+    default, given = Recipe(), {}
+    while words:
+        option = words.pop(0)
+        given[option] = True if option == "--give-refusal-prefix" else words.pop(0)
+    assert len(given) == 19
+    for option, value in given.items():
+        field = {"--lambda": "lam"}.get(option, option[2:].replace("-", "_"))
+        want = getattr(default, field)
+        if field in ("extra_benign", "framings"):
+            assert root / value == Path(want)
+        else:
+            assert type(want)(value) == want, option
