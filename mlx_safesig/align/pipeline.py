@@ -21,13 +21,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..eval.report import atomic_write
 from ..model import SafesigError
 from .sources import HELDOUT_SOURCES, PROMPTS_DIR
 
@@ -125,16 +125,6 @@ def recorded_options(recipe: Recipe) -> dict:
 # -- state.json ----------------------------------------------------------------------------------
 
 
-def _atomic_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 class State:
     """OUT/state.json: ``{"options": {stage: {...}}, "done": [stage, ...]}``."""
 
@@ -144,7 +134,7 @@ class State:
             "options": {}, "done": []}
 
     def save(self):
-        _atomic_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        atomic_write(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
 
     def done(self, stage: str) -> bool:
         return stage in self.data["done"]
@@ -317,7 +307,7 @@ class Run:
         from .card import model_card
 
         text = model_card(self.out, self.recipe, self.base_name())
-        _atomic_text(self.out / OUTPUTS["card"], text)
+        atomic_write(self.out / OUTPUTS["card"], text)
 
     def base_name(self) -> str:
         return self.recipe.model or f"default ({self.model_dir.name})"

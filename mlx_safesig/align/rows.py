@@ -49,7 +49,6 @@ Nothing here prints prompt or response text: counts only.
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from collections import Counter
@@ -393,15 +392,9 @@ def _log(message: str):
 
 def write_rows(path: Path, rows):
     """``rows`` as JSONL at ``path``, through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from ..eval.report import atomic_write
+
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log):
