@@ -49,8 +49,9 @@ from .adapters import (
     save_atomic,
 )
 from .attention import sft_mask
-from .data import Example, balanced_order, special_token_ids
+from .data import Example, balanced_order, load_dataset, special_token_ids
 from .decoding import SafetyConfig, SafetyMonitor, scheduled
+from .loading import load
 from .model import Model, SafesigError
 
 STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
@@ -322,9 +323,8 @@ def _load_state(path: Path, model: Model, optimizer) -> int:
         if not (path / name).is_file():
             raise SafesigError(f"{path}: nothing to resume from (no {name}).")
     saved = mx.load(str(path / STATE_FILE))
-    step = saved.pop(STEP_KEY, None)
-    step = json.loads((path / "training_state.json").read_text())["step"] if step is None \
-        else int(step.item())
+    step = int(saved.pop(STEP_KEY)) if STEP_KEY in saved else json.loads(
+        (path / "training_state.json").read_text())["step"]
     prefix = f"{step:07d}_" if (path / f"{step:07d}_{ADAPTER_FILE}").is_file() else ""
     weights = {**mx.load(str(path / f"{prefix}{ADAPTER_FILE}")),
                **mx.load(str(path / f"{prefix}{SAFETY_ADAPTER_FILE}"))}
@@ -593,12 +593,8 @@ def train_from_dir(model_path, data_dir, adapter_path, config: TrainConfig, add_
                    resume: bool = False, log=_log) -> List[dict]:
     """``mlx-safesig train``: load ``model_path`` (``add_safety``: a fresh ``[CLS]`` row and head),
     read ``data_dir``'s train.jsonl (and valid.jsonl) and ``train``."""
-    from .data import load_dataset
-    from .loading import load
-
     model, tokenizer = load(model_path, add_safety=add_safety)
     batcher = Batcher(model, tokenizer, config, mx.distributed.init())
-    train_set, valid_set = load_dataset(
-        data_dir, tokenizer, config.max_seq_length, lambda ex: len(batcher.probes(ex))
-    )
+    train_set, valid_set = load_dataset(data_dir, tokenizer, config.max_seq_length,
+                                        lambda ex: len(batcher.probes(ex)))
     return train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume, log=log)
