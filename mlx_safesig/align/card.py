@@ -139,22 +139,18 @@ def generation_section(results: dict) -> list[str]:
     return lines
 
 
-FILES = ("extra_benign", "framings", "wrappers")
+def _shown(option: str, value) -> str:
+    if isinstance(value, bool):  # the one flag pair
+        return "`--give-refusal-prefix`" if value else "`--learn-refusal-prefix`"
+    if option in ("--extra-benign", "--framings", "--wrappers") and value:
+        value = Path(value).name
+    return f"`{option} {value if value != '' else repr('')}`"
 
 
-def model_card(out: Path, recipe, base: str) -> str:
-    """The card's Markdown for the ``align`` run in ``out`` (``recipe``: its ``Recipe``)."""
-    from .pipeline import STAGE_OPTIONS, option_name
-
-    def shown(k):
-        value = getattr(recipe, k)
-        if isinstance(value, bool):  # the one flag pair
-            return "`--give-refusal-prefix`" if value else "`--learn-refusal-prefix`"
-        value = Path(value).name if k in FILES and value else value
-        return f"`{option_name(k)} {value if value != '' else repr('')}`"
-
-    options = ", ".join(shown(k) for keys in STAGE_OPTIONS.values() for k in keys
-                        if k not in ("model", "no_verify"))
+def model_card(out: Path, options: dict, base: str) -> str:
+    """The card's Markdown for the ``align`` run in ``out``; ``options``: the recipe's values by
+    option name."""
+    options = ", ".join(_shown(k, v) for k, v in options.items())
     detection = _read_json(out / "eval" / "detection.json")
     results = _read_json(out / "eval" / "generation" / "results.json")
     lines = [

@@ -306,7 +306,9 @@ class Run:
     def card(self):
         from .card import model_card
 
-        text = model_card(self.out, self.recipe, self.base_name())
+        shown = {option_name(k): getattr(self.recipe, k) for keys in STAGE_OPTIONS.values()
+                 for k in keys if k not in ("model", "no_verify")}
+        text = model_card(self.out, shown, self.base_name())
         atomic_write(self.out / OUTPUTS["card"], text)
 
     def base_name(self) -> str:
