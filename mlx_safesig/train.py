@@ -49,11 +49,13 @@ from .adapters import (
     save_atomic,
 )
 from .attention import sft_mask
-from .data import Example, balanced_order, special_token_ids
+from .data import Example, balanced_order, load_dataset, special_token_ids
 from .decoding import SafetyConfig, SafetyMonitor, scheduled
+from .loading import load
 from .model import Model, SafesigError
 
 STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
+STEP_KEY = "checkpoint_step"  # stored in STATE_FILE beside the optimizer state
 PAD_TO = 8  # row padding: small, the [CLS] and probe rows already lengthen a row
 
 
@@ -310,20 +312,26 @@ def prepare_model(model: Model, config: TrainConfig) -> int:
 
 
 def _save_state(path: Path, optimizer, step: int):
-    save_atomic(path / STATE_FILE, dict(tree_flatten(optimizer.state)))
+    save_atomic(path / STATE_FILE, {**dict(tree_flatten(optimizer.state)), STEP_KEY: mx.array(step)})
     (path / "training_state.json").write_text(json.dumps({"step": step}))
 
 
 def _load_state(path: Path, model: Model, optimizer) -> int:
+    """Load the last checkpoint; its step comes from the state file and its adapters from that
+    step's copies: a run killed between two of these writes resumes from one consistent step."""
     for name in (STATE_FILE, "training_state.json", ADAPTER_FILE, SAFETY_ADAPTER_FILE):
         if not (path / name).is_file():
             raise SafesigError(f"{path}: nothing to resume from (no {name}).")
-    weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
+    saved = mx.load(str(path / STATE_FILE))
+    step = int(saved.pop(STEP_KEY)) if STEP_KEY in saved else json.loads(
+        (path / "training_state.json").read_text())["step"]
+    prefix = f"{step:07d}_" if (path / f"{step:07d}_{ADAPTER_FILE}").is_file() else ""
+    weights = {**mx.load(str(path / f"{prefix}{ADAPTER_FILE}")),
+               **mx.load(str(path / f"{prefix}{SAFETY_ADAPTER_FILE}"))}
     model.load_weights(list(weights.items()), strict=False)
     optimizer.init(model.trainable_parameters())
-    saved = mx.load(str(path / STATE_FILE))
     optimizer.state = tree_map_with_path(lambda k, v: saved.get(k, v), optimizer.state)
-    return json.loads((path / "training_state.json").read_text())["step"]
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -580,3 +588,13 @@ def train(
         say(f"saved adapters to {adapter_path}")
     return history
 
+
+def train_from_dir(model_path, data_dir, adapter_path, config: TrainConfig, add_safety: bool = False,
+                   resume: bool = False, log=_log) -> List[dict]:
+    """``mlx-safesig train``: load ``model_path`` (``add_safety``: a fresh ``[CLS]`` row and head),
+    read ``data_dir``'s train.jsonl (and valid.jsonl) and ``train``."""
+    model, tokenizer = load(model_path, add_safety=add_safety)
+    batcher = Batcher(model, tokenizer, config, mx.distributed.init())
+    train_set, valid_set = load_dataset(data_dir, tokenizer, config.max_seq_length,
+                                        lambda ex: len(batcher.probes(ex)))
+    return train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume, log=log)

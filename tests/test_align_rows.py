@@ -240,7 +240,7 @@ def test_the_fresh_benign_dev_set_repeats_none_of_our_training_prompt_files():
     here = EXAMPLES
     fresh = md.read_prompt_rows(here / "fresh_benign_dev.txt")
     assert len(fresh) == 262 and len({r["category"] for r in fresh}) == 12
-    train_files = [here / "extra_benign.txt", PROMPTS_DIR / "edgy_benign.txt",
+    train_files = [PROMPTS_DIR / "extra_benign.txt", PROMPTS_DIR / "edgy_benign.txt",
                    PROMPTS_DIR / "everyday_tasks.txt"]
     pool = [t for f in train_files for t in md.read_prompt_file(f)]
     rows, left_out = md.extra_benign_rows(here / "fresh_benign_dev.txt", set(), pool)

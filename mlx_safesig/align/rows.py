@@ -52,7 +52,9 @@ import json
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
@@ -112,14 +114,20 @@ def model_fingerprint(model_dir) -> str:
 
 
 def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int,
-                     model_key: str):
+                     model_key: str, log=None):
     """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
     ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file. Cache rows
     record their ``max_tokens`` and ``model`` (``model_fingerprint``): rows made with another
     limit or base model (or before these were recorded) are not used, so one folder serves every
-    limit and model."""
+    limit and model. A line torn by a killed run is cut off: the run goes on after the last whole
+    one."""
+    log = log or _log
     cache, finished = {}, {}
     if cache_path.exists():
+        whole = cache_path.read_bytes()
+        if not whole.endswith(b"\n") and whole:
+            with open(cache_path, "r+b") as f:
+                f.truncate(whole.rfind(b"\n") + 1)
         for r in read_jsonl(cache_path):
             if r.get("max_tokens") == max_tokens and r.get("model") == model_key:
                 cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
@@ -142,7 +150,7 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
                 out.write(json.dumps({"id": r["id"], "text": text, "finished": finished[r["id"]],
                                       "max_tokens": max_tokens, "model": model_key}) + "\n")
             out.flush()
-            print(f"generated {min(i + batch, len(todo))}/{len(todo)}", file=sys.stderr, flush=True)
+            log(f"generated {min(i + batch, len(todo))}/{len(todo)}")
     return cache, finished
 
 
@@ -292,7 +300,7 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
         }
         if not learn_prefix:
             row["prefill"] = prefix
-        if r["id"] in gen:
+        if gen.get(r["id"], "").strip():  # a blank one (the model stopped) is no window to learn
             row.update(continuation=gen[r["id"]], continuation_label=1)
         out.append(row)
     for r in rows_b:
@@ -331,12 +339,153 @@ def summary(rows) -> str:
             f"{sum(conts.values())} with a continuation: {part(conts)}")
 
 
-def share_options(ap, what: str, needs: str, harmful: float, benign: float):
+@dataclass
+class RowsOptions:
+    """The recipe knobs of the rows (the command line's options; the same defaults)."""
+
+    max_tokens: int = 48  # tokens per harmful continuation of the base model
+    benign_max_tokens: int = 192  # tokens per base-model answer to a benign prompt
+    batch: int = 16  # prompts generated together
+    benign_sources: str = BENIGN_SOURCES
+    drop_categories: str = DROP_CATEGORIES
+    window_sources: str = WINDOW_SOURCES
+    give_refusal_prefix: bool = False
+    mismatched_continuations: float = 0.0
+    limit_harmful: Optional[int] = None
+    extra_benign: Optional[Path] = None
+    framings: Optional[Path] = None
+    framed_harmful: float = 0.3
+    framed_benign: float = 0.15
+    wrappers: Optional[Path] = None
+    wrapped_harmful: float = 0.1
+    wrapped_benign: float = 0.1
+    max_wrapper_chars: int = 1800
+    conversations: float = 0.0
+
+
+SHARES = ("framed_harmful", "framed_benign", "wrapped_harmful", "wrapped_benign", "conversations")
+
+
+def option_error(opts: RowsOptions) -> Optional[str]:
+    """The first thing wrong with ``opts`` (a missing file, a share outside 0..1), or None."""
+    for opt in ("extra_benign", "framings", "wrappers"):
+        if getattr(opts, opt) and not Path(getattr(opts, opt)).is_file():
+            return f"--{opt.replace('_', '-')}: no such file: {getattr(opts, opt)}"
+    for opt in SHARES:
+        if not 0 <= getattr(opts, opt) <= 1:
+            return f"--{opt.replace('_', '-')} must be between 0 and 1, got {getattr(opts, opt)}"
+    return None
+
+
+def share_options(ap, what: str, needs: str):
     """``--<what>-harmful`` / ``--<what>-benign``: the shares of train prompts also ``what``."""
-    for label, default in (("harmful", harmful), ("benign", benign)):
+    for label in ("harmful", "benign"):
+        default = getattr(RowsOptions, f"{what}_{label}")
         ap.add_argument(f"--{what}-{label}", type=float, default=default,
                         help=f"with {needs}: share of {label} train prompts also {what} "
                              f"(default {default})")
+
+
+def _log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def write_rows(path: Path, rows):
+    """``rows`` as JSONL at ``path``, through a temporary file and a rename."""
+    from ..eval.report import atomic_write
+
+    atomic_write(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log):
+    """``train.jsonl`` (train split) and ``valid.jsonl`` (dev split) in ``out`` from the builder's
+    output folder ``data``, with base model ``model_dir``'s own answers (cached in ``out``)."""
+    framings = read_framings(opts.framings) if opts.framings else None
+    wrappers = read_wrappers(opts.wrappers, opts.max_wrapper_chars) if opts.wrappers else None
+
+    from mlx_safesig.decoding import REFUSAL_PREFIX
+
+    data, out = Path(data), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_key = model_fingerprint(model_dir)
+    benign_source = {r["id"]: r for r in read_jsonl(data / "benign.jsonl")}
+    for split, name in (("train", "train"), ("dev", "valid")):
+        drop = set(filter(None, opts.drop_categories.split(",")))
+        harmful = [r for r in read_jsonl(data / f"harmful.{split}.jsonl")
+                   if r.get("category") not in drop]
+        if opts.limit_harmful and split == "train":
+            harmful = sorted(harmful, key=lambda r: r["id"])[: opts.limit_harmful]
+        keep = set(filter(None, opts.benign_sources.split(",")))
+        benign = [dict(benign_source.get(r["id"], r), **r) for r in
+                  read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
+        if opts.extra_benign and split == "train":
+            heldout = read_jsonl(data / "heldout.jsonl")
+            held_out = [r["text"] for kind in ("benign", "harmful") for sp in ("dev", "test")
+                        for r in read_jsonl(data / f"{kind}.{sp}.jsonl")] + [r["text"] for r in heldout]
+            known = (set(benign_source) | {r["id"] for r in read_jsonl(data / "harmful.jsonl")}
+                     | {r["id"] for r in heldout})
+            extra, left_out = extra_benign_rows(opts.extra_benign, known, held_out)
+            log(f"{opts.extra_benign}: {len(extra)} prompts kept, left out: "
+                f"{left_out or 'none'}")
+            benign += extra
+        sources = set(filter(None, opts.window_sources.split(",")))
+        gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
+                                  out / "generations.jsonl", model_dir, opts.max_tokens, opts.batch,
+                                  model_key, log)
+        gen = {r["id"]: gen[r["id"]] for r in harmful if window_source(r, sources)}
+        texts, finished = generate_missing([r for r in benign if not r.get("response")],
+                                           out / "generations-benign.jsonl", model_dir,
+                                           opts.benign_max_tokens, opts.batch, model_key, log)
+        answers = {k: (t, finished[k]) for k, t in texts.items()}
+        if framings and split == "train":
+            attack_texts = [r["text"] for f in ("templates", "autodan", "dan", "gcg")
+                            for r in read_jsonl(data / f"{f}.jsonl")]
+            usable, near = usable_framings(framings, attack_texts)
+            if not usable:
+                fail(f"every framing in {opts.framings} is near a jailbreak template of the data")
+            known = {r["id"] for r in harmful + benign}
+            framed_h = [r for r in framed_rows(harmful, usable, opts.framed_harmful)
+                        if r["id"] not in known]
+            framed_b = [r for r in framed_rows(benign, usable, opts.framed_benign)
+                        if r["id"] not in known]
+            log(f"{opts.framings}: {len(usable)} framings used ({near} left out as near a "
+                f"jailbreak template); {len(framed_h)} harmful and {len(framed_b)} benign "
+                "prompts framed")
+            harmful, benign = harmful + framed_h, benign + framed_b
+        if wrappers and split == "train":
+            known = {r["id"] for r in harmful + benign}
+            plain_h = [r for r in harmful if ":" not in str(r.get("source"))]
+            plain_b = [r for r in benign if ":" not in str(r.get("source"))]
+            wrapped = [r for r in framed_rows(plain_h, wrappers, opts.wrapped_harmful, "wrapped")
+                       + framed_rows(plain_b, wrappers, opts.wrapped_benign, "wrapped")
+                       if r["id"] not in known]
+            log(f"{opts.wrappers}: {len(wrappers)} wrappers used; "
+                f"{sum(r['label'] == 1 for r in wrapped)} harmful and "
+                f"{sum(r['label'] == 0 for r in wrapped)} benign prompts wrapped")
+            harmful += [r for r in wrapped if r["label"] == 1]
+            benign += [r for r in wrapped if r["label"] == 0]
+        if opts.conversations:
+            plain_h = [dict(r, label=1) for r in harmful if ":" not in str(r.get("source"))]
+            plain_b = [dict(r, label=0) for r in benign if ":" not in str(r.get("source"))]
+            said = {k: t if finished.get(k) else full_sentences(t) for k, t in texts.items()}
+            said.update({r["id"]: r["response"] for r in plain_b if r.get("response")})
+            refusal = REFUSAL_PREFIX.lstrip("\n") + JUSTIFICATIONS[0]
+            convs = conversation_rows(plain_h, plain_b, opts.conversations, said, refusal)
+            references = {r["id"]: r["response"] for r in plain_b if r.get("response")}
+            convs = [dict(c, response=references[c["answer_of"]]) if c["answer_of"] in references
+                     else c for c in convs]
+            own = [r for r in convs if r["label"] == 0 and r["answer_of"] is None]
+            more, more_finished = generate_missing(own, out / "generations-benign.jsonl", model_dir,
+                                                   opts.benign_max_tokens, opts.batch, model_key, log)
+            answers.update({k: (t, more_finished[k]) for k, t in more.items()})
+            log(f"conversations: {sum(r['label'] == 1 for r in convs)} harmful and "
+                f"{sum(r['label'] == 0 for r in convs)} benign")
+            harmful += [r for r in convs if r["label"] == 1]
+            benign += [r for r in convs if r["label"] == 0]
+        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not opts.give_refusal_prefix,
+                     opts.mismatched_continuations)
+        write_rows(out / f"{name}.jsonl", rows)
+        log(f"{name}.jsonl: {summary(rows)}")
 
 
 def main():
@@ -367,121 +516,32 @@ def main():
     ap.add_argument("--limit-harmful", type=int, default=None,
                     help="use at most this many harmful training prompts")
     ap.add_argument("--extra-benign", type=Path, default=None,
-                    help="prompt file written for training only (e.g. examples/default_adapter/"
+                    help="prompt file written for training only (e.g. mlx_safesig/align/prompts/"
                          "extra_benign.txt, v11): train rows with the base model's answers; "
                          "duplicates and near-copies of dev/test prompts are left out")
     ap.add_argument("--framings", type=Path, default=None,
-                    help="framings file (e.g. examples/default_adapter/framings.txt, v12): wrap "
+                    help="framings file (e.g. mlx_safesig/align/prompts/framings.txt, v12): wrap "
                          "shares of the train prompts in them as extra rows")
-    share_options(ap, "framed", "--framings", harmful=0.3, benign=0.15)
+    share_options(ap, "framed", "--framings")
     ap.add_argument("--wrappers", type=Path, default=None,
                     help="training wrappers (the builder's train_wrappers.jsonl): wrap shares of "
                          "the train prompts in real-world jailbreak templates as extra rows")
-    share_options(ap, "wrapped", "--wrappers", harmful=0.1, benign=0.1)
+    share_options(ap, "wrapped", "--wrappers")
     ap.add_argument("--max-wrapper-chars", type=int, default=1800,
                     help="with --wrappers: leave out longer wrappers (default 1800, to fit "
                          "train --max-seq-length 768)")
     ap.add_argument("--conversations", type=float, default=0.0,
                     help="share of harmful and of benign prompts also turned into a multi-turn "
                          "row (split, continue, system prompt, follow-up; default 0)")
-    args = ap.parse_args()
-    for opt in ("extra_benign", "framings", "wrappers"):
-        if getattr(args, opt) and not getattr(args, opt).is_file():
-            ap.error(f"--{opt.replace('_', '-')}: no such file: {getattr(args, opt)}")
-    for opt in ("framed_harmful", "framed_benign", "wrapped_harmful", "wrapped_benign",
-                "conversations"):
-        if not 0 <= getattr(args, opt) <= 1:
-            ap.error(f"--{opt.replace('_', '-')} must be between 0 and 1, got {getattr(args, opt)}")
-    framings = read_framings(args.framings) if args.framings else None
-    wrappers = read_wrappers(args.wrappers, args.max_wrapper_chars) if args.wrappers else None
-
-    from mlx_safesig.decoding import REFUSAL_PREFIX
+    args = vars(ap.parse_args())
+    data, out, model = Path(args.pop("data")), Path(args.pop("out")), args.pop("model")
+    opts = RowsOptions(**args)
+    if message := option_error(opts):
+        ap.error(message)
     from mlx_safesig.default_model import default_base_model
 
-    data, out = Path(args.data), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir = args.model or str(default_base_model(progress=lambda m: print(m, file=sys.stderr)))
-    model_key = model_fingerprint(model_dir)
-    benign_source = {r["id"]: r for r in read_jsonl(data / "benign.jsonl")}
-    for split, name in (("train", "train"), ("dev", "valid")):
-        drop = set(filter(None, args.drop_categories.split(",")))
-        harmful = [r for r in read_jsonl(data / f"harmful.{split}.jsonl")
-                   if r.get("category") not in drop]
-        if args.limit_harmful and split == "train":
-            harmful = sorted(harmful, key=lambda r: r["id"])[: args.limit_harmful]
-        keep = set(filter(None, args.benign_sources.split(",")))
-        benign = [dict(benign_source.get(r["id"], r), **r) for r in
-                  read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
-        if args.extra_benign and split == "train":
-            heldout = read_jsonl(data / "heldout.jsonl")
-            held_out = [r["text"] for kind in ("benign", "harmful") for sp in ("dev", "test")
-                        for r in read_jsonl(data / f"{kind}.{sp}.jsonl")] + [r["text"] for r in heldout]
-            known = (set(benign_source) | {r["id"] for r in read_jsonl(data / "harmful.jsonl")}
-                     | {r["id"] for r in heldout})
-            extra, left_out = extra_benign_rows(args.extra_benign, known, held_out)
-            print(f"{args.extra_benign}: {len(extra)} prompts kept, left out: "
-                  f"{left_out or 'none'}", file=sys.stderr)
-            benign += extra
-        sources = set(filter(None, args.window_sources.split(",")))
-        gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
-                                  out / "generations.jsonl", model_dir, args.max_tokens, args.batch,
-                                  model_key)
-        gen = {r["id"]: gen[r["id"]] for r in harmful if window_source(r, sources)}
-        texts, finished = generate_missing([r for r in benign if not r.get("response")],
-                                           out / "generations-benign.jsonl", model_dir,
-                                           args.benign_max_tokens, args.batch, model_key)
-        answers = {k: (t, finished[k]) for k, t in texts.items()}
-        if framings and split == "train":
-            attack_texts = [r["text"] for f in ("templates", "autodan", "dan", "gcg")
-                            for r in read_jsonl(data / f"{f}.jsonl")]
-            usable, near = usable_framings(framings, attack_texts)
-            if not usable:
-                fail(f"every framing in {args.framings} is near a jailbreak template of the data")
-            known = {r["id"] for r in harmful + benign}
-            framed_h = [r for r in framed_rows(harmful, usable, args.framed_harmful)
-                        if r["id"] not in known]
-            framed_b = [r for r in framed_rows(benign, usable, args.framed_benign)
-                        if r["id"] not in known]
-            print(f"{args.framings}: {len(usable)} framings used ({near} left out as near a "
-                  f"jailbreak template); {len(framed_h)} harmful and {len(framed_b)} benign "
-                  "prompts framed", file=sys.stderr)
-            harmful, benign = harmful + framed_h, benign + framed_b
-        if wrappers and split == "train":
-            known = {r["id"] for r in harmful + benign}
-            plain_h = [r for r in harmful if ":" not in str(r.get("source"))]
-            plain_b = [r for r in benign if ":" not in str(r.get("source"))]
-            wrapped = [r for r in framed_rows(plain_h, wrappers, args.wrapped_harmful, "wrapped")
-                       + framed_rows(plain_b, wrappers, args.wrapped_benign, "wrapped")
-                       if r["id"] not in known]
-            print(f"{args.wrappers}: {len(wrappers)} wrappers used; "
-                  f"{sum(r['label'] == 1 for r in wrapped)} harmful and "
-                  f"{sum(r['label'] == 0 for r in wrapped)} benign prompts wrapped", file=sys.stderr)
-            harmful += [r for r in wrapped if r["label"] == 1]
-            benign += [r for r in wrapped if r["label"] == 0]
-        if args.conversations:
-            plain_h = [dict(r, label=1) for r in harmful if ":" not in str(r.get("source"))]
-            plain_b = [dict(r, label=0) for r in benign if ":" not in str(r.get("source"))]
-            said = {k: t if finished.get(k) else full_sentences(t) for k, t in texts.items()}
-            said.update({r["id"]: r["response"] for r in plain_b if r.get("response")})
-            refusal = REFUSAL_PREFIX.lstrip("\n") + JUSTIFICATIONS[0]
-            convs = conversation_rows(plain_h, plain_b, args.conversations, said, refusal)
-            references = {r["id"]: r["response"] for r in plain_b if r.get("response")}
-            convs = [dict(c, response=references[c["answer_of"]]) if c["answer_of"] in references
-                     else c for c in convs]
-            own = [r for r in convs if r["label"] == 0 and r["answer_of"] is None]
-            more, more_finished = generate_missing(own, out / "generations-benign.jsonl", model_dir,
-                                                   args.benign_max_tokens, args.batch, model_key)
-            answers.update({k: (t, more_finished[k]) for k, t in more.items()})
-            print(f"conversations: {sum(r['label'] == 1 for r in convs)} harmful and "
-                  f"{sum(r['label'] == 0 for r in convs)} benign", file=sys.stderr)
-            harmful += [r for r in convs if r["label"] == 1]
-            benign += [r for r in convs if r["label"] == 0]
-        rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not args.give_refusal_prefix,
-                     args.mismatched_continuations)
-        with open(out / f"{name}.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(f"{name}.jsonl: {summary(rows)}", file=sys.stderr)
+    model_dir = model or str(default_base_model(progress=_log))
+    make_rows(data, out, model_dir, opts)
 
 
 if __name__ == "__main__":

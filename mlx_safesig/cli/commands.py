@@ -272,19 +272,10 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
 @user_errors
 def train(model_path, data_dir, adapter_path, add_safety, resume, no_oversample, **settings):
     """LoRA fine-tuning with the explicit safety signal (joint LM + [CLS] loss)."""
-    import mlx.core as mx
-
-    from ..data import load_dataset
-    from ..train import Batcher, TrainConfig
-    from ..train import train as run_train
+    from ..train import TrainConfig, train_from_dir
 
     config = TrainConfig(oversample=not no_oversample, **settings)
-    model, tokenizer = load_model(model_path, add_safety=add_safety)
-    batcher = Batcher(model, tokenizer, config, mx.distributed.init())
-    train_set, valid_set = load_dataset(
-        data_dir, tokenizer, config.max_seq_length, lambda ex: len(batcher.probes(ex))
-    )
-    run_train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume)
+    train_from_dir(model_path, data_dir, adapter_path, config, add_safety=add_safety, resume=resume)
 
 
 @main.command()

@@ -131,17 +131,9 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
 
 def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_dir: Path,
                as_json: bool):
-    from tqdm import tqdm
+    from ..eval.detection import DETECTION_FILE, detect_split, format_counts
 
-    from ..eval.detection import DETECTION_FILE, detection_plan, format_counts, run_detection
-
-    plan = detection_plan(data_dir, split, limit, exclude)
-    with tqdm(total=sum(map(len, plan.values())), desc="verdicts", unit="row", disable=None,
-              file=sys.stderr) as bar:
-        report = run_detection(net, tokenizer, plan, split, threshold, sweep=(0.3, 0.7, 0.9),
-                               progress=bar.update)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DETECTION_FILE).write_text(json.dumps(report, indent=1))
+    report = detect_split(net, tokenizer, data_dir, split, out_dir, limit, threshold, exclude)
     if as_json:
         click.echo(json.dumps(report))
         return

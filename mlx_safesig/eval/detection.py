@@ -247,3 +247,28 @@ def run_detection(model, tokenizer, plan: Dict[str, List[dict]], split: str,
         scores = score_rows(model, tokenizer, suite_rows, progress=progress)
         report["suites"][suite] = detection_counts(suite_rows, scores, threshold, sweep)
     return report
+
+
+SWEEP = (0.3, 0.7, 0.9)  # thresholds reported beside the model's
+
+
+def detect_split(model, tokenizer, data_dir, split: str, out_dir, limit: Optional[int] = None,
+                 threshold: Optional[float] = None, exclude: Sequence[str] = ()) -> Dict:
+    """``eval --suite detection``: the query verdict on every detection suite of ``split``
+    (``detection_plan``), with a progress bar on stderr; the report (``run_detection``, swept at
+    ``SWEEP``) is written to ``out_dir/detection.json`` and returned."""
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    from .report import atomic_write
+
+    plan = detection_plan(data_dir, split, limit, exclude)
+    with tqdm(total=sum(map(len, plan.values())), desc="verdicts", unit="row", disable=None,
+              file=sys.stderr) as bar:
+        report = run_detection(model, tokenizer, plan, split, threshold, sweep=SWEEP,
+                               progress=bar.update)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out_dir) / DETECTION_FILE, json.dumps(report, indent=1))
+    return report

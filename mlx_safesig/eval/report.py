@@ -212,8 +212,12 @@ def format_report(results: dict) -> str:
 def atomic_write(path: Path, data):
     """Write ``data`` (text or bytes) to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
-    os.replace(tmp, path)
+    try:
+        (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk leaves no partial temporary file either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def pick_samples(rows: Sequence[dict], n: int = 4) -> List[dict]:

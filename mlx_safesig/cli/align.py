@@ -1,0 +1,89 @@
+"""`mlx-safesig align`: the recipe as one resumable command (``mlx_safesig.align.pipeline``)."""
+
+import click
+
+from ..align.pipeline import STAGES, Recipe
+from .base import SEED, main, model_option, options, say, user_errors
+
+R = Recipe()
+
+
+def _opt(name, help_text, **kwargs):
+    """An option whose default is the recipe's (``Recipe``), shown in --help."""
+    field = {"--lambda": "lam"}.get(name, name[2:].replace("-", "_"))
+    return click.option(name, field, default=getattr(R, field), show_default=True, help=help_text,
+                        **kwargs)
+
+
+SHARE = click.FloatRange(0, 1)
+rows_options = options(
+    click.option("--give-refusal-prefix/--learn-refusal-prefix", default=R.give_refusal_prefix,
+                 show_default=True, help="Give harmful rows the refusal prefix (strategic decoding "
+                 "inserts it) or train the model to write it."),
+    _opt("--max-tokens", "Tokens of the base model's own continuation of each harmful request "
+         "(window supervision).", type=click.IntRange(1)),
+    _opt("--benign-max-tokens", "Tokens of the base model's answer to each benign prompt "
+         "without a reference answer.", type=click.IntRange(1)),
+    _opt("--extra-benign", "Prompt file written for training only ('' for none).",
+         type=click.Path()),
+    _opt("--framings", "Jailbreak-style framings file ('' for none).", type=click.Path()),
+    _opt("--framed-harmful", "Share of harmful train prompts also framed.", type=SHARE),
+    _opt("--framed-benign", "Share of benign train prompts also framed.", type=SHARE),
+    _opt("--benign-sources", "Comma-separated benign training sources.", ),
+    _opt("--wrappers", "Training wrappers: 'data' = the built data's train_wrappers.jsonl, a "
+         "file, or '' for none."),
+    _opt("--conversations", "Share of train prompts also turned into a multi-turn row.",
+         type=SHARE),
+)
+train_options = options(
+    _opt("--iters", "Training steps.", type=click.IntRange(1)),
+    _opt("--batch-size", "Examples per step.", type=click.IntRange(1)),
+    _opt("--learning-rate", "Peak AdamW learning rate.", type=float),
+    _opt("--lambda", "Weight of the [CLS] BCE terms in the joint loss.", type=float),
+    _opt("--num-layers", "LoRA on the last N blocks (-1: all).", type=int),
+    _opt("--lora-rank", "LoRA rank.", type=click.IntRange(1)),
+    _opt("--probes", "Window-supervision probes per benign response / continuation.",
+         type=click.IntRange(0)),
+    _opt("--max-seq-length", "Longest training row in tokens.", type=click.IntRange(1)),
+    _opt("--warmup", "Linear warmup steps, then cosine decay.", type=click.IntRange(0)),
+    _opt("--seed", "LoRA init and data order seed.", type=SEED),
+    _opt("--save-every", "Steps between checkpoints (where a killed run resumes).",
+         type=click.IntRange(1)),
+)
+eval_options = options(
+    click.option("--detection-limit", type=click.IntRange(1), default=None,
+                 help="Held-out requests per source and detection suite (default: all)."),
+    _opt("--eval-limit", "Held-out harmful requests of the direct and prefill suites.",
+         type=click.IntRange(1)),
+    _opt("--eval-max-tokens", "Tokens per evaluated answer.", type=click.IntRange(1)),
+    _opt("--eval-batch-size", "Greedy evaluation generations run together (same results).",
+         type=click.IntRange(1)),
+)
+
+
+@main.command()
+@model_option("Base mlx-lm model with a chat template (default: the embedded "
+              "SmolLM2-135M-Instruct base).")
+@click.option("--out", required=True, type=click.Path(), help="Folder of the run: data, rows, "
+              "adapters, the fused model (model/, with MODEL_CARD.md) and the evaluation.")
+@click.option("--artefacts", type=click.Path(), default=None, help="Pre-downloaded pinned data "
+              "artefacts (default: fetched with pip once, into --cache).")
+@_opt("--cache", "Download cache of the pinned data artefacts.", type=click.Path())
+@click.option("--no-verify", is_flag=True, hidden=True,
+              help="Skip the artefacts' sha256 check (tests with fake artefacts only).")
+@click.option("--restart-from", type=click.Choice(STAGES), default=None,
+              help="Redo this stage and every stage after it (after changing their options).")
+@rows_options
+@train_options
+@eval_options
+@user_errors
+def align(out, restart_from, **settings):
+    """The recipe as one command: data -> rows -> train -> fuse -> held-out eval -> model card.
+
+    Resumable: rerun the same command after an interruption and it continues where it stopped
+    (finished stages are skipped, training resumes from its last checkpoint). A changed option
+    of a started stage is refused: use a new --out or --restart-from."""
+    from ..align.pipeline import align as run_align
+
+    model = run_align(Recipe(**settings), out, restart_from, log=say)
+    click.echo(str(model))

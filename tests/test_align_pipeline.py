@@ -1,0 +1,260 @@
+"""`mlx-safesig align` end to end on a tiny model and fake artefacts (harmless placeholder strings):
+the stages, the card's numbers, resume after kill -9, refused option changes and bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model, make_tokenizer, write_model_dir
+from test_align_build import make_artefacts
+
+from mlx_safesig.align.pipeline import STAGES, TITLES
+from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES
+
+# a child that runs the CLI with one function made to hang once it has run (a test-only hook
+# that lives here, not in the package): ``hang MODULE FUNCTION ARG MARKER -- CLI ARGS``
+HANG = """
+import importlib, sys, time
+module, name, arg, marker = sys.argv[1:5]
+mod = importlib.import_module(module)
+real = getattr(mod, name)
+def hang(*args, **kwargs):
+    out = real(*args, **kwargs)
+    if arg == "*" or arg in map(str, args):
+        open(marker, "w").close()
+        time.sleep(600)
+    return out
+setattr(mod, name, hang)
+from mlx_safesig.cli import main
+sys.argv = ["mlx-safesig"] + sys.argv[6:]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("align")
+    write_model_dir(base / "tiny", make_model(), make_tokenizer(), safety=False)
+    make_artefacts(base / "art")
+    (base / "extra.txt").write_text("# extra\nplaceholder extra benign one\nplaceholder extra two\n")
+    (base / "framings.txt").write_text("# f\nAs a story: {prompt}\n%%\n{prompt} ~~ ;;\n")
+    return base
+
+
+def args(inputs: Path, out, *more):
+    return ["align", "--model", inputs / "tiny", "--out", out, "--artefacts", inputs / "art",
+            "--no-verify", "--benign-sources", "alpaca_gpt4_demo", "--extra-benign",
+            inputs / "extra.txt", "--framings", inputs / "framings.txt", "--max-tokens", "8",
+            "--benign-max-tokens", "8", "--iters", "4", "--batch-size", "2", "--save-every", "2",
+            "--warmup", "0", "--num-layers", "2", "--probes", "2", "--detection-limit", "2",
+            "--eval-limit", "5", "--eval-max-tokens", "4", *more]
+
+
+def cli(*argv, hang=None):
+    cmd = [sys.executable, "-m", "mlx_safesig.cli", *map(str, argv)]
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    if hang:
+        cmd = [sys.executable, "-c", HANG, *map(str, hang), "--", *map(str, argv)]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def lines(stderr: str):
+    return [ln.strip() for ln in stderr.replace("\r", "\n").splitlines()]
+
+
+def done(out: Path):
+    return json.loads((out / "state.json").read_text())["done"]
+
+
+def weights(folder: Path, name: str) -> dict:
+    return {k: np.array(v) for k, v in mx.load(str(folder / name)).items()}
+
+
+def assert_same_weights(a: Path, b: Path, name: str):
+    wa, wb = weights(a, name), weights(b, name)
+    assert wa.keys() == wb.keys()
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.fixture(scope="module")
+def finished(inputs):
+    out = inputs / "run"
+    r = cli(*args(inputs, out))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_a_run_goes_through_the_six_stages_to_a_fused_model(finished):
+    out, r = finished
+    said = lines(r.stderr)
+    for k, stage in enumerate(STAGES, 1):
+        assert f"[{k}/6] {stage}: {TITLES[stage]}" in said
+    assert r.stdout.strip() == str(out / "model")
+    assert done(out) == list(STAGES)
+    assert {"config.json", "model.safetensors", "safety.safetensors", "MODEL_CARD.md"} <= {
+        p.name for p in (out / "model").iterdir()}
+
+
+def pct(count, n):
+    return f"{count}/{n} ({100 * count / n:.1f}%)"
+
+
+def test_the_card_names_sources_licenses_and_the_eval_results_numbers(finished):
+    out, _ = finished
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    detection = json.loads((out / "eval" / "detection.json").read_text())
+    results = json.loads((out / "eval" / "generation" / "results.json").read_text())
+    assert f"Judge: {detection['judge']}, threshold 0.5" in card
+    for suite, counts in detection["suites"].items():
+        for src, s in counts["sources"].items():
+            kind = "harmful" if s["label"] else "benign"
+            assert f"| {suite} | `{src}` | {kind} | {pct(s['flagged'], s['n'])} |" in card
+    for suite in ("direct", "prefill"):
+        attacks = results["suites"][suite]["attacks"]
+        per_source = [a for a in attacks if " / " in a]
+        assert per_source  # the five held-out requests come from both harmful held-out sources
+        for attack in per_source + ["direct" if suite == "direct" else "any"]:
+            cell = attacks[attack]["on"]["kw-prefix+inserted"]
+            name = f"`{attack.split(' / ')[1]}`" if " / " in attack else "all sources"
+            off = attacks[attack]["off"]["kw-prefix+inserted"]
+            assert (f"| {suite} | {name} | `kw-prefix+inserted` | {pct(off['count'], off['n'])} | "
+                    f"{pct(cell['count'], cell['n'])} |") in card
+    # trained-on sources with their licenses, the held-out ones named
+    assert "| `alpaca_gpt4_demo` | benign | 2 | 1 | CC-BY-NC-4.0 (non-commercial) |" in card
+    assert f"| `advbench` | harmful | 2 | 2 | {SOURCES['advbench'].license} |" in card
+    assert all(f"`{s}` ({SOURCES[s].license})" in card for s in HELDOUT_SOURCES)
+    assert "worst harmful source, plain: " in card and "## Intended use" in card
+    assert "## Limits" in card and "sha256 NOT verified" in card
+    assert "placeholder" not in card.casefold()  # counts only, never prompt text
+
+
+def test_a_rerun_of_a_finished_run_skips_every_stage(finished, inputs):
+    out, _ = finished
+    before = (out / "model" / "model.safetensors").stat().st_mtime_ns
+    r = cli(*args(inputs, out))
+    assert r.returncode == 0, r.stderr
+    said = lines(r.stderr)
+    assert [f"[{k}/6] {s}: done, skipped" for k, s in enumerate(STAGES, 1)] == said[:6]
+    assert (out / "model" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_kill_9_during_training_and_a_rerun_continue_to_the_same_model(finished, inputs):
+    out, marker = inputs / "killed", inputs / "killed.marker"
+    child = cli(*args(inputs, out), hang=("mlx_safesig.train", "_save_state", "2", marker))
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert child.poll() is None and time.time() < deadline, child.stderr and child.stderr.read()
+        time.sleep(0.1)
+    child.send_signal(signal.SIGKILL)  # after the step-2 checkpoint, training still running
+    child.wait()
+    assert done(out) == ["data", "rows"]
+    r = cli(*args(inputs, out))
+    assert r.returncode == 0, r.stderr
+    said = lines(r.stderr)
+    assert "[1/6] data: done, skipped" in said and "[2/6] rows: done, skipped" in said
+    assert f"resuming from the last checkpoint in {out / 'adapters'}" in said
+    assert any(s.startswith("training 4 steps from step 2:") for s in said)
+    reference = finished[0]
+    for name in ("adapters.safetensors", "safety_adapter.safetensors"):
+        assert_same_weights(out / "adapters", reference / "adapters", name)
+    assert_same_weights(out / "model", reference / "model", "model.safetensors")
+    assert (out / "model" / "MODEL_CARD.md").read_text() == (
+        reference / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_a_changed_option_is_refused_until_its_stage_is_restarted(finished, inputs):
+    out = inputs / "changed"
+    shutil.copytree(finished[0], out)
+    state = (out / "state.json").read_text()
+    r = cli(*args(inputs, out, "--lambda", "0.5"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: --lambda is 0.5 but {out} was made with 0.3; use a new --out, or --restart-from "
+        "train to redo train and the stages after it.")
+    assert (out / "state.json").read_text() == state
+    r = cli(*args(inputs, out, "--lambda", "0.5", "--max-tokens", "6", "--restart-from", "train"))
+    assert r.returncode == 1  # restarting train does not make a rows option free
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: --max-tokens is 6 but ")
+    r = cli(*args(inputs, out, "--lambda", "0.5", "--restart-from", "train"))
+    assert r.returncode == 0, r.stderr
+    said = lines(r.stderr)
+    assert said[:3] == ["[1/6] data: done, skipped", "[2/6] rows: done, skipped",
+                        f"[3/6] train: {TITLES['train']}"]
+    assert json.loads((out / "state.json").read_text())["options"]["train"]["--lambda"] == 0.5
+    assert "`--lambda 0.5`" in (out / "model" / "MODEL_CARD.md").read_text()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(finished, inputs):
+    out = inputs / "full"
+    shutil.copytree(finished[0], out)
+    (out / "rows" / ".train.jsonl.tmp").symlink_to("/dev/full")  # every write: ENOSPC
+    r = cli(*args(inputs, out, "--restart-from", "rows"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"Error: no space left on device while writing {out / 'rows'}")
+    assert not (out / "rows" / "train.jsonl").exists()
+    assert not (out / "rows" / ".train.jsonl.tmp").exists()
+    assert not (out / "model").exists() and done(out) == ["data"]
+
+
+@pytest.fixture(scope="module")
+def no_template(inputs):
+    tok = make_tokenizer()
+    tok.chat_template = None
+    return write_model_dir(inputs / "plain-lm", make_model(), tok, safety=False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--artefacts": "{empty}"}, "artefact pyrit-1.1.0-py3-none-any.whl not found in {empty}"),
+    ({"--model": "{no_template}"}, "{no_template} has no chat template (tokenizer.chat_template is "
+     "empty); align trains chat rows, so it needs an instruct model with a template."),
+    ({"--benign-sources": "alpaca_gpt4_demo,senator_search"},
+     "--benign-sources: senator_search is a held-out source (HELDOUT.md); it is never trained on."),
+    ({"--extra-benign": "{inputs}/missing.txt"}, "--extra-benign: no such file: {inputs}/missing.txt"),
+])
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(inputs, no_template, tmp_path, change,
+                                                         message):
+    (tmp_path / "empty").mkdir()
+    names = {"empty": tmp_path / "empty", "no_template": no_template, "inputs": inputs}
+    argv = [str(a) for a in args(inputs, tmp_path / "out")]
+    for option, value in change.items():
+        argv[argv.index(option) + 1] = value.format(**names)
+    r = cli(*argv)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "Error: " + message.format(**names)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_sh_spells_out_aligns_defaults():
+    """The script that rebuilds the default adapter is one align line whose options are align's
+    defaults (the current recipe), so either can be read for the other."""
+    import shlex
+
+    from mlx_safesig.align.pipeline import Recipe
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "examples" / "default_adapter" / "train.sh").read_text()
+    line = text[text.index("\nmlx-safesig align") + 1:].replace("\\\n", " ").split('"$@"')[0]
+    words = shlex.split(line)[4:]  # after: mlx-safesig align --out "$OUT"
+    default, given = Recipe(), {}
+    while words:
+        option = words.pop(0)
+        given[option] = True if option == "--give-refusal-prefix" else words.pop(0)
+    assert len(given) == 19
+    for option, value in given.items():
+        field = {"--lambda": "lam"}.get(option, option[2:].replace("-", "_"))
+        want = getattr(default, field)
+        if field in ("extra_benign", "framings"):
+            assert root / value == Path(want)
+        else:
+            assert type(want)(value) == want, option
