@@ -58,6 +58,7 @@ def bench(
     batch_size: Optional[int] = None,
     chat_turns: Optional[int] = None,
     server_concurrency: Optional[int] = None,
+    keep_verdict: Optional[str] = None,
 ) -> dict:
     """Decode tok/s and prefill tok/s of plain mlx-lm and of safesig per schedule.
 
@@ -139,7 +140,7 @@ def bench(
                             progress)
     if chat_turns:
         runs += bench_chat(model, tokenizer, chat_turns, schedules[-1] if schedules else "first",
-                           progress)
+                           keep_verdict, progress)
     if server_concurrency:
         runs += bench_server(path, tokenizer, server_concurrency, max_tokens,
                              schedules[-1] if schedules else "first", repeats, progress)
@@ -209,12 +210,14 @@ def bench_batch(plain, model, tokenizer, batch_size: int, schedules: Sequence[st
     return runs
 
 
-def bench_chat(model, tokenizer, turns: int, schedule: str, progress=None) -> list:
+def bench_chat(model, tokenizer, turns: int, schedule: str, keep_verdict: Optional[str] = None,
+               progress=None) -> list:
     """Time to first token at each turn of a conversation whose turns each add about 100 tokens
     (a ~60-token user message and a reply of up to ``CHAT_REPLY_TOKENS``): on a reused
     conversation cache, and with the whole conversation prefilled again (what a chat without a
     cache does). Both see the same conversation (the replies made on the reused cache)."""
-    safety = SafetyConfig(schedule=schedule, **NO_INSERTION).resolved(model.args.safesig)
+    safety = SafetyConfig(schedule=schedule, keep_verdict=keep_verdict,
+                          **NO_INSERTION).resolved(model.args.safesig)
     cache = make_prompt_cache(model)
     history = [{"role": "user", "content": BENCH_PROMPT}]
     runs = []

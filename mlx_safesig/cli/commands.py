@@ -75,12 +75,15 @@ def convert(hf_path, mlx_path, quantize, q_bits, dtype, add_safety, head_key, ve
 @click.option("--server", "servers", is_flag=True,
               help="Also time mlx_lm.server against `mlx-safesig server` (last --schedule) on "
               "the same model, each on a free loopback port, with --concurrency clients.")
+@click.option("--keep-verdict", type=click.Choice(["always", "flagged"]), default=None,
+              help="For --chat-turns: when answers attend to the query verdict's [CLS] (default: "
+              "the model's); with flagged a benign turn's reply stays in the reused cache.")
 @click.option("--concurrency", type=click.IntRange(1), default=8, show_default=True,
               help="Concurrent clients with --server (two requests each).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @user_errors
 def bench(model, schedules, max_tokens, prefill_tokens, repeats, batch_size, chat_turns,
-          servers, concurrency, as_json):
+          servers, keep_verdict, concurrency, as_json):
     """Decode and prefill speed, safety on (per schedule) vs plain mlx-lm, same process."""
     from ..bench import bench as run_bench
     from ..bench import format_table
@@ -88,7 +91,8 @@ def bench(model, schedules, max_tokens, prefill_tokens, repeats, batch_size, cha
     result = run_bench(model_path(model), schedules=schedules, max_tokens=max_tokens,
                        prefill_tokens=prefill_tokens, repeats=repeats, progress=say,
                        batch_size=batch_size, chat_turns=chat_turns,
-                       server_concurrency=concurrency if servers else None)
+                       server_concurrency=concurrency if servers else None,
+                       keep_verdict=keep_verdict)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
