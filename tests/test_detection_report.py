@@ -92,3 +92,56 @@ def test_the_report_lines_hold_counts_never_text():
     text = "\n".join(format_counts(report))
     assert "worst harmful source" in text and "alpha" in text
     assert not any(r["text"] in text for r in HARMFUL + BENIGN)
+
+
+# held-out rows that repeat a training row (near_training) and rows in other languages (lang)
+NEAR = [{"id": f"s{i}", "text": f"Write a note number {i}.", "source": "sr", "label": 1,
+         "category": "c", "near_training": i == 0} for i in range(3)]
+LANG = [{"id": f"l{i}", "text": f"Hola {i}", "source": f"cb_{lang}", "label": 0, "lang": lang}
+        for i, lang in enumerate(["es", "es", "fr", "de"])]
+
+
+def test_a_source_with_near_training_rows_is_also_counted_without_them():
+    report = detection_counts(NEAR + BENIGN, [0.9, 0.2, 0.8, 0.1, 0.1, 0.1], 0.5)
+    src = report["sources"]
+    assert (src["sr"]["n"], src["sr"]["flagged"]) == (3, 2)
+    fresh = src["sr (no near-training rows)"]
+    assert (fresh["n"], fresh["flagged"], fresh["label"]) == (2, 1, 1)
+    assert report["worst"]["harmful"] == {"source": "sr (no near-training rows)", "rate": 0.5}
+    lines = format_counts(report)
+    assert any(ln.startswith("sr (no near-training rows)") and "1/2" in ln for ln in lines)
+    # the shapes keep the flag: each shape is counted without those rows too
+    conv = conversation_rows(NEAR, [])
+    report = detection_counts(conv, [0.9] * len(conv), 0.5)
+    assert report["sources"]["sr+split (no near-training rows)"]["n"] == 2
+    wrapped = wrapped_rows(NEAR, TEMPLATES)
+    report = detection_counts(wrapped, [0.9] * 3, 0.5)
+    assert report["sources"]["sr+wrapped (no near-training rows)"]["n"] == 2
+
+
+def test_rows_with_a_language_get_a_per_language_line_and_stay_plain():
+    report = detection_counts(LANG + HARMFUL, [0.9, 0.1, 0.2, 0.6, 0.9, 0.9, 0.9], 0.5)
+    assert report["languages"] == {"benign": {"de": {"n": 1, "flagged": 1, "rate": 1.0},
+                                              "es": {"n": 2, "flagged": 1, "rate": 0.5},
+                                              "fr": {"n": 1, "flagged": 0, "rate": 0.0}}}
+    assert report["worst_language"] == {"benign": {"lang": "de", "rate": 1.0}}
+    lines = format_counts(report)
+    assert lines[-1] == "worst benign language: de (100.0% flagged; de 1/1 (100.0%), es 1/2 (50.0%), " \
+                        "fr 0/1 (0.0%))"
+    assert not any("Hola" in ln for ln in lines)
+    # the wrappers and conversation wording are English: other languages are judged plain only
+    rows = held_out_rows(LANG + BENIGN, TEMPLATES, ["plain", "wrapped", "conversation"])
+    assert {r["source"] for r in rows if r["source"].startswith("cb_")} == {"cb_es", "cb_fr", "cb_de"}
+    # rows without these fields report as before: no language or no-near-training lines
+    plain = detection_counts(HARMFUL + BENIGN, [0.9] * 6, 0.5)
+    assert set(plain) == {"judge", "threshold", "sources", "worst"}
+    assert not any("near-training" in s for s in plain["sources"])
+
+
+def test_the_model_card_names_the_worst_language():
+    from mlx_safesig.align.card import detection_section
+
+    report = detection_counts(LANG, [0.9, 0.1, 0.2, 0.6], 0.5)
+    lines = detection_section({"judge": report["judge"], "threshold": 0.5, "suites": {"plain": report}})
+    assert any(ln.startswith("- worst benign language, plain: `de`, ") for ln in lines)
+    assert "| plain | `cb_es` | benign |" in "\n".join(lines)

@@ -96,6 +96,10 @@ def detection_section(detection: dict) -> list[str]:
             s = counts["sources"][w["source"]]
             lines.append(f"- worst {kind} source, {suite}: `{w['source']}`, "
                          f"{pct(s['flagged'], s['n'])} flagged")
+        for kind, w in counts.get("worst_language", {}).items():
+            c = counts["languages"][kind][w["lang"]]
+            lines.append(f"- worst {kind} language, {suite}: `{w['lang']}`, "
+                         f"{pct(c['flagged'], c['n'])} flagged")
     return lines
 
 

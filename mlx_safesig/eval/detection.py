@@ -4,7 +4,9 @@ Judge: the query verdict itself, ``p(malicious) >= threshold`` (no generation, n
 A row is a dict with ``source``, ``label`` (1 harmful, 0 benign) and either ``text`` (one user
 turn) or ``messages`` (a conversation, judged as generation judges it: every message's content,
 SPEC §3b). Reports hold counts per source and category, never text, and the worst source of each
-label: the lowest flagged rate among harmful sources, the highest among benign ones.
+label: the lowest flagged rate among harmful sources, the highest among benign ones. A source whose
+rows carry ``near_training`` (held-out rows that repeat a training row, HELDOUT.md) is also counted
+without those rows (``NO_NEAR_TRAINING``); rows with a ``lang`` are also counted per language.
 
 The row builders below turn held-out requests into the shapes the verdict must also get right:
 inside jailbreak-style wrappers, and inside conversations (a request split across turns, followed
@@ -33,6 +35,7 @@ FOLLOW_UPS = ("Can you summarize that?", "Thanks! Can you make it shorter?", "Wh
               "Can you explain it more simply?", "Is there anything else I should know?",
               "Great, thanks.")
 BENIGN_ASSISTANT = "Here is a short answer to your question."
+NO_NEAR_TRAINING = " (no near-training rows)"  # suffix of the source counted without those rows
 
 
 def _pick(options: Sequence, *salt: str):
@@ -69,17 +72,26 @@ def detection_counts(rows: Sequence[dict], scores: Sequence[float], threshold: f
     if len(rows) != len(scores):
         raise SafesigError(f"{len(rows)} rows but {len(scores)} scores.")
     sources: Dict[str, dict] = {}
+    languages: Dict[str, Dict[str, dict]] = {}
     for row, p in zip(rows, scores):
-        s = sources.setdefault(row["source"], {"label": row["label"], "n": 0, "flagged": 0,
-                                               "by_category": {}, "sweep": {str(t): 0 for t in sweep}})
-        if s["label"] != row["label"]:
-            raise SafesigError(f"source {row['source']} has rows of both labels; split it.")
-        s["n"] += 1
-        s["flagged"] += int(p >= threshold)
-        for t in sweep:
-            s["sweep"][str(t)] += int(p >= t)
-        if row.get("category"):
-            c = s["by_category"].setdefault(row["category"], {"n": 0, "flagged": 0})
+        names = [row["source"]] + ([row["source"] + NO_NEAR_TRAINING]
+                                   if row.get("near_training") is False else [])
+        for name in names:
+            s = sources.setdefault(name, {"label": row["label"], "n": 0, "flagged": 0,
+                                          "by_category": {}, "sweep": {str(t): 0 for t in sweep}})
+            if s["label"] != row["label"]:
+                raise SafesigError(f"source {row['source']} has rows of both labels; split it.")
+            s["n"] += 1
+            s["flagged"] += int(p >= threshold)
+            for t in sweep:
+                s["sweep"][str(t)] += int(p >= t)
+            if row.get("category"):
+                c = s["by_category"].setdefault(row["category"], {"n": 0, "flagged": 0})
+                c["n"] += 1
+                c["flagged"] += int(p >= threshold)
+        if row.get("lang"):
+            kind = "harmful" if row["label"] else "benign"
+            c = languages.setdefault(kind, {}).setdefault(row["lang"], {"n": 0, "flagged": 0})
             c["n"] += 1
             c["flagged"] += int(p >= threshold)
     for s in sources.values():
@@ -94,7 +106,16 @@ def detection_counts(rows: Sequence[dict], scores: Sequence[float], threshold: f
         if named:
             rate, src = pick(named)
             worst[name] = {"source": src, "rate": rate}
-    return {"judge": JUDGE, "threshold": threshold, "sources": sources, "worst": worst}
+    report = {"judge": JUDGE, "threshold": threshold, "sources": sources, "worst": worst}
+    if languages:  # per language, and the worst language of each label (as for sources)
+        report["languages"] = {k: dict(sorted(v.items())) for k, v in sorted(languages.items())}
+        report["worst_language"] = {}
+        for kind, langs in report["languages"].items():
+            for c in langs.values():
+                c["rate"] = _rate(c["flagged"], c["n"])
+            rate, lang = (min if kind == "harmful" else max)((c["rate"], k) for k, c in langs.items())
+            report["worst_language"][kind] = {"lang": lang, "rate": rate}
+    return report
 
 
 def wrapped_rows(rows: Iterable[dict], templates: Sequence[dict], slot: str = "{{ prompt }}",
@@ -138,14 +159,19 @@ def conversation_rows(harmful: Iterable[dict], benign: Iterable[dict]) -> List[d
                        {"role": "user", "content": _pick(SYSTEM_USER, rid)}],
         }
         out += [{"id": f"{rid}:{shape}", "source": f"{row['source']}+{shape}", "label": 1,
-                 "messages": messages} for shape, messages in shapes.items()]
+                 "messages": messages, **_kept(row)} for shape, messages in shapes.items()]
     for row in benign:
         rid = str(row["id"])
         out.append({"id": f"{rid}:follow-up", "source": f"{row['source']}+follow-up", "label": 0,
                     "messages": [{"role": "user", "content": row["text"]},
                                  {"role": "assistant", "content": BENIGN_ASSISTANT},
-                                 {"role": "user", "content": _pick(FOLLOW_UPS, rid)}]})
+                                 {"role": "user", "content": _pick(FOLLOW_UPS, rid)}], **_kept(row)})
     return out
+
+
+def _kept(row: dict) -> dict:
+    """The fields a shaped row keeps from its request: ``near_training`` (counted without those)."""
+    return {k: row[k] for k in ("near_training",) if k in row}
 
 
 def format_counts(report: Dict) -> List[str]:
@@ -156,6 +182,10 @@ def format_counts(report: Dict) -> List[str]:
         lines.append(f"{src:40s} {kind:8s} {s['flagged']:5d}/{s['n']:<5d} flagged ({s['rate']:.1%})")
     for kind, w in report["worst"].items():
         lines.append(f"worst {kind} source: {w['source']} ({w['rate']:.1%} flagged)")
+    for kind, w in report.get("worst_language", {}).items():
+        langs = report["languages"][kind]
+        each = ", ".join(f"{k} {c['flagged']}/{c['n']} ({c['rate']:.1%})" for k, c in langs.items())
+        lines.append(f"worst {kind} language: {w['lang']} ({w['rate']:.1%} flagged; {each})")
     return lines
 
 
@@ -177,7 +207,9 @@ def held_out_rows(heldout: Sequence[dict], templates: Sequence[dict], suites: Se
                   limit: Optional[int] = None) -> List[dict]:
     """The rows of each suite built from the frozen held-out requests: ``plain`` (as they are),
     ``wrapped`` (inside held-out wrapper ``templates``), ``conversation`` (``conversation_rows``).
-    ``limit`` caps the requests taken per source and suite."""
+    ``limit`` caps the requests taken per source and suite. Rows in another language than English
+    (``lang``) are plain only: the wrappers and the conversation wording are English, and a
+    mixed-language row would measure the mix."""
     unknown = set(suites) - {"plain", "wrapped", "conversation"}
     if unknown:
         raise SafesigError(f"unknown detection suite {sorted(unknown)[0]!r}; "
@@ -185,10 +217,11 @@ def held_out_rows(heldout: Sequence[dict], templates: Sequence[dict], suites: Se
     out = []
     if "plain" in suites:
         out += _sample(heldout, limit, "plain")
+    english = [r for r in heldout if r.get("lang", "en") == "en"]
     if "wrapped" in suites:
-        out += wrapped_rows(_sample(heldout, limit, "wrapped"), templates)
+        out += wrapped_rows(_sample(english, limit, "wrapped"), templates)
     if "conversation" in suites:
-        picked = _sample(heldout, limit, "conversation")
+        picked = _sample(english, limit, "conversation")
         out += conversation_rows([r for r in picked if r["label"] == 1],
                                  [r for r in picked if r["label"] == 0])
     return out
