@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from .decoding import MODEL_DEFAULTS
 from .model import Model, SafesigError
 
 ADAPTER_FILE = "adapters.safetensors"  # LoRA only: what mlx-lm's loader reads
@@ -57,8 +58,7 @@ def save_adapters(model: Model, path: Path, config, num_layers: int, prefix: str
 
 # decoding defaults an adapter_config.json may carry in a "safesig" block (e.g. a window
 # threshold chosen on dev data for that adapter); they become the model's defaults
-DECODING_KEYS = {"threshold", "window_threshold", "tau", "min_window", "window_query", "r1", "r2",
-                 "r3", "refusal_prefix"}
+DECODING_KEYS = set(MODEL_DEFAULTS)
 
 
 def load_adapters(model: Model, adapter_path) -> Model:

@@ -36,6 +36,11 @@ REFUSAL_PREFIX = "\nSorry, I can't fulfill your request because"
 SCHEDULES = ("each", "first", "periodic:N", "annealing")
 
 
+# the SafetyConfig fields a model's (or an adapter's) ``safesig`` block may set
+MODEL_DEFAULTS = ("threshold", "window_threshold", "tau", "min_window", "window_query", "r1", "r2",
+                  "r3", "refusal_prefix", "keep_verdict")
+
+
 @dataclass
 class SafetyConfig:
     """Safety-aware sampling settings. ``None`` fields take the model's ``safesig`` config values
@@ -94,8 +99,7 @@ class SafetyConfig:
     def resolved(self, model_defaults: dict) -> "SafetyConfig":
         """A copy with every ``None`` filled from the model's ``safesig`` block."""
         values = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        for k in ("threshold", "window_threshold", "tau", "min_window", "window_query", "r1",
-                  "r2", "r3", "refusal_prefix", "keep_verdict"):
+        for k in MODEL_DEFAULTS:
             if values[k] is None:
                 values[k] = model_defaults.get(k)
         if values["refusal_prefix"] is None:

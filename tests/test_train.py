@@ -286,11 +286,14 @@ def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(t
     tuned = tmp_path / "tuned"
     shutil.copytree(adapters, tuned)
     config = json.loads((tuned / ADAPTER_CONFIG).read_text())
-    (tuned / ADAPTER_CONFIG).write_text(json.dumps({**config, "safesig": {"window_threshold": 0.8}}))
+    (tuned / ADAPTER_CONFIG).write_text(json.dumps(
+        {**config, "safesig": {"window_threshold": 0.8, "keep_verdict": "flagged"}}))
     model, _ = load(base, adapter_path=tuned)
     assert model.args.safesig["window_threshold"] == 0.8
+    assert SafetyConfig().resolved(model.args.safesig).keep_verdict == "flagged"
     fused = json.loads((fuse(base, tuned, tmp_path / "fused") / "config.json").read_text())
     assert fused["safesig"]["window_threshold"] == 0.8
+    assert fused["safesig"]["keep_verdict"] == "flagged"
     assert fused["safesig"]["threshold"] == 0.5
 
     # trained with --min-window: written as a decoding default, so generation checks alike
