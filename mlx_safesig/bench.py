@@ -67,7 +67,8 @@ def bench(
     "prefill_ratio"}, ...], ...}``. With ``batch_size`` B, rows ``{"name": "mlx-lm",
     "batch_size": B, "decode_tok_s"}`` and ``{"name": "safesig", "schedule", "batch_size": B,
     "decode_tok_s", "decode_ratio"}`` follow (``bench_batch``); with ``chat_turns`` N, rows
-    ``{"name": "chat-reuse" | "chat-reprefill", "turn": k, "ttft_ms"}`` (``bench_chat``); with
+    ``{"name": "chat-reuse" | "chat-reprefill" | "chat-mlx-lm", "turn": k, "ttft_ms"}``
+    (``bench_chat``); with
     ``server_concurrency`` C, rows ``{"name": "mlx_lm.server" | "safesig-server", "concurrency":
     C, "tok_s"}`` (``bench_server``)."""
     path = resolve_model_path(model_path)
@@ -215,16 +216,18 @@ def bench_chat(model, tokenizer, turns: int, schedule: str, keep_verdict: Option
     """Time to first token at each turn of a conversation whose turns each add about 100 tokens
     (a ~60-token user message and a reply of up to ``CHAT_REPLY_TOKENS``): on a reused
     conversation cache, and with the whole conversation prefilled again (what a chat without a
-    cache does). Both see the same conversation (the replies made on the reused cache)."""
+    cache does), and plain mlx-lm on its own reused cache (``chat-mlx-lm``: the same attention
+    over a growing context, without the safety checks). All see the same conversation (the
+    replies made on the safety cache)."""
     safety = SafetyConfig(schedule=schedule, keep_verdict=keep_verdict,
                           **NO_INSERTION).resolved(model.args.safesig)
-    cache = make_prompt_cache(model)
+    cache, plain_cache = make_prompt_cache(model), make_prompt_cache(model)
     history = [{"role": "user", "content": BENCH_PROMPT}]
     runs = []
 
-    def first_token(prompt_cache):
+    def first_token(prompt_cache, config=safety):
         tic = time.perf_counter()
-        stream = stream_generate(model, tokenizer, history, CHAT_REPLY_TOKENS, safety=safety,
+        stream = stream_generate(model, tokenizer, history, CHAT_REPLY_TOKENS, safety=config,
                                  prompt_cache=prompt_cache)
         first = next(stream)
         return (time.perf_counter() - tic) * 1000, first, stream
@@ -235,10 +238,14 @@ def bench_chat(model, tokenizer, turns: int, schedule: str, keep_verdict: Option
         if k > 1:
             history.append({"role": "user", "content": CHAT_TURN.format(k=k)})
         reprefill_ms, _, _ = first_token(None)
+        plain_ms, _, plain_rest = first_token(plain_cache, SafetyConfig(enabled=False))
+        for _ in plain_rest:  # its reply goes into its cache too
+            pass
         reuse_ms, first, rest = first_token(cache)
         reply = first.text + "".join(r.text for r in rest)
         history.append({"role": "assistant", "content": reply})
-        for name, ms in (("chat-reuse", reuse_ms), ("chat-reprefill", reprefill_ms)):
+        for name, ms in (("chat-reuse", reuse_ms), ("chat-reprefill", reprefill_ms),
+                         ("chat-mlx-lm", plain_ms)):
             runs.append({"name": name, "turn": k, "ttft_ms": round(ms, 2),
                          "keep_verdict": safety.keep_verdict})
     return runs
@@ -355,10 +362,12 @@ def format_table(result: dict) -> str:
             lines.append(f"{run['name'] + ' c' + str(run['concurrency']):<24}{run['tok_s']:>14.2f}")
     chat = [run for run in result["runs"] if "turn" in run]
     if chat:
-        lines.append(f"{'chat turn':<24}{'reuse ttft ms':>14}{'re-prefill ttft ms':>20}")
+        lines.append(f"{'chat turn':<24}{'reuse ttft ms':>14}{'re-prefill ttft ms':>20}"
+                     f"{'mlx-lm reuse ttft ms':>22}")
         by_turn = {}
         for run in chat:
             by_turn.setdefault(run["turn"], {})[run["name"]] = run["ttft_ms"]
         for k, row in sorted(by_turn.items()):
-            lines.append(f"{k:<24}{row['chat-reuse']:>14.1f}{row['chat-reprefill']:>20.1f}")
+            lines.append(f"{k:<24}{row['chat-reuse']:>14.1f}{row['chat-reprefill']:>20.1f}"
+                         f"{row['chat-mlx-lm']:>22.1f}")
     return "\n".join(lines)

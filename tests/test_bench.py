@@ -20,8 +20,8 @@ def test_batch_and_chat_rows(tmp_path: Path, tokenizer):
         ("mlx-lm", None, 2), ("safesig", "each", 2)]
     assert all(r["decode_tok_s"] > 0 for r in batch)
     chat = [(r["name"], r["turn"]) for r in runs if "turn" in r]
-    assert chat == [("chat-reuse", 1), ("chat-reprefill", 1), ("chat-reuse", 2),
-                    ("chat-reprefill", 2)]
+    assert chat == [("chat-reuse", 1), ("chat-reprefill", 1), ("chat-mlx-lm", 1),
+                    ("chat-reuse", 2), ("chat-reprefill", 2), ("chat-mlx-lm", 2)]
     assert all(r["ttft_ms"] > 0 for r in runs if "turn" in r)
     table = format_table(result)
     assert "safesig (each) x2" in table and "chat turn" in table

@@ -71,7 +71,8 @@ def convert(hf_path, mlx_path, quantize, q_bits, dtype, add_safety, head_key, ve
               "safety engine.")
 @click.option("--chat-turns", type=click.IntRange(1), default=None,
               help="Also time the first token of each turn of a chat this long (~100 tokens a "
-              "turn), reusing the conversation cache vs prefilling the conversation again.")
+              "turn), reusing the conversation cache vs prefilling the conversation again, and "
+              "plain mlx-lm reusing its own cache.")
 @click.option("--server", "servers", is_flag=True,
               help="Also time mlx_lm.server against `mlx-safesig server` (last --schedule) on "
               "the same model, each on a free loopback port, with --concurrency clients.")
