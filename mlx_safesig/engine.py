@@ -52,14 +52,17 @@ from .attention import decode_probe_mask, window_row
 from .decoding import SafetyConfig, SafetyEvent, SafetyMonitor
 from .model import Model, SafesigError
 from .prefill import (
+    PREFILL_STEP,
     PromptCache,
     cls_logits_mask,
-    prefill_prompt,
+    prefill_batch_with_verdict,
+    prefill_with_verdict,
     probe,
     probe_position,
     token_table,
 )
 from .prompt import PreparedPrompt, prompt_with_prefill, special_ids, wrap_tokenizer
+from .sampling import seeded_sampler  # noqa: F401  (the engine's rows' samplers)
 from .steps import RetractStep, SafetySignal, Step, TokenStep
 
 
@@ -189,14 +192,11 @@ class SafeBatchGenerator:
         prefills = prefill_responses or [None] * n
         samplers = samplers or [None] * n
         processors = logits_processors or [None] * n
-        if prompt_cache is not None and n != 1:
-            raise SafesigError("a prompt cache holds one conversation: insert one prompt with it.")
         prepared = [prompt_with_prefill(self.model, self.tokenizer, p, f)
                     for p, f in zip(prompts, prefills)]
-        return [self.insert_prepared(prompt, prefill_ids, m, sampler=s, logits_processors=procs,
-                                     prompt_cache=prompt_cache, safety=safety)
-                for (prompt, prefill_ids), m, s, procs in
-                zip(prepared, max_tokens, samplers, processors)]
+        return self.insert_prepared_many(prepared, max_tokens, samplers=samplers,
+                                         logits_processors=processors, prompt_cache=prompt_cache,
+                                         safety=safety)
 
     def insert_prepared(self, prompt: PreparedPrompt, prefill_ids: Sequence[int] = (),
                         max_tokens: int = 256, *, sampler: Optional[Callable] = None,
@@ -205,21 +205,45 @@ class SafeBatchGenerator:
                         safety: Optional[SafetyConfig] = None) -> int:
         """``insert`` for one prompt already prepared (``prompt_with_prefill``): its ids and query
         slots, and the prefill's token ids. Returns its uid."""
+        return self.insert_prepared_many([(prompt, prefill_ids)], [max_tokens],
+                                         samplers=[sampler], logits_processors=[logits_processors],
+                                         prompt_cache=prompt_cache, safety=safety)[0]
+
+    def insert_prepared_many(self, prompts: Sequence[tuple], max_tokens: Sequence[int], *,
+                             samplers: Optional[Sequence[Optional[Callable]]] = None,
+                             logits_processors: Optional[Sequence[Optional[List]]] = None,
+                             prompt_cache: Optional[PromptCache] = None,
+                             safety: Optional[SafetyConfig] = None) -> List[int]:
+        """``insert_prepared`` for several ``(prompt, prefill_ids)`` at once (a server admitting the
+        requests that arrived together): their prompts and query verdicts run as one left-padded
+        forward (``prefill_batch_with_verdict``), the rest row by row. Returns their uids."""
+        n = len(prompts)
         config = self.config if safety is None else safety.resolved(self.model.args.safesig)
         if not config.enabled:
             raise SafesigError("SafeBatchGenerator rows run with safety on; with safety off use "
                                "mlx-lm's BatchGenerator.")
-        if max_tokens < 1:
-            raise SafesigError(f"max_tokens must be at least 1, got {max_tokens}.")
-        if self.kv[0] is not None and (self.rows or self.joining):
+        for m in max_tokens:
+            if m < 1:
+                raise SafesigError(f"max_tokens must be at least 1, got {m}.")
+        if prompt_cache is not None and n != 1:
+            raise SafesigError("a prompt cache holds one conversation: insert one prompt with it.")
+        if self.kv[0] is not None and (self.rows or self.joining or n > 1):
             raise SafesigError("kv_bits works with safety on for one row at a time; mlx-lm's "
                                "batch cache is not quantized.")
-        uid = next(self._uids)
         refusal = self.tables.refusal if config.refusal_prefix == self.config.refusal_prefix \
             else self.tokenizer.encode(config.refusal_prefix, add_special_tokens=False)
-        self._admit(uid, prompt, list(prefill_ids), max_tokens, sampler,
-                    list(logits_processors or []), prompt_cache, config, refusal)
-        return uid
+        prefilled = [None] * n
+        if n > 1 and all(len(p.ids) <= PREFILL_STEP for p, _ in prompts):
+            prefilled = prefill_batch_with_verdict(self.model, [p.ids for p, _ in prompts],
+                                                   [p.query_slots for p, _ in prompts])
+        uids = []
+        for (prompt, prefill_ids), m, s, procs, pre in zip(
+                prompts, max_tokens, samplers or [None] * n, logits_processors or [None] * n,
+                prefilled):
+            uids.append(next(self._uids))
+            self._admit(uids[-1], prompt, list(prefill_ids), m, s, list(procs or []),
+                        prompt_cache, config, refusal, pre)
+        return uids
 
     def remove(self, uids: Sequence[int]):
         """Drop rows ``uids`` (a client went away); the other rows go on unchanged."""
@@ -235,16 +259,21 @@ class SafeBatchGenerator:
 
     def _admit(self, uid, prompt: PreparedPrompt, prefill_ids: List[int], max_tokens: int,
                sampler, processors, prompt_cache: Optional[PromptCache],
-               config: SafetyConfig, refusal: List[int]):
+               config: SafetyConfig, refusal: List[int], prefilled: Optional[tuple] = None):
         """Prefill one row on its own cache: the prompt (reusing a conversation cache's common
-        prefix), the kept query verdict, the prefill and its window probe, the refusal if due;
-        then sample its first token. It joins the batch at the next step."""
+        prefix) and the kept query verdict (or take them ``prefilled``: its cache, the last
+        prompt token's hidden state and the verdict), the prefill and its window probe, the
+        refusal if due; then sample its first token. It joins the batch at the next step."""
         model = self.model
-        if prompt_cache is not None:
-            cache, start = prompt_cache.layers, prompt_cache.reuse(prompt.ids, safety=True)
+        if prefilled is not None:
+            cache, h, verdict = prefilled
         else:
-            cache, start = model.make_cache(), 0
-        h = prefill_prompt(model, prompt.ids[start:], cache, start_position=start + 1)
+            if prompt_cache is not None:
+                cache, start = prompt_cache.layers, prompt_cache.reuse(prompt.ids, safety=True)
+            else:
+                cache, start = model.make_cache(), 0
+            h, verdict = prefill_with_verdict(model, prompt.ids[start:], cache,
+                                              prompt.query_slots, start_position=start + 1)
         if prompt_cache is not None:
             prompt_cache.ids = list(prompt.ids)
         self._maybe_quantize(cache)
@@ -253,7 +282,7 @@ class SafeBatchGenerator:
         row = _Row(uid, prompt, monitor, sampler, processors, max_tokens, cache,
                    mx.array(prompt.ids) if processors else None, refusal,
                    conversation=prompt_cache)
-        decision = monitor.start(probe(model, cache, prompt.query_slots, keep=True).item())
+        decision = monitor.start(verdict.item())
         row.events = decision.events
         if config.keep_verdict == "flagged" and not monitor.query_malicious:
             trim_prompt_cache(cache, 1)
@@ -561,28 +590,3 @@ class SafeBatchGenerator:
                                                  SafetySignal.of(row.monitor, row.events)))
                 row.events = []
             self._refuse(row)
-
-
-def seeded_sampler(seed: int, temp: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                   min_p: float = 0.0) -> Callable:
-    """mlx-lm's ``make_sampler`` filters (top-p, min-p, top-k, then temperature) drawing from its
-    own random key instead of the global one: logprobs [1, V] -> token [1]. A row's draws then
-    depend on its seed only, whatever else runs in the batch."""
-    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
-
-    if temp == 0:
-        return greedy_sampler
-    key = [mx.random.key(seed)]
-
-    def sampler(logprobs: mx.array) -> mx.array:
-        if 0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        if min_p != 0.0:
-            logprobs = apply_min_p(logprobs, min_p, 1)
-        if top_k > 0:
-            logprobs = apply_top_k(logprobs, top_k)
-        key[0], sub = mx.random.split(key[0])
-        return mx.random.categorical(logprobs * (1 / temp), key=sub)
-
-    return sampler
-

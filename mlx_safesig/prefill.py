@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
 
 from .attention import window_row
 from .model import Model, SafesigError
@@ -28,6 +28,55 @@ def prefill_prompt(model: Model, ids: Sequence[int], cache, start_position: int 
         if done >= len(ids):
             return h[0, -1]
         mx.eval([c.state for c in cache])
+
+
+def prefill_with_verdict(model: Model, ids: Sequence[int], cache, slots: Sequence[int],
+                         start_position: int = 1):
+    """``prefill_prompt`` with the query verdict riding on the last chunk: the ``[CLS]`` row goes
+    in after the prompt's last token in the same forward (it sees ``slots`` and itself; the prompt
+    rows are causal and never see it), so admitting a prompt costs one forward, not two. Its
+    keys/values stay in the cache (the kept verdict). Returns (the last prompt token's hidden
+    state [D], p(malicious) of the verdict)."""
+    done, offset = 0, cache[0].offset
+    while len(ids) - done > PREFILL_STEP:
+        prefill_prompt(model, ids[done : done + PREFILL_STEP], cache, start_position + done)
+        done += PREFILL_STEP
+    tail = list(ids[done:])
+    n, L = offset + done, len(tail)  # slots before the chunk; its prompt tokens
+    causal = np.tril(np.ones((L, n + L + 1), dtype=bool), k=n)
+    mask = np.concatenate([causal, np.asarray(window_row(n + L, slots))[None]])
+    positions = list(range(start_position + done, start_position + done + L)) + [
+        probe_position(model, n + L)]
+    h = model.hidden(mx.array(tail + [model.cls_token_id])[None], cache, mask=mx.array(mask),
+                     positions=mx.array(positions))
+    return h[0, L - 1], model.safety_prob(h[0, L])
+
+
+def prefill_batch_with_verdict(model: Model, prompts: Sequence[Sequence[int]],
+                               slot_sets: Sequence[Sequence[int]]) -> List[tuple]:
+    """``prefill_with_verdict`` for several prompts (each at most ``PREFILL_STEP`` tokens) in one
+    forward, left-padded in mlx-lm's ``BatchKVCache`` (a padded slot is seen by no real token),
+    each ``[CLS]`` after its own prompt. Returns per prompt (its own caches, unpadded, the last
+    prompt token's hidden state [D], p(malicious) of its verdict)."""
+    B, L = len(prompts), max(len(ids) for ids in prompts)
+    pads = [L - len(ids) for ids in prompts]
+    tokens = np.zeros((B, L + 1), dtype=np.int64)
+    tokens[:, L] = model.cls_token_id
+    mask = np.zeros((B, 1, L + 1, L + 1), dtype=bool)
+    positions = np.zeros((B, L + 1), dtype=np.int64)
+    causal = np.tril(np.ones((L, L), dtype=bool))
+    for b, (ids, slots, pad) in enumerate(zip(prompts, slot_sets, pads)):
+        tokens[b, pad:L] = ids
+        mask[b, 0, :L, :L] = causal
+        mask[b, 0, pad:L, :pad] = False
+        mask[b, 0, L, pad + np.asarray(slots, dtype=np.int64)] = True
+        mask[b, 0, L, L] = True
+        positions[b, pad:L] = np.arange(1, len(ids) + 1)
+        positions[b, L] = probe_position(model, len(ids))
+    cache = [BatchKVCache(pads) for _ in model.layers]
+    h = model.hidden(mx.array(tokens), cache, mask=mx.array(mask), positions=mx.array(positions))
+    ps = model.safety_prob(h[:, L])
+    return [([c.extract(b) for c in cache], h[b, L - 1], ps[b]) for b in range(B)]
 
 
 def probe(model: Model, cache, slots: Sequence[int], position: int = 0, keep: bool = False):

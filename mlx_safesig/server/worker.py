@@ -182,18 +182,39 @@ class Worker:
                 self.count("cancelled")
 
     def _admit(self):
-        while len(self.running) < self.max_batch:
+        """Admit the waiting jobs while fewer than ``max_batch`` run: those that arrived together
+        go in as one batched prefill (``insert_prepared_many``); if one of them is refused, one by
+        one, so a bad prompt fails only its own request."""
+        jobs = []
+        while len(self.running) + len(jobs) < self.max_batch:
             try:
                 job = self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if job.cancelled.is_set():
                 self.count("cancelled")
                 continue
+            jobs.append(job)
+        if len(jobs) > 1:
             try:
-                job.uid = self.engine.insert_prepared(job.prepared, job.prefill_ids,
-                                                      job.max_tokens,
-                                                      sampler=self._sampler(job.request))
+                uids = self.engine.insert_prepared_many(
+                    [(job.prepared, job.prefill_ids) for job in jobs],
+                    [job.max_tokens for job in jobs],
+                    samplers=[self._sampler(job.request) for job in jobs])
+            except SafesigError:  # checked before anything is admitted: each job's own below
+                uids = None
+            except Exception as e:  # a fault: these jobs fail, the engine starts over
+                for job in jobs:
+                    job.out.put(_fault(e))
+                raise
+            if uids is not None:
+                for job, uid in zip(jobs, uids):
+                    self._started(job, uid)
+                return
+        for job in jobs:
+            try:
+                uid = self.engine.insert_prepared(job.prepared, job.prefill_ids, job.max_tokens,
+                                                  sampler=self._sampler(job.request))
             except SafesigError as e:
                 job.out.put(ApiError(400, str(e).splitlines()[0], code="invalid_prompt"))
                 continue
@@ -201,8 +222,12 @@ class Worker:
                 log.exception("admission failed")
                 job.out.put(_fault(e))
                 continue
-            job.to_result = StepText(self.engine.tokenizer, job.prompt_tokens, 0.0)
-            self.running[job.uid] = job
+            self._started(job, uid)
+
+    def _started(self, job: "Job", uid: int):
+        job.uid = uid
+        job.to_result = StepText(self.engine.tokenizer, job.prompt_tokens, 0.0)
+        self.running[uid] = job
 
     def _step(self):
         for step in self.engine.next():
