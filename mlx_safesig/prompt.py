@@ -99,6 +99,25 @@ def render_chat(tokenizer, messages: Sequence[dict]) -> tuple[str, List[tuple[in
                        "locate it; pass the prompt as token ids with query_span=(start, end).")
 
 
+def content_slots(tokenizer, text: str, ids: Sequence[int], spans: Sequence[tuple]) -> List[int]:
+    """The token slots of ``ids`` (``text`` tokenized) covering the character ``spans`` (sorted,
+    disjoint): every token that overlaps a span. From a fast tokenizer's offsets in one pass when
+    it gives them for exactly these ids, else by tokenizing each span's prefixes (``_token_span``:
+    the same slots, but a cost that grows with turns x conversation length)."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if getattr(backend, "is_fast", False):
+        enc = backend(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == list(ids):
+            slots, k = [], 0
+            for i, (a, b) in enumerate(enc["offset_mapping"]):
+                while k < len(spans) and spans[k][1] <= a:
+                    k += 1
+                if k < len(spans) and b > spans[k][0] and a < spans[k][1]:
+                    slots.append(i)
+            return slots
+    return [i for a, b in spans for i in _token_span(tokenizer, text, ids, a, b)]
+
+
 def _token_span(tokenizer, text: str, ids: Sequence[int], start: int, end: int) -> range:
     """The token slots of ``ids`` (``text`` tokenized) covering characters [start, end)."""
     head = tokenizer.encode(text[:start], add_special_tokens=False)
@@ -148,8 +167,7 @@ def prepare_prompt(tokenizer, prompt: Prompt,
             prefill = messages.pop().get("content") or ""
         text, spans = render_chat(tokenizer, messages)
         ids = tokenizer.encode(text, add_special_tokens=False)
-        slots = [i for a, b in spans if text[a:b].strip()
-                 for i in _token_span(tokenizer, text, ids, a, b)]
+        slots = content_slots(tokenizer, text, ids, [(a, b) for a, b in spans if text[a:b].strip()])
     else:
         ids = [int(t) for t in prompt]
         start, end = query_span if query_span is not None else (0, len(ids))

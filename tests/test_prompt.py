@@ -130,3 +130,23 @@ def test_score_of_a_conversation_judges_all_of_it(tokenizer):
     alone = score(model, tokenizer, [FOLLOW])
     in_context = score(model, tokenizer, [USER, REPLY, FOLLOW])
     assert alone != pytest.approx(in_context, abs=1e-6)
+
+
+@pytest.mark.parametrize("contents", [
+    ["Tell me a story", "Once upon a time.", "  And then?  "],
+    ["Qu'est-ce que c'est ? Ça va, très bien — merci!", "Sí, ¿cómo estás?", "ok\n\nnext line"],
+    ["x", "a\tb", "emoji 🙂 and more", "end."],
+])
+def test_content_slots_from_offsets_equal_the_per_span_tokenization(tokenizer, contents):
+    """One pass over the fast tokenizer's offsets gives the slots of re-tokenizing every span's
+    prefixes (which costs turns x conversation length)."""
+    from mlx_safesig.prompt import _token_span, content_slots, render_chat, wrap_tokenizer
+
+    wrapped = wrap_tokenizer(tokenizer)
+    roles = ["user", "assistant"] * len(contents)
+    text, spans = render_chat(wrapped, [{"role": r, "content": c} for r, c in zip(roles, contents)])
+    ids = wrapped.encode(text, add_special_tokens=False)
+    spans = [(a, b) for a, b in spans if text[a:b].strip()]
+    slow = [i for a, b in spans for i in _token_span(wrapped, text, ids, a, b)]
+    assert wrapped._tokenizer.is_fast  # so content_slots takes its offsets path
+    assert content_slots(wrapped, text, ids, spans) == slow and slow
