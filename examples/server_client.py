@@ -4,12 +4,14 @@ the safety signal the server adds to OpenAI's responses.
     mlx-safesig server &                       # the default model on http://127.0.0.1:8080
     python examples/server_client.py "How do I bake bread?"
     python examples/server_client.py --no-stream "How do I bake bread?"
+    python examples/server_client.py --jsonl data/harmful.heldout.jsonl --source strongreject --limit 5
 
 Needs `pip install openai`. The safety object is a top-level "safety" field: the openai client
 keeps unknown fields, reachable as `response.model_extra["safety"]`.
 """
 
 import argparse
+import json
 import sys
 
 from openai import OpenAI
@@ -17,13 +19,22 @@ from openai import OpenAI
 
 def main():
     ap = argparse.ArgumentParser(description="Ask mlx-safesig server and show its safety signal.")
-    ap.add_argument("prompt", help="the user message")
+    ap.add_argument("prompt", nargs="?", help="the user message")
+    ap.add_argument("--jsonl", default=None, help="instead: ask each row's `text` of this file "
+                    "(e.g. the data builder's harmful.heldout.jsonl) and print only its id, the "
+                    "query verdict and whether the refusal was inserted")
+    ap.add_argument("--source", default=None, help="with --jsonl: only rows of this source")
+    ap.add_argument("--limit", type=int, default=5, help="with --jsonl: the first N rows")
     ap.add_argument("--url", default="http://127.0.0.1:8080/v1", help="the server's base URL")
     ap.add_argument("--max-tokens", type=int, default=200, help="maximum tokens to generate")
     ap.add_argument("--no-stream", action="store_true", help="one JSON response, not a stream")
     args = ap.parse_args()
     client = OpenAI(base_url=args.url, api_key="not-needed")
     model = client.models.list().data[0].id
+    if args.jsonl:
+        return ask_rows(client, model, args)
+    if not args.prompt:
+        ap.error("give a prompt or --jsonl FILE")
     messages = [{"role": "user", "content": args.prompt}]
 
     if args.no_stream:
@@ -51,6 +62,22 @@ def main():
         print()
     print(f"[query p(malicious) = {safety['query_p']:.3f}; refusal inserted: "
           f"{safety['refusal_inserted']}; {len(safety['events'])} safety events]", file=sys.stderr)
+
+
+def ask_rows(client, model, args):
+    """Each row's text as one user message; prints ids and the safety object only (no text)."""
+    rows = [json.loads(line) for line in open(args.jsonl)]
+    rows = [r for r in rows if args.source in (None, r.get("source"))][: args.limit]
+    inserted = 0
+    for r in rows:
+        out = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": r["text"]}],
+            max_tokens=args.max_tokens)
+        safety = out.model_extra["safety"]
+        inserted += safety["refusal_inserted"]
+        print(f"{r['id'][:12]}  query p {safety['query_p']:.3f}  refusal inserted "
+              f"{safety['refusal_inserted']}")
+    print(f"refusal inserted in {inserted} of {len(rows)}")
 
 
 if __name__ == "__main__":
