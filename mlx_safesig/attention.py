@@ -116,6 +116,22 @@ def window_row(n_slots: int, window: Sequence[int]) -> mx.array:
     return mx.array(row)
 
 
+def prompt_verdict_mask(n_cached: int, n_tokens: int, query: Sequence[int],
+                        pad: int = 0) -> np.ndarray:
+    """Bool [pad + n_tokens + 1, n_cached + pad + n_tokens + 1] for a prompt chunk with the query
+    verdict riding after it: ``pad`` left-padding rows (a batch's shorter prompts; they see only
+    padding), the chunk's tokens causal over the ``n_cached`` slots before them and each other
+    (never padding, never the ``[CLS]``), then the ``[CLS]``, seeing the prompt slots ``query``
+    (counted without padding; padding only precedes a chunk with nothing cached) and itself."""
+    rows = pad + n_tokens
+    mask = np.tril(np.ones((rows + 1, n_cached + rows + 1), dtype=bool), k=n_cached)
+    mask[pad:rows, n_cached : n_cached + pad] = False
+    mask[rows] = False
+    mask[rows, pad + np.asarray(query, dtype=np.int64)] = True
+    mask[rows, -1] = True
+    return mask
+
+
 def decode_probe_mask(n_slots: int, window: Sequence[int]) -> mx.array:
     """Mask [2, n_slots + 2] for the fused step ``[token, [CLS]]`` appended after ``n_slots`` cached
     slots: the token sees every earlier slot and itself (not the probe); the probe sees ``window``

@@ -68,9 +68,8 @@ def bench(
     "batch_size": B, "decode_tok_s"}`` and ``{"name": "safesig", "schedule", "batch_size": B,
     "decode_tok_s", "decode_ratio"}`` follow (``bench_batch``); with ``chat_turns`` N, rows
     ``{"name": "chat-reuse" | "chat-reprefill" | "chat-mlx-lm", "turn": k, "ttft_ms"}``
-    (``bench_chat``); with
-    ``server_concurrency`` C, rows ``{"name": "mlx_lm.server" | "safesig-server", "concurrency":
-    C, "tok_s"}`` (``bench_server``)."""
+    (``bench_chat``); with ``server_concurrency`` C, rows ``{"name": "mlx_lm.server" |
+    "safesig-server", "concurrency": C, "tok_s"}`` (``bench_server``)."""
     path = resolve_model_path(model_path)
     plain, plain_tok = mlx_lm.load(str(path))
     model, tokenizer = load(str(path), add_safety=not (path / SAFETY_FILE).is_file())

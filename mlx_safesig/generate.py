@@ -208,19 +208,26 @@ def _plain_stream(model, tokenizer, ids, max_tokens, sampler, logits_processors,
         start = prompt_cache.reuse(ids, safety=False)
         kwargs["prompt_cache"] = prompt_cache.layers
     held = list(ids)  # what leads the cache: the prompt, then the tokens fed after it
-    for r in mlx_lm.stream_generate(
-        model, tokenizer, mx.array(ids[start:]), max_tokens=max_tokens, sampler=sampler,
-        logits_processors=logits_processors, **kwargs,
-    ):
-        held.append(r.token)
-        if prompt_cache is not None:  # mlx-lm may have fed one token more than it handed out
+    try:
+        for r in mlx_lm.stream_generate(
+            model, tokenizer, mx.array(ids[start:]), max_tokens=max_tokens, sampler=sampler,
+            logits_processors=logits_processors, **kwargs,
+        ):
+            held.append(r.token)
+            yield _plain_result(r)
+    finally:  # once the turn ends; mlx-lm may have fed one token more than it handed out
+        if prompt_cache is not None:
             prompt_cache.ids = held[: prompt_cache.offset]
-        yield GenerationResult(
-            text=r.text, token=r.token, logprobs=r.logprobs, safety=SafetySignal(),
-            prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
-            generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
-            peak_memory=r.peak_memory, finish_reason=r.finish_reason,
-        )
+
+
+def _plain_result(r) -> GenerationResult:
+    """mlx-lm's ``GenerationResponse`` as ours (no safety signal: safety off)."""
+    return GenerationResult(
+        text=r.text, token=r.token, logprobs=r.logprobs, safety=SafetySignal(),
+        prompt_tokens=r.prompt_tokens, prompt_tps=r.prompt_tps,
+        generation_tokens=r.generation_tokens, generation_tps=r.generation_tps,
+        peak_memory=r.peak_memory, finish_reason=r.finish_reason,
+    )
 
 
 def without_retracted(text: str, events: Sequence[SafetyEvent]) -> str:

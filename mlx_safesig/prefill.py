@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
 
-from .attention import window_row
+from .attention import prompt_verdict_mask, window_row
 from .model import Model, SafesigError
 
 PREFILL_STEP = 2048
@@ -43,8 +43,7 @@ def prefill_with_verdict(model: Model, ids: Sequence[int], cache, slots: Sequenc
         done += PREFILL_STEP
     tail = list(ids[done:])
     n, L = offset + done, len(tail)  # slots before the chunk; its prompt tokens
-    causal = np.tril(np.ones((L, n + L + 1), dtype=bool), k=n)
-    mask = np.concatenate([causal, np.asarray(window_row(n + L, slots))[None]])
+    mask = prompt_verdict_mask(n, L, slots)
     positions = list(range(start_position + done, start_position + done + L)) + [
         probe_position(model, n + L)]
     h = model.hidden(mx.array(tail + [model.cls_token_id])[None], cache, mask=mx.array(mask),
@@ -64,13 +63,9 @@ def prefill_batch_with_verdict(model: Model, prompts: Sequence[Sequence[int]],
     tokens[:, L] = model.cls_token_id
     mask = np.zeros((B, 1, L + 1, L + 1), dtype=bool)
     positions = np.zeros((B, L + 1), dtype=np.int64)
-    causal = np.tril(np.ones((L, L), dtype=bool))
     for b, (ids, slots, pad) in enumerate(zip(prompts, slot_sets, pads)):
         tokens[b, pad:L] = ids
-        mask[b, 0, :L, :L] = causal
-        mask[b, 0, pad:L, :pad] = False
-        mask[b, 0, L, pad + np.asarray(slots, dtype=np.int64)] = True
-        mask[b, 0, L, L] = True
+        mask[b, 0] = prompt_verdict_mask(0, len(ids), slots, pad)
         positions[b, pad:L] = np.arange(1, len(ids) + 1)
         positions[b, L] = probe_position(model, len(ids))
     cache = [BatchKVCache(pads) for _ in model.layers]
@@ -150,7 +145,6 @@ class PromptCache:
         trim_prompt_cache(self.layers, self.offset - n)
         self.ids, self.safety = [], safety  # set again once the new prompt is in
         return n
-
 
     def hold(self, layers: list, ids: Sequence[int]):
         """Keep ``layers`` (this conversation's caches after a turn; the same list, or a row's
