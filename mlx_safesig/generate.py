@@ -15,7 +15,12 @@ from mlx_lm.sample_utils import make_sampler
 from .decoding import SafetyConfig, SafetyEvent
 from .engine import SafeBatchGenerator
 from .model import Model, SafesigError
-from .prefill import PromptCache, prefill_prompt, probe
+from .prefill import (
+    PREFILL_STEP,
+    PromptCache,
+    prefill_batch_with_verdict,
+    prefill_with_verdict,
+)
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
 from .steps import RetractStep, SafetySignal, Step, TokenStep
 
@@ -38,14 +43,8 @@ class GenerationResult:
     finish_reason: Optional[str] = None
 
 
-def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]]) -> float:
-    """p(malicious) from the ``[CLS]`` head.
-
-    A string: ``[CLS]`` at position 0, the text's tokens at 1..n (BOS only if the tokenizer adds
-    one); ``[CLS]`` attends to all of them and itself; nobody attends to ``[CLS]``.
-    Chat messages: the query verdict generation starts from (template rendered, ``[CLS]`` over the
-    conversation's query slots)."""
-    tokenizer = wrap_tokenizer(tokenizer)
+def _verdict_input(model: Model, tokenizer, text_or_messages) -> tuple:
+    """(ids, query slots) the query verdict of ``text_or_messages`` reads (see ``score``)."""
     if isinstance(text_or_messages, str):
         ids = tokenizer.encode(text_or_messages)
         if not ids:
@@ -55,9 +54,61 @@ def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]])
         prepared = prepare_prompt(tokenizer, text_or_messages)
         ids, slots = prepared.ids, prepared.query_slots
     check_context(model, len(ids))
-    cache = model.make_cache()
-    prefill_prompt(model, ids, cache)
-    return probe(model, cache, slots, position=0).item()
+    return list(ids), list(slots)
+
+
+def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]]) -> float:
+    """p(malicious) from the ``[CLS]`` head.
+
+    A string: the text's tokens at RoPE positions 1..n (BOS only if the tokenizer adds one), then
+    ``[CLS]`` (at position 0 unless the model's ``probe_position`` is "current"); ``[CLS]``
+    attends to all of them and itself; nobody attends to ``[CLS]``.
+    Chat messages: the query verdict generation starts from (template rendered, ``[CLS]`` over the
+    conversation's query slots, at the RoPE position generation gives it)."""
+    ids, slots = _verdict_input(model, wrap_tokenizer(tokenizer), text_or_messages)
+    _, p = prefill_with_verdict(model, ids, model.make_cache(), slots)
+    return p.item()
+
+
+SCORE_BATCH_TOKENS = 4096  # padded prompt tokens per batched verdict forward
+
+
+def score_many(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict]]],
+               batch_size: int = 16, progress: Optional[Callable[[int], None]] = None
+               ) -> List[float]:
+    """``score`` of each item, several per forward: prompts of similar length are left-padded
+    into one batch (``prefill_batch_with_verdict``; at most ``batch_size`` rows and about
+    ``SCORE_BATCH_TOKENS`` padded tokens), the same p as one by one to float tolerance. Prompts
+    longer than one prefill chunk run alone. ``progress(n)`` after each forward."""
+    tokenizer = wrap_tokenizer(tokenizer)
+    inputs = [_verdict_input(model, tokenizer, item) for item in items]
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))
+    scores: List[float] = [0.0] * len(inputs)
+    done = 0
+    while done < len(order):
+        longest = len(inputs[order[done]][0])
+        if longest > PREFILL_STEP:
+            group = [order[done]]
+            ids, slots = inputs[group[0]]
+            ps = [prefill_with_verdict(model, ids, model.make_cache(), slots)[1]]
+        else:
+            group = []
+            for i in order[done:]:
+                rows, longest = len(group) + 1, len(inputs[i][0])
+                if group and (rows > batch_size or rows * longest > SCORE_BATCH_TOKENS
+                              or longest > PREFILL_STEP):
+                    break
+                group.append(i)
+            out = prefill_batch_with_verdict(model, [inputs[i][0] for i in group],
+                                             [inputs[i][1] for i in group])
+            ps = [p for _, _, p in out]
+        mx.eval(ps)
+        for i, p in zip(group, ps):
+            scores[i] = p.item()
+        done += len(group)
+        if progress:
+            progress(len(group))
+    return scores
 
 
 def streamed_text(tokenizer, ids: Sequence[int], finish: str) -> str:

@@ -1,6 +1,8 @@
 """Safety-aware generation: equivalences on tiny random models, and the decoding rules end to end
 with a scripted head."""
 
+import sys
+
 import mlx.core as mx
 import mlx_lm
 import pytest
@@ -11,6 +13,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_safesig import SafesigError, SafetyConfig, generate, prepare_prompt, score, stream_generate
+from mlx_safesig.generate import score_many
 from mlx_safesig.decoding import REFUSAL_PREFIX
 
 MSGS = [{"role": "user", "content": "How do I bake bread at home?"}]
@@ -86,6 +89,36 @@ def test_score_of_messages_is_the_query_verdict_generation_starts_from(tokenizer
                                       safety=SafetyConfig(**NEVER))))
     assert first.safety.query_p == pytest.approx(score(model, tokenizer, MSGS), abs=1e-6)
 
+
+
+@pytest.mark.parametrize("safesig", [{}, {"probe_position": "current"}])
+def test_score_of_messages_with_probe_position_current_is_generations_verdict(tokenizer, safesig):
+    model = make_model(safesig=safesig)
+    msgs = [{"role": "user", "content": "a much longer question about the sea and the sky"}]
+    first = next(iter(stream_generate(model, tokenizer, msgs, max_tokens=2,
+                                      safety=SafetyConfig(**NEVER))))
+    assert first.safety.query_p == pytest.approx(score(model, tokenizer, msgs), abs=1e-6)
+
+
+@pytest.mark.parametrize("safesig", [{}, {"probe_position": "current"}])
+def test_score_many_equals_score_of_each_item_in_any_batch_shape(tokenizer, monkeypatch, safesig):
+    """Batched verdicts (left-padded, sorted by length, token-capped groups) == one by one."""
+    gen = sys.modules["mlx_safesig.generate"]  # the package exports a function of that name
+    model = make_model(safesig=safesig)
+    items = ["hi", "a much longer question about the sea and the sky " * 3, MSGS,
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why?"},
+              {"role": "assistant", "content": "because"}, {"role": "user", "content": "ok " * 9}],
+             "the sea", MSGS]
+    want = [score(model, tokenizer, item) for item in items]
+    monkeypatch.setattr(gen, "SCORE_BATCH_TOKENS", 120)  # forces groups of different sizes
+    seen = []
+    got = score_many(model, tokenizer, items, batch_size=3, progress=seen.append)
+    assert got == pytest.approx(want, abs=1e-5)
+    assert sum(seen) == len(items) and len(seen) >= 2 and max(seen) <= 3
+    monkeypatch.setattr(gen, "PREFILL_STEP", 16)  # longer prompts run alone, chunked
+    assert score_many(model, tokenizer, items) == pytest.approx(want, abs=1e-5)
+    with pytest.raises(SafesigError, match="empty"):
+        score_many(model, tokenizer, ["ok", ""])
 
 # -- the decoding rules end to end, with a scripted head ---------------------------------------
 

@@ -7,7 +7,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import llama, qwen2, qwen3
 
 from mlx_safesig.attention import causal_mask, rope_at, rope_table, scoring_mask, sft_mask
-from mlx_safesig.generate import prefill_prompt, probe
+from mlx_safesig.prefill import prefill_prompt, probe
 
 MLX_LM = {"llama": llama, "qwen2": qwen2, "qwen3": qwen3}
 IDS = [1, 17, 45, 99, 130, 7, 250, 3, 66]

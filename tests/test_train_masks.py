@@ -8,7 +8,8 @@ from conftest import make_model
 
 from mlx_safesig.data import special_token_ids, tokenize_example
 from mlx_safesig.decoding import REFUSAL_PREFIX, scheduled
-from mlx_safesig.generate import prefill_prompt, probe, score
+from mlx_safesig.generate import score
+from mlx_safesig.prefill import prefill_prompt, probe
 from mlx_safesig.train import collate, layout, plan_probes, probe_ends, window_monitor
 
 RECORD = {

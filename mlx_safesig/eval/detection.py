@@ -18,7 +18,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
-from ..generate import score
+from ..generate import score_many
 from ..model import SafesigError
 
 JUDGE = "[CLS] query verdict, p >= threshold"
@@ -52,13 +52,8 @@ def row_messages(row: dict) -> List[dict]:
 
 def score_rows(model, tokenizer, rows: Sequence[dict],
                progress: Optional[Callable[[int], None]] = None) -> List[float]:
-    """p(malicious) of each row's query verdict (``score`` of its messages)."""
-    scores = []
-    for row in rows:
-        scores.append(score(model, tokenizer, row_messages(row)))
-        if progress:
-            progress(1)
-    return scores
+    """p(malicious) of each row's query verdict (``score`` of its messages, batched)."""
+    return score_many(model, tokenizer, [row_messages(row) for row in rows], progress=progress)
 
 
 def _rate(flagged: int, n: int) -> float:

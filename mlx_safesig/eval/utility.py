@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..generate import prefill_prompt, probe
+from ..prefill import prefill_prompt, probe
 from ..model import SafesigError
 from ..prompt import prepare_prompt, wrap_tokenizer
 from .detection import row_messages
