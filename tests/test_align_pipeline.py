@@ -258,3 +258,92 @@ def test_train_sh_spells_out_aligns_defaults():
             assert root / value == Path(want)
         else:
             assert type(want)(value) == want, option
+
+
+# -- leave-one-source-out --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def left_out(finished, inputs):
+    """A run that trains without advbench and the extra prompts, reusing the finished run's
+    cached base-model answers."""
+    out = inputs / "loso" / "advbench"
+    r = cli(*args(inputs, out, "--leave-out", "advbench,edgy_extra", "--answers-from", finished[0],
+                  "--detection-limit", "50"))  # every row of what it left out
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def read_rows(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_leave_out_run_trains_without_the_source_and_scores_all_its_rows(left_out, finished):
+    from mlx_safesig import load, score
+
+    out, r = left_out
+    said = lines(r.stderr)
+    assert "left out of training: advbench, edgy_extra" in said
+    assert not any(s.startswith("generated ") for s in said)  # the answers came from --answers-from
+    trained = {str(row["source"]).rsplit(":", 1)[-1] for name in ("train.jsonl", "valid.jsonl")
+               for row in read_rows(out / "rows" / name)}
+    assert trained and not trained & {"advbench", "edgy_extra"}
+    assert "alpaca_gpt4_demo" in trained  # the rest is still trained on
+    report = json.loads((out / "eval" / "left-out.json").read_text())
+    assert report["left_out"] == ["advbench", "edgy_extra"]
+    plain = report["suites"]["plain"]["sources"]
+    advbench = [row for row in read_rows(out / "data" / "harmful.jsonl") if row["source"] == "advbench"]
+    assert plain["advbench"]["n"] == len(advbench) and {row["split"] for row in advbench} > {"train"}
+    assert plain["edgy_extra"]["n"] == 2 and plain["edgy_extra"]["label"] == 0
+    assert set(report["suites"]) == {"plain", "conversation"}
+    assert not (out / "eval" / "detection.json").exists()  # no held-out evaluation in such a run
+    model, tok = load(str(out / "model"))
+    flagged = sum(score(model, tok, [{"role": "user", "content": row["text"]}]) >= 0.5
+                  for row in advbench)
+    assert plain["advbench"]["flagged"] == flagged
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    assert "leave-one-source-out study model, trained without `advbench`, `edgy_extra`" in card
+    assert (f"| `advbench` | harmful | plain | {pct(flagged, len(advbench))} |") in card
+    assert "the held-out sources were not evaluated" in card and "placeholder" not in card.casefold()
+
+
+def test_the_loso_table_names_each_left_out_source_and_the_worst_of_each_label(left_out, inputs):
+    out, _ = left_out
+    r = cli("align", "--loso-table", inputs / "loso")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "eval" / "left-out.json").read_text())
+    s = report["suites"]["plain"]["sources"]["advbench"]
+    assert f"| advbench | `advbench` | harmful | plain | {pct(s['flagged'], s['n'])} |" in r.stdout
+    assert (f"- worst left-out harmful source (plain rows): `advbench` (run advbench), "
+            f"{pct(s['flagged'], s['n'])} flagged") in r.stdout
+    assert "- worst left-out benign source (plain rows): `edgy_extra` (run advbench)" in r.stdout
+    r = cli("align", "--loso-table", inputs / "run")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        f"Error: {inputs / 'run'} holds no leave-one-source-out run")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("harmbench", "--leave-out: harmbench is a held-out source (HELDOUT.md): it is never trained "
+     "on, so there is nothing to leave out."),
+    ("nosuch", "--leave-out: unknown source 'nosuch'; choose from "),
+    (",".join(s for s in SOURCES if SOURCES[s].label == 1 and s not in HELDOUT_SOURCES),
+     "--leave-out leaves out every harmful training source; leave out fewer."),
+])
+def test_a_bad_leave_out_is_one_line_and_writes_nothing(inputs, tmp_path, value, message):
+    r = cli(*args(inputs, tmp_path / "out", "--leave-out", value))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: " + message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_made_before_an_option_existed_resumes_with_its_default(finished, inputs):
+    out = inputs / "older"
+    shutil.copytree(finished[0], out)
+    state = json.loads((out / "state.json").read_text())
+    del state["options"]["rows"]["--leave-out"]
+    (out / "state.json").write_text(json.dumps(state))
+    r = cli(*args(inputs, out))
+    assert r.returncode == 0, r.stderr
+    assert lines(r.stderr)[:6] == [f"[{k}/6] {s}: done, skipped" for k, s in enumerate(STAGES, 1)]
+    r = cli(*args(inputs, out, "--leave-out", "advbench"))
+    assert r.returncode == 1 and "--leave-out is 'advbench' but" in r.stderr

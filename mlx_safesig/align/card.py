@@ -53,7 +53,7 @@ def _mlx_safesig_version() -> str:
         return "?"
 
 
-def data_section(out: Path) -> list[str]:
+def data_section(out: Path, left_out: tuple = ()) -> list[str]:
     manifest = _read_json(out / "data" / "MANIFEST.json")
     trained = _sources_of(out / "rows" / "train.jsonl")
     dev = _sources_of(out / "rows" / "valid.jsonl")
@@ -75,8 +75,12 @@ def data_section(out: Path) -> list[str]:
               "- **Tuned on**: nothing in this run; the recipe's settings were chosen in earlier "
               "versions on the dev split of the training sources (the dev rows above, also the "
               "validation set of this run).",
-              "- **Tested on** (held out: never trained or tuned on, HELDOUT.md): "
-              + ", ".join(f"`{s}` ({_license(s)[0]})" for s in HELDOUT_SOURCES) + "."]
+              ("- **Tested on**: every row of the left-out "
+               + ", ".join(f"`{s}` ({_license(s)[0]})" for s in left_out)
+               + " (never trained on in this run); the held-out sources were not evaluated."
+               if left_out else
+               "- **Tested on** (held out: never trained or tuned on, HELDOUT.md): "
+               + ", ".join(f"`{s}` ({_license(s)[0]})" for s in HELDOUT_SOURCES) + ".")]
     return lines
 
 
@@ -155,24 +159,44 @@ def model_card(out: Path, options: dict, base: str) -> str:
     """The card's Markdown for the ``align`` run in ``out``; ``options``: the recipe's values by
     option name."""
     options = ", ".join(_shown(k, v) for k, v in options.items())
-    detection = _read_json(out / "eval" / "detection.json")
-    results = _read_json(out / "eval" / "generation" / "results.json")
+    left_out = out / "eval" / "left-out.json"
+    if left_out.is_file():  # a leave-one-source-out run: no held-out evaluation, not for use
+        from .loso import left_out_lines
+
+        report = _read_json(left_out)
+        left = tuple(report["left_out"])
+        names = ", ".join(f"`{n}`" for n in left)
+        use = ["## Intended use", "",
+               f"None beyond measurement: a leave-one-source-out study model, trained without "
+               f"{names} to measure how the recipe does on a source it never saw "
+               "(`mlx-safesig align --loso-table`). It was not evaluated on the held-out sources.", ""]
+        results = ["## Left-out sources: [CLS] query verdict", "",
+                   f"Judge: {report['judge']}, threshold {report['threshold']:g}; all rows of "
+                   f"{names} (every split), as they are and in conversations.", "",
+                   "| source | label | suite | flagged |", "|---|---|---|---|",
+                   *left_out_lines(report), ""]
+    else:
+        detection = _read_json(out / "eval" / "detection.json")
+        generation = _read_json(out / "eval" / "generation" / "results.json")
+        use = ["## Intended use", "",
+               "Research and on-device use of the explicit-safety-signal method: the `[CLS]` verdict "
+               "judges each request (and windows of the answer) and strategic decoding inserts a "
+               "refusal when it says malicious. Run it with `mlx-safesig generate/chat/server "
+               "--model <this folder>`. It is one safety layer, not a guarantee: keep other "
+               "safeguards where harm is possible.", ""]
+        results = [*detection_section(detection), "", *generation_section(generation), ""]
+        left = ()
     lines = [
         f"# {base} with an explicit safety signal", "",
         f"Base model: `{base}`. Made by `mlx-safesig align` (mlx-safesig {_mlx_safesig_version()}): "
         "a `[CLS]` row, a safety head and LoRA adapters trained with the joint loss and window "
         "supervision (Li & Kim, ICML 2025), fused into this folder. Options: " + options + ".", "",
-        "## Intended use", "",
-        "Research and on-device use of the explicit-safety-signal method: the `[CLS]` verdict "
-        "judges each request (and windows of the answer) and strategic decoding inserts a refusal "
-        "when it says malicious. Run it with `mlx-safesig generate/chat/server --model <this "
-        "folder>`. It is one safety layer, not a guarantee: keep other safeguards where harm is "
-        "possible.", "",
-        *data_section(out), "",
-        *detection_section(detection), "",
-        *generation_section(results), "",
+        *use,
+        *data_section(out, left), "",
+        *results,
         "## Limits", "",
-        "- The numbers above come from the held-out sources only, on at most the rows counted; "
+        f"- The numbers above come from the {'left-out' if left else 'held-out'} sources only, on "
+        "at most the rows counted; "
         "small counts carry wide uncertainty.",
         "- Judges are the `[CLS]` verdict itself and refusal keywords / inserted refusals, not a "
         "guard model or people: they disagree often.",

