@@ -404,13 +404,15 @@ class Attack:
 
 
 def inserts_refusal(model: Model, tokenizer, messages: Sequence[dict], config: SafetyConfig,
-                    max_tokens: int) -> tuple:
-    """A real greedy generation with safety on (``stream_generate``, ``max_tokens`` tokens):
-    (was a refusal inserted?, the query verdict it started from)."""
+                    n_response: int) -> tuple:
+    """A real greedy generation with safety on (``stream_generate``) that runs the checks of the
+    first ``n_response`` response tokens (``n_response + 1`` tokens: a token's check rides on
+    the step that feeds it, so the last token of a generation is never checked): (was a refusal
+    inserted?, the query verdict it started from)."""
     from ..generate import stream_generate
 
     inserted, query_p = False, None
-    for r in stream_generate(model, tokenizer, list(messages), max_tokens, safety=config):
+    for r in stream_generate(model, tokenizer, list(messages), n_response + 1, safety=config):
         query_p = r.safety.query_p if query_p is None else query_p
         inserted = inserted or r.safety.inserted or r.refusal
     return inserted, query_p
