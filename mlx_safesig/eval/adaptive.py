@@ -109,6 +109,8 @@ class SuffixPrompt:
         if not starts:
             raise SafesigError("the initial suffix does not tokenize on its own after the request.")
         self.start, self.length = starts[-1], L
+        if self.start == 0:
+            raise SafesigError("the chat template puts no token before the request to attack.")
         self.prefix, self.postfix = ids[: self.start], ids[self.start + L :]
         self.slots = list(prepared.query_slots)
 
@@ -151,6 +153,7 @@ class Layout:
     positions: mx.array  # [T]
     heads: List[int]  # rows whose [CLS] head enters the loss: the verdict first
     start: int  # slot of the first suffix token
+    prefix: Optional[list] = None  # keys/values of the slots before the suffix (``prefix_state``)
 
 
 def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
@@ -180,7 +183,9 @@ def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
         heads.append(row)
     tokens = np.array(ids + [model.cls_token_id] + list(response)
                       + [model.cls_token_id] * len(windows), dtype=np.int64)
-    return Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start)
+    lay = Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start)
+    lay.prefix = prefix_state(model, lay)
+    return lay
 
 
 def log_p_malicious(model: Model, h_cls: mx.array) -> mx.array:
@@ -191,15 +196,44 @@ def log_p_malicious(model: Model, h_cls: mx.array) -> mx.array:
     return -nn.softplus(-z)
 
 
+def prefix_state(model: Model, lay: Layout) -> list:
+    """Keys and values of the slots before the suffix (the same for every candidate): computed
+    once per layout, so a candidate's forward runs only the suffix and what follows it."""
+    cache = model.make_cache()
+    s = lay.start
+    model.hidden(mx.array(lay.tokens[None, :s]), cache, mask=lay.mask[:s, :s],
+                 positions=lay.positions[:s])
+    states = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+    mx.eval(states)
+    return states
+
+
+def _forward_after_prefix(model: Model, lay: Layout, states: list, tokens: np.ndarray,
+                          embeddings: Optional[mx.array] = None) -> mx.array:
+    """Final-norm states [B, T - start, D] of ``tokens`` [B, T] from the suffix on, on a copy of
+    the prefix's keys and values for each row."""
+    from mlx_lm.models.cache import KVCache
+
+    B, s = tokens.shape[0], lay.start
+    cache = []
+    for k, v in states:
+        c = KVCache()
+        c.update_and_fetch(mx.repeat(k, B, axis=0), mx.repeat(v, B, axis=0))
+        cache.append(c)
+    return model.hidden(mx.array(tokens[:, s:]), cache, mask=lay.mask[s:], positions=lay.positions[s:],
+                        input_embeddings=embeddings)
+
+
 def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray) -> tuple:
     """Each suffix [B, L] put in ``lay``: (loss [B] = summed log p of the heads, the verdict's
     p(malicious) [B]), both numpy."""
     B, L = suffixes.shape
     tokens = np.repeat(lay.tokens[None], B, axis=0)
     tokens[:, lay.start : lay.start + L] = suffixes
-    h = model.hidden(mx.array(tokens), mask=lay.mask, positions=lay.positions)
-    logp = log_p_malicious(model, h[:, lay.heads])  # [B, heads]
-    loss, p = logp.sum(axis=1), model.safety_prob(h[:, lay.heads[0]])
+    h = _forward_after_prefix(model, lay, lay.prefix, tokens)
+    heads = [i - lay.start for i in lay.heads]
+    logp = log_p_malicious(model, h[:, heads])  # [B, heads]
+    loss, p = logp.sum(axis=1), model.safety_prob(h[:, heads[0]])
     mx.eval(loss, p)
     return np.array(loss, dtype=np.float64), np.array(p, dtype=np.float64)
 
@@ -207,16 +241,16 @@ def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray) -> tuple:
 def suffix_gradient(model: Model, lay: Layout, length: int) -> mx.array:
     """d loss / d one-hot suffix [L, V]: the gradient w.r.t. the suffix embeddings times the
     embedding matrix (what ``one_hot @ E`` would give, without building it)."""
-    tokens = mx.array(lay.tokens[None])
-    base = model.embed(tokens)
-    s = lay.start
+    tokens = lay.tokens[None]
+    base = model.embed(mx.array(tokens[:, lay.start :]))
+    heads = [i - lay.start for i in lay.heads]
 
     def loss_fn(e):
-        h = mx.concatenate([base[:, :s], e[None], base[:, s + length :]], axis=1)
-        h = model.hidden(tokens, mask=lay.mask, positions=lay.positions, input_embeddings=h)
-        return log_p_malicious(model, h[0, lay.heads]).sum()
+        h = mx.concatenate([e[None], base[:, length:]], axis=1)
+        h = _forward_after_prefix(model, lay, lay.prefix, tokens, embeddings=h)
+        return log_p_malicious(model, h[0, heads]).sum()
 
-    g = mx.grad(loss_fn)(base[0, s : s + length])
+    g = mx.grad(loss_fn)(base[0, :length])
     return model.model.embed_tokens.as_linear(g.astype(base.dtype))
 
 
