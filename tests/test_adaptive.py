@@ -144,7 +144,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_the_seed_fixes_the_suffix
         net, tokenizer, tmp_path):
     cfg = config(net, schedule="first")
     full = run(net, tokenizer, tmp_path / "full", cfg, universal=2)
-    again = run(net, tokenizer, tmp_path / "again", cfg, universal=2)
+    run(net, tokenizer, tmp_path / "again", cfg, universal=2)
     rows = lambda d: [{k: v for k, v in json.loads(x).items() if "seconds" not in k}  # noqa: E731
                       for x in (d / ROWS_FILE).read_text().splitlines()]
     assert rows(tmp_path / "full") == rows(tmp_path / "again")  # same seed, same suffixes

@@ -1,4 +1,4 @@
-"""`mlx-safesig eval`: attack suites, held-out detection per source, utility."""
+"""`mlx-safesig eval`: attack suites, held-out detection per source, utility, adaptive attacks."""
 
 import json
 import sys
@@ -8,18 +8,19 @@ import click
 
 from .base import (
     decoding_rule_options,
-    options,
     load_model,
     main,
     model_option,
     model_path,
+    options,
     safety_config,
     sampling_options,
     say,
     user_errors,
 )
 
-EXTRA_SUITES = ("detection", "utility", "adaptive")  # not generation attacks: run apart, not part of "all"
+# not generation attacks: run apart, not part of "all"
+EXTRA_SUITES = ("detection", "utility", "adaptive")
 
 
 def _suites(ctx, param, values) -> tuple:
@@ -245,7 +246,7 @@ def _adaptive(net, tokenizer, plan, config, budgets, seed, universal, resume, mo
 
     harmful, benign, runs = plan
     config = config.resolved(net.args.safesig)
-    total = len(harmful) + len(benign) + len(harmful) * budgets[-1] * len(runs)
+    total = len(harmful) + len(benign) + (len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
     with tqdm(total=total, desc="adaptive", unit="step", disable=None, file=sys.stderr) as bar:
         report = run_adaptive(net, tokenizer, harmful, benign, config, runs, budgets, out_dir,
                               seed=seed or 0, universal=universal, resume=resume,

@@ -124,8 +124,8 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
     """Attack the flagged ``harmful`` rows with each of ``runs`` (``AttackSettings``; their
     ``steps`` the largest of ``budgets``) and count ``benign`` rows the verdict flags. ``config``:
     resolved. Writes ``out_dir/adaptive.rows.jsonl`` as it goes and ``adaptive.json`` at the end;
-    returns the report. ``progress`` is called with a count of finished units (rows scored,
-    attack steps, transfer checks)."""
+    returns the report. ``progress`` is called with a count of finished units: rows scored and
+    attack steps (a request broken early or never attacked counts its whole budget)."""
     out_dir = Path(out_dir)
     budgets = sorted(set(budgets))
     threshold = config.threshold
@@ -157,6 +157,7 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
         by_source.setdefault(r["source"], [])
     for r in flagged:
         by_source[r["source"]].append(r)
+    tick((len(harmful) - len(flagged)) * sum(s.steps for s in runs))  # never attacked
     allowed = allowed_tokens(model, tokenizer)
     report = {"judge": JUDGE, "threshold": threshold, "budgets": budgets,
               "safety": fp["safety"], "seed": seed, "runs": {}}
@@ -171,9 +172,9 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
                                 seed=_hash(seed, key, r["id"]))
                 prompt = attack.targets[0].prompt
 
-                def check(suffix, prompt=prompt):
+                def check(suffix, prompt=prompt, n=settings.n_response):
                     return not inserts_refusal(model, tokenizer, prompt.with_suffix(suffix),
-                                               config, settings.n_response)[0]
+                                               config, n)[0]
 
                 res = attack.run(check=check, progress=tick)
                 tick(settings.steps - res.steps_run)
@@ -236,7 +237,6 @@ def _transfers(model, tokenizer, config, settings, key, flagged, rows, store, ti
                 got = store.put({"kind": "transfer", "key": key, "id": pair, "source": r["source"],
                                  **_check(model, tokenizer, config, settings.n_response,
                                           _suffixed(row_messages(r), row["suffix"]))})
-            tick(1)
             out.append(got)
     return out
 
@@ -267,7 +267,6 @@ def _universal(model, tokenizer, config, settings, key, flagged, store, allowed,
                              "source": r["source"], **_check(
                                  model, tokenizer, config, settings.n_response,
                                  _suffixed(row_messages(r), row["suffix"]))})
-        tick(1)
         results[str(r["id"])] = got
     train_ok = sum(results[str(r["id"])]["success"] for r in train)
     per_source = {}
