@@ -1,4 +1,4 @@
-"""`mlx-safesig eval`: attack suites, held-out detection per source, utility."""
+"""`mlx-safesig eval`: attack suites, held-out detection per source, utility, adaptive attacks."""
 
 import json
 import sys
@@ -12,13 +12,15 @@ from .base import (
     main,
     model_option,
     model_path,
+    options,
     safety_config,
     sampling_options,
     say,
     user_errors,
 )
 
-EXTRA_SUITES = ("detection", "utility")  # not generation attacks: run apart, not part of "all"
+# not generation attacks: run apart, not part of "all"
+EXTRA_SUITES = ("detection", "utility", "adaptive")
 
 
 def _suites(ctx, param, values) -> tuple:
@@ -32,6 +34,54 @@ def _suites(ctx, param, values) -> tuple:
     return SUITES if "all" in names else tuple(dict.fromkeys(names))
 
 
+def _budgets(ctx, param, value) -> tuple:
+    try:
+        budgets = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        budgets = []
+    if not budgets or budgets[0] < 1:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of positive step counts.")
+    return tuple(budgets)
+
+
+def _names(choices):
+    def check(ctx, param, value) -> tuple:
+        names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+        bad = [n for n in names if n not in choices]
+        if bad or not names:
+            raise click.BadParameter(f"unknown {param.name[:-1]} {(bad or [value])[0]!r}; use "
+                                     f"{', '.join(choices)} (comma-separated).")
+        return names
+
+    return check
+
+
+adaptive_options = options(
+    click.option("--attack", "attacks", default="gcg", show_default=True,
+                 callback=_names(("gcg", "random")), help="For --suite adaptive: the suffix "
+                 "attacks, comma-separated: gcg (gradient-guided token swaps, Zou et al. 2023), "
+                 "random (random search, Andriushchenko et al. 2024)."),
+    click.option("--objective", "objectives", default="verdict,windows", show_default=True,
+                 callback=_names(("verdict", "windows")), help="For --suite adaptive: what the "
+                 "attack lowers, comma-separated: verdict (the query verdict's log p(malicious)) "
+                 "or windows (that plus the window checks of the first --response-tokens tokens)."),
+    click.option("--steps", "step_budgets", default="10,25,100", show_default=True,
+                 callback=_budgets, help="For --suite adaptive: step budgets at which success is "
+                 "reported, comma-separated; the attack runs up to the largest."),
+    click.option("--suffix-len", type=click.IntRange(1, 64), default=12, show_default=True,
+                 help="For --suite adaptive: suffix tokens appended to the request."),
+    click.option("--time-budget", type=click.FloatRange(0, min_open=True), default=None,
+                 help="For --suite adaptive: seconds per attacked request (default: no limit; a "
+                 "limit makes reruns depend on the machine's speed)."),
+    click.option("--universal-requests", type=click.IntRange(0), default=0, show_default=True,
+                 help="For --suite adaptive: also optimise one suffix over this many attacked "
+                 "requests and report its transfer to the others (0 = off)."),
+    click.option("--response-tokens", type=click.IntRange(1), default=16, show_default=True,
+                 help="For --suite adaptive: response tokens the windows objective covers and the "
+                 "success check generates with safety on."),
+)
+
+
 @main.command("eval")
 @model_option()
 @click.option("--add-safety", is_flag=True, help="Accept a plain mlx-lm model and give it a fresh "
@@ -40,7 +90,8 @@ def _suites(ctx, param, values) -> tuple:
               "repeatable or comma-separated: direct, prefill, decoding, templates, benign, all "
               "(default: all), and detection (the query verdict per source, plain and in "
               "conversations; on --split heldout also inside the held-out wrappers) and utility "
-              "(reference-answer NLL and loop rate, safety on vs --base-model).")
+              "(reference-answer NLL and loop rate, safety on vs --base-model) and adaptive "
+              "(white-box suffix attacks on the [CLS] verdict per held-out source).")
 @click.option("--data", "data_dir", default="data", show_default=True, type=click.Path(),
               help="Output directory of `python -m mlx_safesig.align.build`.")
 @click.option("--split", default="dev", show_default=True, help="Read harmful/benign.<split>.jsonl.")
@@ -65,6 +116,7 @@ def _suites(ctx, param, values) -> tuple:
               help="Greedy generations, safety off (and the prefill suite's own continuations) and "
               "on, run this many at a time, same responses; 1 = one by one. Sampled generations "
               "always run one by one.")
+@adaptive_options
 @click.option("--resume", is_flag=True, help="Continue the run in --out, skipping finished rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of "
               "the Markdown report.")
@@ -72,7 +124,8 @@ def _suites(ctx, param, values) -> tuple:
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, temp, top_p, top_k, seed, grid_size, safety, schedule, threshold,
                  window_threshold, tau, min_window, window_query, keep_verdict, base_model,
-                 judge_model, batch_size, resume, as_json):
+                 judge_model, batch_size, attacks, objectives, step_budgets, suffix_len,
+                 time_budget, universal_requests, response_tokens, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     The sampling options apply to every suite but decoding (which sweeps its own grid). Greedy
@@ -102,11 +155,20 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         load_data(data_dir, split, suites, exclude_categories)
     else:
         split_rows(data_dir, split)
+    if "adaptive" in extra:
+        adaptive = _adaptive_plan(data_dir, split, limit, exclude_categories, attacks, objectives,
+                                  step_budgets, suffix_len, time_budget, response_tokens)
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
     if "detection" in extra:
         _detection(net, tokenizer, data_dir, split, limit, threshold, exclude_categories,
                    Path(out_dir), as_json)
+    if "adaptive" in extra:
+        config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
+                               window_query, keep_verdict, False, None)
+        _adaptive(net, tokenizer, adaptive, config, step_budgets, seed, universal_requests,
+                  resume, str(model) if model else f"default ({default_model_path().name})",
+                  split, limit, Path(out_dir), as_json)
     if "utility" in extra:
         config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
                                window_query, keep_verdict, False, None)
@@ -161,3 +223,37 @@ def _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tok
     (out_dir / UTILITY_FILE).write_text(json.dumps(report, indent=1))
     click.echo(json.dumps(report) if as_json else json.dumps(report, indent=1))
     say(f"[wrote {out_dir / UTILITY_FILE}]")
+
+
+def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets, suffix_len,
+                   time_budget, response_tokens):
+    """The rows and the attack runs, checked before the model loads."""
+    from ..eval.adaptive import AttackSettings
+    from ..eval.adaptive_suite import adaptive_rows
+
+    harmful, benign = adaptive_rows(data_dir, split, limit, exclude)
+    runs = [AttackSettings(attack=a, objective=o, suffix_len=suffix_len, steps=budgets[-1],
+                           time_budget=time_budget, n_response=response_tokens)
+            for a in attacks for o in objectives]
+    return harmful, benign, runs
+
+
+def _adaptive(net, tokenizer, plan, config, budgets, seed, universal, resume, model_id, split,
+              limit, out_dir: Path, as_json: bool):
+    from tqdm import tqdm
+
+    from ..eval.adaptive_suite import ADAPTIVE_FILE, ROWS_FILE, format_adaptive, run_adaptive
+
+    harmful, benign, runs = plan
+    config = config.resolved(net.args.safesig)
+    total = len(harmful) + len(benign) + (len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
+    with tqdm(total=total, desc="adaptive", unit="step", disable=None, file=sys.stderr) as bar:
+        report = run_adaptive(net, tokenizer, harmful, benign, config, runs, budgets, out_dir,
+                              seed=seed or 0, universal=universal, resume=resume,
+                              fingerprint={"model": model_id, "split": split, "limit": limit},
+                              progress=bar.update)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo("\n".join(format_adaptive(report)))
+    say(f"[wrote {out_dir / ADAPTIVE_FILE} and {ROWS_FILE}]")

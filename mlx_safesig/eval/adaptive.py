@@ -1,0 +1,452 @@
+"""White-box discrete suffix attacks on the ``[CLS]`` safety signal (``eval --suite adaptive``).
+
+The attacker appends ``suffix_len`` tokens to the content of the last user message and searches
+for tokens that make the query verdict say benign. Two objectives:
+
+- ``verdict``: log p(malicious) of the query verdict, exactly as ``score`` computes it (the prompt
+  built by ``prepare_prompt``; the ``[CLS]`` at position 0 sees the query slots and itself);
+- ``windows``: that plus the log p(malicious) of every window probe generation would run over the
+  first ``n_response`` tokens of the response, with the config's schedule, ``min_window``, r2 and
+  ``window_query`` (windows from ``decoding.SafetyMonitor`` itself, assuming every probe stays
+  benign, which is what the attacker wants). The response is the model's own greedy continuation
+  of the suffixed prompt under the cache layout a benign verdict leaves (``keep_verdict``:
+  "flagged" drops the ``[CLS]``, i.e. the safety-off continuation; "always" keeps it), recomputed
+  every ``refresh`` steps and held fixed in between (the target of the window terms).
+
+Two published attacks search the suffix:
+
+- ``gcg`` (Zou et al. 2023, "Universal and transferable adversarial attacks on aligned language
+  models"): the gradient of the loss w.r.t. the one-hot suffix gives the ``top_k`` most promising
+  tokens per position; ``batch`` random single-token swaps from those are evaluated exactly and
+  the best becomes the suffix (as in the paper, even when it is worse than the current one);
+- ``random`` (Andriushchenko et al. 2024, "Jailbreaking leading safety-aligned LLMs with simple
+  adaptive attacks"): ``batch`` random single-token swaps from all allowed tokens, the best kept
+  only if it lowers the loss. Same evaluations per step as GCG, so the two compare the value of
+  the gradient at a fixed budget.
+
+Tokens a suffix may hold: not special, not ``[CLS]``, printable ASCII, not whitespace only; and a
+candidate suffix is kept only if rendering the chat with its text and tokenizing again gives back
+exactly the attacked ids (the usual GCG filter), so every suffix found is text a user can paste.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..decoding import SafetyConfig, SafetyMonitor
+from ..model import Model, SafesigError
+from ..prefill import cls_logits_mask, prefill_with_verdict, probe_position
+from ..prompt import PreparedPrompt, prepare_prompt, special_ids, wrap_tokenizer
+
+ATTACKS = ("gcg", "random")
+OBJECTIVES = ("verdict", "windows")
+INIT_TEXT = " !"  # the suffix starts as this text repeated (GCG's "! ! ! ...")
+
+
+@dataclass
+class AttackSettings:
+    attack: str = "gcg"
+    objective: str = "verdict"
+    suffix_len: int = 12
+    top_k: int = 64
+    batch: int = 32
+    steps: int = 100  # the largest step budget
+    time_budget: Optional[float] = None  # seconds per request (or per universal run)
+    n_response: int = 16  # response tokens whose window probes the loss sums (and the check runs)
+    refresh: int = 5  # recompute the greedy response every this many steps (windows objective)
+
+    def __post_init__(self):
+        if self.attack not in ATTACKS:
+            raise SafesigError(f"unknown attack {self.attack!r}; use {', '.join(ATTACKS)}.")
+        if self.objective not in OBJECTIVES:
+            raise SafesigError(f"unknown objective {self.objective!r}; use {', '.join(OBJECTIVES)}.")
+        for name in ("suffix_len", "top_k", "batch", "steps", "n_response", "refresh"):
+            if getattr(self, name) < 1:
+                raise SafesigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+
+
+def _decoder(tokenizer):
+    raw = getattr(tokenizer, "_tokenizer", tokenizer)
+    return lambda ids: raw.decode(list(ids), clean_up_tokenization_spaces=False)
+
+
+def allowed_tokens(model: Model, tokenizer) -> np.ndarray:
+    """Ids a suffix may use: printable ASCII, not whitespace only, not special, not ``[CLS]``."""
+    tokenizer = wrap_tokenizer(tokenizer)
+    raw = getattr(tokenizer, "_tokenizer", tokenizer)
+    vocab = model.model.embed_tokens.weight.shape[0]
+    texts = raw.batch_decode([[t] for t in range(vocab)], clean_up_tokenization_spaces=False)
+    banned = special_ids(tokenizer) | {model.cls_token_id}
+    ok = [t for t, s in enumerate(texts)
+          if t not in banned and s.strip() and s.isascii() and s.isprintable()]
+    if not ok:
+        raise SafesigError("the tokenizer has no printable ASCII token a suffix could use.")
+    return np.array(ok, dtype=np.int64)
+
+
+class SuffixPrompt:
+    """One request's chat messages with a token suffix on the last user message's content: where
+    the suffix sits in the prompt ids, and which suffixes survive the text round trip."""
+
+    def __init__(self, tokenizer, messages: Sequence[dict], init: Sequence[int]):
+        self.tokenizer = wrap_tokenizer(tokenizer)
+        self.decode = _decoder(self.tokenizer)
+        self.messages = [dict(m) for m in messages]
+        users = [i for i, m in enumerate(self.messages) if m.get("role") == "user"]
+        if not users:
+            raise SafesigError("the chat messages contain no user message to attack.")
+        self.at = users[-1]
+        init = list(init)
+        prepared = prepare_prompt(self.tokenizer, self.with_suffix(init))
+        ids, L = prepared.ids, len(init)
+        slots = set(prepared.query_slots)
+        starts = [k for k in range(len(ids) - L + 1)
+                  if ids[k : k + L] == init and all(i in slots for i in range(k, k + L))]
+        if not starts:
+            raise SafesigError("the initial suffix does not tokenize on its own after the request.")
+        self.start, self.length = starts[-1], L
+        if self.start == 0:
+            raise SafesigError("the chat template puts no token before the request to attack.")
+        self.prefix, self.postfix = ids[: self.start], ids[self.start + L :]
+        self.slots = list(prepared.query_slots)
+
+    def with_suffix(self, suffix: Sequence[int]) -> List[dict]:
+        """The messages with the suffix's text appended to the last user message."""
+        out = [dict(m) for m in self.messages]
+        out[self.at]["content"] = (out[self.at].get("content") or "") + self.decode(suffix)
+        return out
+
+    def ids(self, suffix: Sequence[int]) -> List[int]:
+        return self.prefix + list(suffix) + self.postfix
+
+    def fits(self, suffix: Sequence[int]) -> bool:
+        """Does the suffix's text render and tokenize back to exactly these ids and slots?"""
+        try:
+            p = prepare_prompt(self.tokenizer, self.with_suffix(suffix))
+        except SafesigError:
+            return False
+        return p.ids == self.ids(suffix) and p.query_slots == self.slots
+
+
+def initial_suffix(tokenizer, allowed: np.ndarray, length: int) -> List[int]:
+    """``length`` ids of ``INIT_TEXT`` repeated (a token of it that is not allowed: the first
+    allowed id)."""
+    tokenizer = wrap_tokenizer(tokenizer)
+    ids = tokenizer.encode(INIT_TEXT * length, add_special_tokens=False)
+    ok = set(allowed.tolist())
+    ids = [t if t in ok else int(allowed[0]) for t in ids] or [int(allowed[0])]
+    return (ids * length)[:length]
+
+
+@dataclass
+class Layout:
+    """One forward of a suffixed prompt and its probes: the prompt, the query verdict's ``[CLS]``,
+    the fixed response and one ``[CLS]`` per window probe, with the masks and positions generation
+    uses (engine.py's cache layout: prompt at 1..n, verdict at 0, response at n+1..)."""
+
+    tokens: np.ndarray  # [T] (the suffix slots hold the current suffix)
+    mask: mx.array  # [T, T] bool
+    positions: mx.array  # [T]
+    heads: List[int]  # rows whose [CLS] head enters the loss: the verdict first
+    start: int  # slot of the first suffix token
+    prefix: Optional[list] = None  # keys/values of the slots before the suffix (``prefix_state``)
+
+
+def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
+           response: Sequence[int] = (), windows: Sequence[tuple] = (),
+           kept: bool = False) -> Layout:
+    """``windows``: (response index t, include the query?, response indices seen) per probe."""
+    ids = target.ids(suffix)
+    n, m = len(ids), len(response)
+    T = n + 1 + m + len(windows)
+    mask = np.zeros((T, T), dtype=bool)
+    mask[:n, :n] = np.tril(np.ones((n, n), dtype=bool))
+    q = np.asarray(target.slots, dtype=np.int64)
+    mask[n, q] = mask[n, n] = True
+    positions = list(range(1, n + 1)) + [0] + list(range(n + 1, n + 1 + m))
+    for i in range(m):
+        mask[n + 1 + i, :n] = True
+        mask[n + 1 + i, n] = kept
+        mask[n + 1 + i, n + 1 : n + 2 + i] = True
+    heads = [n]
+    for j, (t, include_query, seen) in enumerate(windows):
+        row = n + 1 + m + j
+        if include_query:
+            mask[row, q] = True
+        mask[row, [n + 1 + i for i in seen]] = True
+        mask[row, row] = True
+        positions.append(probe_position(model, n + 1 + t + 1))
+        heads.append(row)
+    tokens = np.array(ids + [model.cls_token_id] + list(response)
+                      + [model.cls_token_id] * len(windows), dtype=np.int64)
+    lay = Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start)
+    lay.prefix = prefix_state(model, lay)
+    return lay
+
+
+def log_p_malicious(model: Model, h_cls: mx.array) -> mx.array:
+    """log p(malicious) of final-norm ``[CLS]`` states [..., D] (log-sigmoid of the logit; of the
+    logit difference for a 2-logit head): what the attacker minimises."""
+    z = model.cls_head(h_cls.astype(model.cls_head.weight.dtype))
+    z = z[..., 0] if z.shape[-1] == 1 else z[..., 1] - z[..., 0]
+    return -nn.softplus(-z)
+
+
+def prefix_state(model: Model, lay: Layout) -> list:
+    """Keys and values of the slots before the suffix (the same for every candidate): computed
+    once per layout, so a candidate's forward runs only the suffix and what follows it."""
+    cache = model.make_cache()
+    s = lay.start
+    model.hidden(mx.array(lay.tokens[None, :s]), cache, mask=lay.mask[:s, :s],
+                 positions=lay.positions[:s])
+    states = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
+    mx.eval(states)
+    return states
+
+
+def _forward_after_prefix(model: Model, lay: Layout, states: list, tokens: np.ndarray,
+                          embeddings: Optional[mx.array] = None) -> mx.array:
+    """Final-norm states [B, T - start, D] of ``tokens`` [B, T] from the suffix on, on a copy of
+    the prefix's keys and values for each row."""
+    from mlx_lm.models.cache import KVCache
+
+    B, s = tokens.shape[0], lay.start
+    cache = []
+    for k, v in states:
+        c = KVCache()
+        c.update_and_fetch(mx.repeat(k, B, axis=0), mx.repeat(v, B, axis=0))
+        cache.append(c)
+    return model.hidden(mx.array(tokens[:, s:]), cache, mask=lay.mask[s:], positions=lay.positions[s:],
+                        input_embeddings=embeddings)
+
+
+def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray) -> tuple:
+    """Each suffix [B, L] put in ``lay``: (loss [B] = summed log p of the heads, the verdict's
+    p(malicious) [B]), both numpy."""
+    B, L = suffixes.shape
+    tokens = np.repeat(lay.tokens[None], B, axis=0)
+    tokens[:, lay.start : lay.start + L] = suffixes
+    h = _forward_after_prefix(model, lay, lay.prefix, tokens)
+    heads = [i - lay.start for i in lay.heads]
+    logp = log_p_malicious(model, h[:, heads])  # [B, heads]
+    loss, p = logp.sum(axis=1), model.safety_prob(h[:, heads[0]])
+    mx.eval(loss, p)
+    return np.array(loss, dtype=np.float64), np.array(p, dtype=np.float64)
+
+
+def suffix_gradient(model: Model, lay: Layout, length: int) -> mx.array:
+    """d loss / d one-hot suffix [L, V]: the gradient w.r.t. the suffix embeddings times the
+    embedding matrix (what ``one_hot @ E`` would give, without building it)."""
+    tokens = lay.tokens[None]
+    base = model.embed(mx.array(tokens[:, lay.start :]))
+    heads = [i - lay.start for i in lay.heads]
+
+    def loss_fn(e):
+        h = mx.concatenate([e[None], base[:, length:]], axis=1)
+        h = _forward_after_prefix(model, lay, lay.prefix, tokens, embeddings=h)
+        return log_p_malicious(model, h[0, heads]).sum()
+
+    g = mx.grad(loss_fn)(base[0, :length])
+    return model.model.embed_tokens.as_linear(g.astype(base.dtype))
+
+
+def greedy_response(model: Model, prepared: PreparedPrompt, n: int, kept: bool,
+                    eos: set) -> List[int]:
+    """The model's greedy continuation (at most ``n`` tokens, EOS excluded) of a prompt whose
+    query verdict is benign, on the cache layout generation leaves: the verdict's ``[CLS]`` kept
+    (``keep_verdict="always"``) or dropped ("flagged": the language model's own continuation)."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    cache = model.make_cache()
+    h, _ = prefill_with_verdict(model, prepared.ids, cache, prepared.query_slots)
+    if not kept:
+        trim_prompt_cache(cache, 1)
+    cls_mask = None
+    out: List[int] = []
+    position = len(prepared.ids) + 1
+    while len(out) < n:
+        logits = model.logits(h)
+        if cls_mask is None:
+            cls_mask = cls_logits_mask(model, logits.shape[-1])
+        if cls_mask is not None:
+            logits = logits + cls_mask
+        token = int(mx.argmax(logits).item())
+        if token in eos:
+            break
+        out.append(token)
+        h = model.hidden(mx.array([[token]]), cache, positions=position)[0, -1]
+        position += 1
+    return out
+
+
+def probe_windows(config: SafetyConfig, response: Sequence[int], special: set) -> List[tuple]:
+    """The window probes generation runs over ``response`` while every verdict stays benign:
+    (response index, include the query?, response indices seen), from ``SafetyMonitor``."""
+    monitor = SafetyMonitor(config)
+    monitor.start(0.0)
+    flags = [t in special for t in response]
+    out = []
+    for t in range(len(response)):
+        if monitor.wants_probe(t):
+            include_query, seen = monitor.window(t, flags[: t + 1])
+            out.append((t, include_query, seen))
+    return out
+
+
+@dataclass
+class Target:
+    """A request under attack and the forward its loss runs (rebuilt when the response changes)."""
+
+    prompt: SuffixPrompt
+    response: List[int] = field(default_factory=list)
+    lay: Optional[Layout] = None
+
+
+@dataclass
+class AttackResult:
+    suffix: List[int]
+    loss: float
+    ps: List[float]  # the verdict p(malicious) of each target with ``suffix``
+    steps_run: int
+    steps_to_success: Optional[int]
+    seconds: float
+    seconds_to_success: Optional[float]
+    inserted: Optional[bool]  # did the last success check's generation insert a refusal?
+    trace: List[float] = field(default_factory=list)  # the loss after each step (step 0 = init)
+
+
+class Attack:
+    """One suffix against one or more requests (the loss sums over them: a universal suffix)."""
+
+    def __init__(self, model: Model, tokenizer, config: SafetyConfig, settings: AttackSettings,
+                 messages: Sequence[Sequence[dict]], allowed: np.ndarray, seed: int):
+        self.model, self.tokenizer = model, wrap_tokenizer(tokenizer)
+        self.config, self.s = config, settings
+        self.allowed = allowed
+        self.rng = np.random.default_rng(seed)
+        init = initial_suffix(self.tokenizer, allowed, settings.suffix_len)
+        self.targets = [Target(SuffixPrompt(self.tokenizer, m, init)) for m in messages]
+        self.suffix = init
+        self.special = special_ids(self.tokenizer)
+        self.eos = set(self.tokenizer.eos_token_ids) | {self.tokenizer.eos_token_id}
+        self.allowed_mask = np.full(model.model.embed_tokens.weight.shape[0], np.inf)
+        self.allowed_mask[allowed] = 0.0
+
+    def _relayout(self, refresh: bool):
+        kept = self.config.keep_verdict == "always"
+        for t in self.targets:
+            if self.s.objective == "windows" and refresh:
+                prepared = PreparedPrompt(t.prompt.ids(self.suffix), t.prompt.slots)
+                t.response = greedy_response(self.model, prepared, self.s.n_response, kept, self.eos)
+            windows = (probe_windows(self.config, t.response, self.special)
+                       if self.s.objective == "windows" else [])
+            t.lay = layout(self.model, t.prompt, self.suffix, t.response, windows, kept)
+
+    def evaluate(self, suffixes: np.ndarray) -> tuple:
+        """Loss [B] summed over the targets and the verdict p [B, targets]."""
+        losses, ps = np.zeros(len(suffixes)), []
+        for t in self.targets:
+            loss, p = batch_losses(self.model, t.lay, suffixes)
+            losses += loss
+            ps.append(p)
+        return losses, np.stack(ps, axis=1)
+
+    def candidates(self) -> np.ndarray:
+        L, B = self.s.suffix_len, self.s.batch
+        current = np.array(self.suffix, dtype=np.int64)
+        positions = self.rng.integers(0, L, size=B)
+        if self.s.attack == "gcg":
+            grad = sum(suffix_gradient(self.model, t.lay, L) for t in self.targets)
+            grad = np.array(grad.astype(mx.float32)) + self.allowed_mask[None]
+            grad[np.arange(L), current] = np.inf  # a swap must change the token
+            top = np.argsort(grad, axis=1)[:, : self.s.top_k]  # most negative first
+            tokens = top[positions, self.rng.integers(0, top.shape[1], size=B)]
+        else:
+            tokens = self.allowed[self.rng.integers(0, len(self.allowed), size=B)]
+        out = np.repeat(current[None], B, axis=0)
+        out[np.arange(B), positions] = tokens
+        return out
+
+    def _fitting(self, cands: np.ndarray) -> np.ndarray:
+        seen, keep = {tuple(self.suffix)}, []
+        for c in cands:
+            key = tuple(int(x) for x in c)
+            if key in seen:
+                continue
+            seen.add(key)
+            if all(t.prompt.fits(key) for t in self.targets):
+                keep.append(c)
+        return np.array(keep, dtype=np.int64).reshape(-1, self.s.suffix_len)
+
+    def run(self, check: Optional[Callable[[List[int]], bool]] = None,
+            progress: Optional[Callable[[int], None]] = None) -> AttackResult:
+        """Search for at most ``settings.steps`` steps (and ``time_budget`` seconds). ``check``
+        (single-target attacks): called with the suffix whenever the verdict says benign; True
+        ends the search as a success (the step count is recorded)."""
+        tic = time.perf_counter()
+        threshold = self.config.threshold
+        self._relayout(refresh=True)
+        loss, ps = self.evaluate(np.array([self.suffix]))
+        loss, ps = float(loss[0]), ps[0]
+        best = (loss, list(self.suffix), ps)
+        trace, step, inserted, checked = [loss], 0, None, None
+
+        def try_success():
+            nonlocal inserted, checked
+            if check is None or tuple(self.suffix) == checked or not (ps < threshold).all():
+                return False
+            checked = tuple(self.suffix)
+            ok = check(list(self.suffix))
+            inserted = not ok
+            return ok
+
+        done = try_success()
+        while not done and step < self.s.steps:
+            if self.s.time_budget is not None and time.perf_counter() - tic > self.s.time_budget:
+                break
+            step += 1
+            if self.s.objective == "windows" and step > 1 and (step - 1) % self.s.refresh == 0:
+                self._relayout(refresh=True)  # a new target response: re-score the current suffix
+                loss_now, ps = self.evaluate(np.array([self.suffix]))
+                loss, ps = float(loss_now[0]), ps[0]
+            cands = self._fitting(self.candidates())
+            if len(cands):
+                losses, cps = self.evaluate(cands)
+                i = int(np.argmin(losses))
+                if self.s.attack == "gcg" or losses[i] < loss:
+                    self.suffix, loss, ps = [int(x) for x in cands[i]], float(losses[i]), cps[i]
+                    for t in self.targets:
+                        t.lay.tokens[t.lay.start : t.lay.start + self.s.suffix_len] = self.suffix
+            trace.append(loss)
+            if loss < best[0]:
+                best = (loss, list(self.suffix), ps)
+            if progress:
+                progress(1)
+            done = try_success()
+        seconds = time.perf_counter() - tic
+        if done:
+            best = (loss, list(self.suffix), ps)
+        return AttackResult(
+            suffix=best[1], loss=best[0], ps=[float(p) for p in best[2]], steps_run=step,
+            steps_to_success=step if done else None, seconds=round(seconds, 3),
+            seconds_to_success=round(seconds, 3) if done else None, inserted=inserted,
+            trace=[round(x, 5) for x in trace])
+
+
+def inserts_refusal(model: Model, tokenizer, messages: Sequence[dict], config: SafetyConfig,
+                    n_response: int) -> tuple:
+    """A real greedy generation with safety on (``stream_generate``) that runs the checks of the
+    first ``n_response`` response tokens (``n_response + 1`` tokens: a token's check rides on
+    the step that feeds it, so the last token of a generation is never checked): (was a refusal
+    inserted?, the query verdict it started from)."""
+    from ..generate import stream_generate
+
+    inserted, query_p = False, None
+    for r in stream_generate(model, tokenizer, list(messages), n_response + 1, safety=config):
+        query_p = r.safety.query_p if query_p is None else query_p
+        inserted = inserted or r.safety.inserted or r.refusal
+    return inserted, query_p
