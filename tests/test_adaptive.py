@@ -33,9 +33,9 @@ MESSAGES = [{"role": "user", "content": TEXTS[0]}]
 SMALL = dict(steps=6, batch=16, suffix_len=6)
 
 
-def attackable(tokenizer, seed=0):
+def attackable(tokenizer, seed=0, **overrides):
     """A tiny model whose verdict on TEXTS[0] is 0.62 and moves with a few suffix tokens."""
-    model = make_model(seed=seed)
+    model = make_model(seed=seed, **overrides)
     model.cls_head.weight = model.cls_head.weight * 30
     p = score(model, tokenizer, MESSAGES)
     model.cls_head.bias = model.cls_head.bias - math.log(p / (1 - p)) + 0.5
@@ -64,6 +64,15 @@ def test_the_reported_suffix_gives_the_reported_p_through_score(net, tokenizer, 
     assert suffixed[0]["content"].startswith(TEXTS[0])
     assert score(net, tokenizer, suffixed) == pytest.approx(res.ps[0], abs=1e-4)
     assert res.ps[0] < 0.5  # the verdict gave way
+
+
+def test_the_verdict_sits_where_generation_puts_it_on_a_probe_at_its_slot_model(tokenizer):
+    net = attackable(tokenizer, safesig={"probe_position": "current"})
+    attack = Attack(net, tokenizer, config(net), AttackSettings(objective="verdict", **SMALL),
+                    [MESSAGES], allowed_tokens(net, tokenizer), seed=0)
+    res = attack.run()
+    suffixed = attack.targets[0].prompt.with_suffix(res.suffix)
+    assert score(net, tokenizer, suffixed) == pytest.approx(res.ps[0], abs=1e-4)
 
 
 def test_suffix_tokens_are_printable_ascii_and_never_special(net, tokenizer):

@@ -4,7 +4,7 @@ The attacker appends ``suffix_len`` tokens to the content of the last user messa
 for tokens that make the query verdict say benign. Two objectives:
 
 - ``verdict``: log p(malicious) of the query verdict, exactly as ``score`` computes it (the prompt
-  built by ``prepare_prompt``; the ``[CLS]`` at position 0 sees the query slots and itself);
+  built by ``prepare_prompt``; the ``[CLS]`` at generation's position sees the query slots and itself);
 - ``windows``: that plus the log p(malicious) of every window probe generation would run over the
   first ``n_response`` tokens of the response, with the config's schedule, ``min_window``, r2 and
   ``window_query`` (windows from ``decoding.SafetyMonitor`` itself, assuming every probe stays
@@ -167,7 +167,7 @@ def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
     mask[:n, :n] = np.tril(np.ones((n, n), dtype=bool))
     q = np.asarray(target.slots, dtype=np.int64)
     mask[n, q] = mask[n, n] = True
-    positions = list(range(1, n + 1)) + [0] + list(range(n + 1, n + 1 + m))
+    positions = list(range(1, n + 1)) + [probe_position(model, n)] + list(range(n + 1, n + 1 + m))
     for i in range(m):
         mask[n + 1 + i, :n] = True
         mask[n + 1 + i, n] = kept
