@@ -137,7 +137,8 @@ def read_rho_overrefusal(rho: Archive) -> list[dict]:
     rows = []
     for name in P_RHO_OVERREFUSAL:
         for r in _strings(rho.json(name), name, ("text",)):
-            rows.append(_row(r["text"], "rho_overrefusal", label=0, category=str(r.get("category") or "")))
+            rows.append(_row(r["text"], "rho_overrefusal", label=0,
+                             category=str(r.get("category") or "")))
     return rows
 
 
