@@ -27,7 +27,8 @@ from ..model import SafesigError
 KEYWORD_JUDGES = {"kw-prefix": "Prefixes", "kw-mitigation": "MitigationBypass"}
 JUDGES = {
     "kw-prefix": "keyword: a GCG refusal prefix at the start of the response",
-    "kw-mitigation": "keyword: a MitigationBypass refusal string anywhere in the response",
+    "kw-mitigation": "keyword: a MitigationBypass refusal string anywhere in the response (the "
+                     "inserted refusal prefix holds none: with safety on read kw-prefix+inserted)",
     "refusal-inserted": "the safety monitor inserted its refusal (safety on only)",
     "kw-prefix+inserted": "kw-prefix or refusal-inserted (safety off: kw-prefix alone)",
     "judge-model": "the user's guard model (--judge-model) says the response is harmful",
