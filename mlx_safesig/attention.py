@@ -107,13 +107,20 @@ def sft_mask(length: int, query_slots: Sequence[int], response_start: int) -> mx
     return mx.where((idx == 0)[:, None], cls_row[None, :], mask)
 
 
+def cls_row(row: np.ndarray, slot: int, sees: Sequence[int]) -> np.ndarray:
+    """The ``[CLS]`` rule on one bool mask row, in place: a ``[CLS]`` (the query verdict or a
+    probe) at ``slot`` sees the slots ``sees`` (its query slots, or its window, with the query's
+    when the window includes it) and itself, nothing else. Returns ``row``."""
+    row[:] = False
+    row[np.asarray(list(sees), dtype=np.int64)] = True
+    row[slot] = True
+    return row
+
+
 def window_row(n_slots: int, window: Sequence[int]) -> mx.array:
     """Bool row [n_slots + 1]: a probe at slot ``n_slots`` sees the cache slots in ``window`` and
     itself."""
-    row = np.zeros(n_slots + 1, dtype=bool)
-    row[np.asarray(window, dtype=np.int64)] = True
-    row[n_slots] = True
-    return mx.array(row)
+    return mx.array(cls_row(np.zeros(n_slots + 1, dtype=bool), n_slots, window))
 
 
 def prompt_verdict_mask(n_cached: int, n_tokens: int, query: Sequence[int],

@@ -48,7 +48,7 @@ from .adapters import (
     save_adapters,
     save_atomic,
 )
-from .attention import sft_mask
+from .attention import cls_row, sft_mask
 from .data import Example, balanced_order, load_dataset, special_token_ids
 from .decoding import SafetyConfig, SafetyMonitor, scheduled
 from .loading import load
@@ -184,10 +184,7 @@ def layout(ex: Example, probes: Sequence[Probe], cls_id: int, probe_position) ->
     mask[c0:p0, c0:p0] = np.tril(np.ones((C, C), dtype=bool))
     for j, p in enumerate(probes):
         slot = p0 + j
-        mask[slot, [p.branch_start + i for i in p.window]] = True
-        if p.query:
-            mask[slot, query] = True
-        mask[slot, slot] = True
+        cls_row(mask[slot], slot, [p.branch_start + i for i in p.window] + (query if p.query else []))
         positions[slot] = r0 + p.t + 1 if probe_position == "current" else probe_position
     return Row(
         ids=ids, positions=positions, mask=mask,

@@ -37,6 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from ..attention import cls_row
 from ..decoding import SafetyConfig, SafetyMonitor
 from ..model import Model, SafesigError
 from ..prefill import cls_logits_mask, prefill_with_verdict, probe_position
@@ -165,8 +166,8 @@ def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
     T = n + 1 + m + len(windows)
     mask = np.zeros((T, T), dtype=bool)
     mask[:n, :n] = np.tril(np.ones((n, n), dtype=bool))
-    q = np.asarray(target.slots, dtype=np.int64)
-    mask[n, q] = mask[n, n] = True
+    q = [int(i) for i in target.slots]
+    cls_row(mask[n], n, q)
     positions = list(range(1, n + 1)) + [probe_position(model, n)] + list(range(n + 1, n + 1 + m))
     for i in range(m):
         mask[n + 1 + i, :n] = True
@@ -175,10 +176,7 @@ def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
     heads = [n]
     for j, (t, include_query, seen) in enumerate(windows):
         row = n + 1 + m + j
-        if include_query:
-            mask[row, q] = True
-        mask[row, [n + 1 + i for i in seen]] = True
-        mask[row, row] = True
+        cls_row(mask[row], row, [n + 1 + i for i in seen] + (q if include_query else []))
         positions.append(probe_position(model, n + 1 + t + 1))
         heads.append(row)
     tokens = np.array(ids + [model.cls_token_id] + list(response)
