@@ -127,6 +127,33 @@ def test_generation_cache_is_keyed_by_token_limit_and_model(tmp_path, monkeypatc
     assert json.loads(cache.read_text().splitlines()[-1])["model"] == "m2"
 
 
+def test_missing_answers_are_generated_shortest_prompts_first(tmp_path, monkeypatch):
+    """A batch is left-padded to its longest prompt: the rows go in by prompt length, so a long
+    prompt shares its batch with long ones; each answer still lands under its own id."""
+    from types import SimpleNamespace
+
+    import mlx_lm
+
+    batches = []
+
+    class Tok:
+        def apply_chat_template(self, messages, add_generation_prompt):
+            return messages[-1]["content"]
+
+    def fake_batch_generate(model, tok, prompts, max_tokens, return_token_ids):
+        batches.append(list(prompts))
+        return SimpleNamespace(texts=[f"answer to {p}" for p in prompts],
+                               token_ids=[[5]] * len(prompts))
+
+    monkeypatch.setattr(mlx_lm, "load", lambda path: (None, Tok()))
+    monkeypatch.setattr(mlx_lm, "batch_generate", fake_batch_generate)
+    texts = ["x" * n for n in (50, 3, 400, 7, 60, 1)]
+    rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)]
+    got, _ = md.generate_missing(rows, tmp_path / "g.jsonl", "model", 8, 2, "m")
+    assert batches == [["x", "xxx"], ["x" * 7, "x" * 50], ["x" * 60, "x" * 400]]
+    assert got == {f"r{i}": f"answer to {t}" for i, t in enumerate(texts)}
+
+
 def test_model_fingerprint_follows_content_not_path(tmp_path):
     """Same config and weights under another folder: same key; other weights: another key;
     other files in the folder (tokenizer, README) do not count."""

@@ -133,7 +133,10 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
         for r in read_jsonl(cache_path):
             if r.get("max_tokens") == max_tokens and r.get("model") == model_key:
                 cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
-    todo = [r for r in rows if r["id"] not in cache]
+    # shortest prompts first: a batch is left-padded to its longest prompt, so one long prompt
+    # among short ones costs the whole batch its length (the cache is keyed by id: order-free)
+    todo = sorted((r for r in rows if r["id"] not in cache),
+                  key=lambda r: sum(len(m["content"]) for m in prompt_messages(r)))
     if not todo:
         return cache, finished
     import mlx_safesig  # noqa: F401, I001  (OpenBLAS before mlx on Linux)
