@@ -43,6 +43,9 @@ keeps its label and gets a refusal (no continuation), a framed benign one keeps 
 plain prompt's answer, so the [CLS] has to read the request, not the framing. A framing whose words
 mostly repeat one of the data's jailbreak templates (PyRIT, AutoDAN, DAN, GCG: what the templates
 suite uses) is left out, so the templates suite still measures framings the adapter never saw.
+A machine-translated source (``build --translate``: ``<source>_<lang>``) goes with its English one:
+every harmful one is trained on, a benign one when its English source is in ``--benign-sources``,
+and ``--leave-out`` leaves it out with it; it has no English reference answer (the base model answers).
 Nothing here prints prompt or response text: counts only.
 """
 
