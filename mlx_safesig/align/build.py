@@ -47,8 +47,17 @@ from .sources import (
     prompt_sources,
     text_id,
 )
-from .translate import DEFAULT_SHARE, LANGS, METHOD, SHARE_SALT, Apertium, base_source, parse_langs
-from .translate import translate_heldout, translate_training
+from .translate import (
+    DEFAULT_SHARE,
+    LANGS,
+    METHOD,
+    SHARE_SALT,
+    Apertium,
+    base_source,
+    parse_langs,
+    translate_heldout,
+    translate_training,
+)
 
 BUILDER_VERSION = 2
 SPLIT_SALT = "mlx-safesig-split-v1"
