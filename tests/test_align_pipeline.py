@@ -17,7 +17,7 @@ from conftest import make_model, make_tokenizer, write_model_dir
 from test_align_build import make_artefacts
 
 from mlx_safesig.align.pipeline import STAGES, TITLES
-from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES
+from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES, prompt_sources
 
 # a child that runs the CLI with one function made to hang once it has run (a test-only hook
 # that lives here, not in the package): ``hang MODULE FUNCTION ARG MARKER -- CLI ARGS``
@@ -326,7 +326,7 @@ def test_the_loso_table_names_each_left_out_source_and_the_worst_of_each_label(l
     ("harmbench", "--leave-out: harmbench is a held-out source (HELDOUT.md): it is never trained "
      "on, so there is nothing to leave out."),
     ("nosuch", "--leave-out: unknown source 'nosuch'; choose from "),
-    (",".join(s for s in SOURCES if SOURCES[s].label == 1 and s not in HELDOUT_SOURCES),
+    (",".join(prompt_sources(1, "train")),
      "--leave-out leaves out every harmful training source; leave out fewer."),
 ])
 def test_a_bad_leave_out_is_one_line_and_writes_nothing(inputs, tmp_path, value, message):

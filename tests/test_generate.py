@@ -13,8 +13,8 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_safesig import SafesigError, SafetyConfig, generate, prepare_prompt, score, stream_generate
-from mlx_safesig.generate import score_many
 from mlx_safesig.decoding import REFUSAL_PREFIX
+from mlx_safesig.generate import score_many
 
 MSGS = [{"role": "user", "content": "How do I bake bread at home?"}]
 NEVER = dict(threshold=0.999999)  # the random head never reaches it: probes run, nothing is inserted

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from .pipeline import AlignError as SafesigError  # a user error of align: one sentence
 from .rows import EXTRA_SOURCE, read_prompt_rows
 from .sources import HELDOUT_SOURCES, prompt_sources
+
 LEFT_OUT_FILE = "left-out.json"  # in OUT/eval of a left-out run
 SUITES = ("plain", "conversation")
 

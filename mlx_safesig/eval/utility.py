@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from ..prefill import prefill_prompt, probe
 from ..model import SafesigError
+from ..prefill import prefill_prompt, probe
 from ..prompt import prepare_prompt, wrap_tokenizer
 from .detection import row_messages
 
