@@ -242,3 +242,17 @@ def test_translated_benign_sources_go_with_their_english_source(tmp_path, fake_p
     trained = {r["source"] for r in read_jsonl(tmp_path / "rows" / "train.jsonl")}
     assert {"alpaca_gpt4_demo", "alpaca_gpt4_demo_es", "edgy_benign_es", "donotanswer_es"} <= trained
     assert not trained & {"advbench", "advbench_es", "glaive_toolcall_demo_es"}
+
+
+def test_the_card_names_the_translated_held_out_sources_it_was_tested_on(tmp_path):
+    from mlx_safesig.align.card import _held_out_names
+
+    (tmp_path / "data").mkdir()
+    rows = [{"id": "a", "source": "strongreject", "label": 1},
+            {"id": "b", "source": "strongreject_es", "label": 1},
+            {"id": "c", "source": "senator_search_fr", "label": 0}]
+    (tmp_path / "data" / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = _held_out_names(tmp_path)
+    assert names[0] == "strongreject" and names[-2:] == ["senator_search_fr", "strongreject_es"]
+    assert "harmbench" not in names  # not in this data
+    assert "pyrit_jailbreak_templates" in names  # held-out wrappers are always named

@@ -53,6 +53,14 @@ def _mlx_safesig_version() -> str:
         return "?"
 
 
+def _held_out_names(out: Path) -> list[str]:
+    """The held-out sources the run's data holds (HELDOUT.md's, then any translations of them,
+    ``--translate``), in that order."""
+    present = {source for source, _ in _sources_of(out / "data" / "heldout.jsonl")}
+    return [s for s in HELDOUT_SOURCES if s in present or SOURCES[s].label is None] + sorted(
+        present - set(HELDOUT_SOURCES))
+
+
 def data_section(out: Path, left_out: tuple = ()) -> list[str]:
     manifest = _read_json(out / "data" / "MANIFEST.json")
     trained = _sources_of(out / "rows" / "train.jsonl")
@@ -80,7 +88,7 @@ def data_section(out: Path, left_out: tuple = ()) -> list[str]:
                + " (never trained on in this run); the held-out sources were not evaluated."
                if left_out else
                "- **Tested on** (held out: never trained or tuned on, HELDOUT.md): "
-               + ", ".join(f"`{s}` ({_license(s)[0]})" for s in HELDOUT_SOURCES) + ".")]
+               + ", ".join(f"`{s}` ({_license(s)[0]})" for s in _held_out_names(out)) + ".")]
     return lines
 
 
