@@ -13,7 +13,7 @@ from test_align_build import ALL_FAKE_TEXT, EDGY, HB, make_artefacts, read_jsonl
 from mlx_safesig.align import build as bd
 from mlx_safesig.align import translate as tr
 from mlx_safesig.align.archive import BuildError
-from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES, normalize
+from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES, base_source, normalize
 
 # the fake: `-l` lists its modes, `-V` a version, `-u MODE` prefixes every non-blank line with the
 # mode's tag and an unknown-word mark (which the builder must strip); env knobs: FAKE_MODES (the
@@ -223,8 +223,8 @@ def test_translated_benign_sources_go_with_their_english_source(tmp_path, fake_p
     leaves a source's translations out with it."""
     from mlx_safesig.align import rows
 
-    assert tr.base_source("alpaca_gpt4_demo_es") == "alpaca_gpt4_demo"
-    assert tr.base_source("advbench") == "advbench" and tr.base_source("edgy_extra") == "edgy_extra"
+    assert base_source("alpaca_gpt4_demo_es") == "alpaca_gpt4_demo"
+    assert base_source("advbench") == "advbench" and base_source("edgy_extra") == "edgy_extra"
     seen = {}
 
     def no_model(rows_, cache, *a, **k):

@@ -44,6 +44,8 @@ from .sources import (
     NEAR_TRAINING_SOURCES,
     PROMPTS_DIR,
     SOURCES,
+    base_source,
+    licensed,
     prompt_sources,
     text_id,
 )
@@ -53,7 +55,6 @@ from .translate import (
     METHOD,
     SHARE_SALT,
     Apertium,
-    base_source,
     parse_langs,
     translate_heldout,
     translate_training,
@@ -218,7 +219,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         rows = []
         for name in names:
             s = SOURCES[name]
-            got = s.read(ours[name]) if s.artefact == "ours" else s.read(archives[s.artefact])
+            got = licensed(s.read(ours[name]) if s.artefact == "ours" else s.read(archives[s.artefact]))
             raw[name] = len(got)
             rows += got
         return rows
@@ -234,7 +235,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     near_training = mark_near_training(heldout, harmful + benign)
     if apertium:  # translated held-out rows are held out: the guard keeps training rows off them too
         known = {r["id"] for r in heldout}
-        translated = dedup(translate_heldout(heldout, apertium), dd, "heldout_translated")
+        translated = dedup(licensed(translate_heldout(heldout, apertium)), dd, "heldout_translated")
         dd["heldout_translated"]["same_id_as_english_dropped"] = sum(r["id"] in known
                                                                      for r in translated)
         heldout += [r for r in translated if r["id"] not in known]
@@ -380,7 +381,8 @@ def _add_translations(harmful, benign, heldout, apertium, share, guard, dd, leak
     out = []
     for kind, rows in (("harmful", harmful), ("benign", benign)):
         name = f"{kind}_translated"
-        got = dedup(_priority_sort(translate_training(rows, apertium, share), order), dd, name)
+        translated = licensed(translate_training(rows, apertium, share, SOURCES))
+        got = dedup(_priority_sort(translated, order), dd, name)
         dd[name]["same_id_as_english_dropped"] = sum(r["id"] in known for r in got)
         got = [r for r in got if r["id"] not in known]
         if kind == "benign":

@@ -18,6 +18,21 @@ OURS = {"edgy_extra": ("Apache-2.0", "mlx-safesig: benign-but-edgy prompts writt
                                      "only (align/prompts/extra_benign.txt)")}
 
 
+LEFT_OUT_FILE = "left-out.json"  # OUT/eval of a leave-one-source-out run (loso.py)
+LEFT_OUT_SUITES = ("plain", "conversation")
+
+
+def left_out_lines(report: dict) -> list[str]:
+    """Markdown rows ``| source | label | suite | flagged |`` of one left-out report."""
+    lines = []
+    for suite in LEFT_OUT_SUITES:
+        counts = report["suites"].get(suite, {"sources": {}})
+        for src, s in sorted(counts["sources"].items(), key=lambda kv: (-kv[1]["label"], kv[0])):
+            lines.append(f"| `{src}` | {'harmful' if s['label'] else 'benign'} | {suite} | "
+                         f"{pct(s['flagged'], s['n'])} |")
+    return lines
+
+
 def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -167,10 +182,8 @@ def model_card(out: Path, options: dict, base: str) -> str:
     """The card's Markdown for the ``align`` run in ``out``; ``options``: the recipe's values by
     option name."""
     options = ", ".join(_shown(k, v) for k, v in options.items())
-    left_out = out / "eval" / "left-out.json"
+    left_out = out / "eval" / LEFT_OUT_FILE
     if left_out.is_file():  # a leave-one-source-out run: no held-out evaluation, not for use
-        from .loso import left_out_lines
-
         report = _read_json(left_out)
         left = tuple(report["left_out"])
         names = ", ".join(f"`{n}`" for n in left)

@@ -12,12 +12,10 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .pipeline import AlignError as SafesigError  # a user error of align: one sentence
+from ..model import SafesigError
+from .card import LEFT_OUT_FILE, LEFT_OUT_SUITES, left_out_lines, pct
 from .rows import EXTRA_SOURCE, read_prompt_rows
 from .sources import HELDOUT_SOURCES, prompt_sources
-
-LEFT_OUT_FILE = "left-out.json"  # in OUT/eval of a left-out run
-SUITES = ("plain", "conversation")
 
 
 def training_sources() -> tuple[str, ...]:
@@ -73,7 +71,7 @@ def detect_left_out(model, tokenizer, data_dir, names: Sequence[str], out_dir,
     rows = left_out_rows(data_dir, names, extra_benign)
     if not rows:
         raise SafesigError(f"{data_dir} has no rows of {', '.join(names)} to score.")
-    plan = {suite: held_out_rows(rows, [], [suite], limit) for suite in SUITES}
+    plan = {suite: held_out_rows(rows, [], [suite], limit) for suite in LEFT_OUT_SUITES}
     with tqdm(total=sum(map(len, plan.values())), desc="verdicts", unit="row", disable=None,
               file=sys.stderr) as bar:
         report = run_detection(model, tokenizer, plan, "left-out", sweep=SWEEP, progress=bar.update)
@@ -83,25 +81,11 @@ def detect_left_out(model, tokenizer, data_dir, names: Sequence[str], out_dir,
     return report
 
 
-def left_out_lines(report: dict) -> list[str]:
-    """Markdown rows ``| source | label | suite | flagged |`` of one left-out report."""
-    from .card import pct
-
-    lines = []
-    for suite in SUITES:
-        counts = report["suites"].get(suite, {"sources": {}})
-        for src, s in sorted(counts["sources"].items(), key=lambda kv: (-kv[1]["label"], kv[0])):
-            lines.append(f"| `{src}` | {'harmful' if s['label'] else 'benign'} | {suite} | "
-                         f"{pct(s['flagged'], s['n'])} |")
-    return lines
-
-
 def loso_table(root) -> list[str]:
     """Markdown: each left-out run under ``root`` (a folder of ``align --leave-out`` runs), its
     left-out sources' flagged rates per suite, then the worst left-out source of each label
     (harmful: fewest flagged; benign: most), plain rows."""
     from ..eval.detection import NO_NEAR_TRAINING
-    from .card import pct
 
     root = Path(root)
     runs = sorted(p for p in root.iterdir() if (p / "eval" / LEFT_OUT_FILE).is_file()) \

@@ -236,7 +236,10 @@ def check_inputs(recipe: Recipe, out: Path):
         if name not in BENIGN_SOURCES:
             raise AlignError(f"--benign-sources: unknown source {name!r}; choose from "
                              f"{', '.join(BENIGN_SOURCES)}.")
-    left_out = set(parse_leave_out(recipe.leave_out))
+    try:
+        left_out = set(parse_leave_out(recipe.leave_out))
+    except SafesigError as e:
+        raise AlignError(str(e)) from None
     benign = set(filter(None, recipe.benign_sources.split(","))) | (
         {EXTRA_SOURCE} if recipe.extra_benign else set())
     for kind, names in (("harmful", set(prompt_sources(1, "train"))), ("benign", benign)):

@@ -63,8 +63,7 @@ from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
 from .conversations import BENIGN_SHAPES, HARMFUL_SHAPES, conversation_prompts
-from .sources import read_prompts, text_id
-from .translate import base_source
+from .sources import base_source, read_prompts, text_id
 
 PROG = "mlx_safesig.align.rows"
 

