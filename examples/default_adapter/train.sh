@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the default model's safety adapter: one `mlx-safesig align` run (data from pinned PyPI
 # artefacts, the base model's own answers, training, fuse, held-out eval, model card) on the
-# embedded SmolLM2-135M-Instruct base. ~1 h 30 min on a 2-core x86 CPU with OpenBLAS, less on a Mac.
+# embedded SmolLM2-135M-Instruct base. Several hours on a 2-core x86 CPU with OpenBLAS (the base
+# model's answers to ~3,000 prompts, then 375 training steps of ~11 s, then the held-out eval);
+# far less on a Mac.
 #   examples/default_adapter/train.sh [OUT [extra align options]]
 # The adapter is OUT/adapters, the fused model and its MODEL_CARD.md OUT/model. Rerun the same line
 # after an interruption to continue. The options below are align's defaults, spelled out: the
