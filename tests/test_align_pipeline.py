@@ -354,6 +354,8 @@ def test_translate_is_a_data_option_and_a_bad_one_writes_nothing(finished, input
     shutil.copytree(finished[0], out)
     data = json.loads((out / "state.json").read_text())["options"]["data"]
     assert data["--translate"] == "" and data["--translate-share"] == 0.15
+    r = cli(*args(inputs, out, "--translate-share", "0.5"))  # no language: the share shapes nothing
+    assert r.returncode == 0 and "[1/6] data: done, skipped" in lines(r.stderr), r.stderr
     r = cli(*args(inputs, out, "--translate", "es"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"Error: --translate is 'es' but {out} was made with ''; use a new --out, or "

@@ -121,6 +121,8 @@ def recorded_options(recipe: Recipe) -> dict:
     """``{stage: {option: value}}`` as state.json keeps them."""
     values = {f.name: getattr(recipe, f.name) for f in fields(recipe)}
     values["model"] = recipe.model or "default"
+    if not recipe.translate:  # the share shapes nothing without a language
+        values["translate_share"] = Recipe.translate_share
     values["extra_benign"] = _file_value(recipe.extra_benign)
     values["framings"] = _file_value(recipe.framings)
     if recipe.wrappers not in ("", BUILT_WRAPPERS):
