@@ -148,9 +148,12 @@ def _split_prefill(record: dict, content: str, rendered: str, where: str) -> Tup
     return rendered[: at + len(prefill)], rendered[at + len(prefill):]
 
 
-def load_jsonl(path: Path, tokenizer, max_length: int, extra_rows=lambda ex: 0) -> List[Example]:
+def load_jsonl(path: Path, tokenizer, max_length: int, extra_rows=lambda ex: 0,
+               too_long: Optional[list] = None) -> List[Example]:
     """Read and tokenize a JSONL file. ``max_length`` bounds a training row: ``[CLS]`` + tokens
-    + ``extra_rows(example)`` (the probe rows the trainer appends). Empty lines are skipped."""
+    + ``extra_rows(example)`` (the probe rows the trainer appends); a longer one is an error, or,
+    given a ``too_long`` list, left out and recorded there as its record's ``source``. Empty lines
+    are skipped."""
     path = Path(path)
     examples = []
     try:
@@ -172,6 +175,9 @@ def load_jsonl(path: Path, tokenizer, max_length: int, extra_rows=lambda ex: 0) 
         except SafesigError as e:  # prepare_prompt: empty query, no template ...
             raise DataError(f"{where}: {e}") from None
         length = 1 + ex.n_tokens + extra_rows(ex)
+        if length > max_length and too_long is not None:
+            too_long.append(str(record.get("source")))
+            continue
         if length > max_length:
             raise DataError(
                 f"{where}: the example is {length} tokens long, more than the maximum sequence "
@@ -183,16 +189,17 @@ def load_jsonl(path: Path, tokenizer, max_length: int, extra_rows=lambda ex: 0) 
     return examples
 
 
-def load_dataset(data_dir, tokenizer, max_length: int, extra_rows=lambda ex: 0):
+def load_dataset(data_dir, tokenizer, max_length: int, extra_rows=lambda ex: 0,
+                 too_long: Optional[list] = None):
     """``data_dir/train.jsonl`` (required) and ``data_dir/valid.jsonl`` (optional) -> (train,
-    valid or None). Training data must contain both labels."""
+    valid or None). Training data must contain both labels. ``too_long``: see ``load_jsonl``."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: no such data directory.")
     train_file = data_dir / "train.jsonl"
     if not train_file.is_file():
         raise DataError(f"{data_dir}: no train.jsonl in the data directory.")
-    train = load_jsonl(train_file, tokenizer, max_length, extra_rows)
+    train = load_jsonl(train_file, tokenizer, max_length, extra_rows, too_long)
     labels = {ex.label for ex in train}
     if len(labels) < 2:
         raise DataError(
@@ -200,7 +207,8 @@ def load_dataset(data_dir, tokenizer, max_length: int, extra_rows=lambda ex: 0):
             "benign (0) and malicious (1) examples."
         )
     valid_file = data_dir / "valid.jsonl"
-    valid = load_jsonl(valid_file, tokenizer, max_length, extra_rows) if valid_file.is_file() else None
+    valid = (load_jsonl(valid_file, tokenizer, max_length, extra_rows, too_long)
+             if valid_file.is_file() else None)
     return train, valid
 
 

@@ -28,6 +28,7 @@ one process with batch N * B.
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -88,8 +89,7 @@ class TrainConfig:
     seed: int = 0
 
 
-# ---------------------------------------------------------------------------------------------
-# Rows: the layout above, built on the host
+# -- Rows: the layout above, built on the host ----------------------------------------------------
 
 
 @dataclass
@@ -247,8 +247,7 @@ def collate(rows: Sequence[Row], totals: Dict[str, float], world: int = 1) -> Di
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# The loss
+# -- The loss -------------------------------------------------------------------------------------
 
 
 def head_loss(z: mx.array, labels: mx.array) -> mx.array:
@@ -289,8 +288,7 @@ def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
     return lm + lam * (query + probe), (lm, query, probe)
 
 
-# ---------------------------------------------------------------------------------------------
-# Model preparation, training state
+# -- Model preparation, training state ------------------------------------------------------------
 
 
 def prepare_model(model: Model, config: TrainConfig) -> int:
@@ -331,8 +329,7 @@ def _load_state(path: Path, model: Model, optimizer) -> int:
     return step
 
 
-# ---------------------------------------------------------------------------------------------
-# Batches and evaluation
+# -- Batches and evaluation -----------------------------------------------------------------------
 
 
 def batch_order(order: Sequence[int], examples: Sequence[Example], size: int, seed: int
@@ -454,8 +451,7 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
+# -- The loop -------------------------------------------------------------------------------------
 
 
 def _schedule(peak: float, config: TrainConfig):
@@ -587,11 +583,15 @@ def train(
 
 
 def train_from_dir(model_path, data_dir, adapter_path, config: TrainConfig, add_safety: bool = False,
-                   resume: bool = False, log=_log) -> List[dict]:
+                   resume: bool = False, log=_log, drop_long: bool = False) -> List[dict]:
     """``mlx-safesig train``: load ``model_path`` (``add_safety``: a fresh ``[CLS]`` row and head),
-    read ``data_dir``'s train.jsonl (and valid.jsonl) and ``train``."""
+    read ``data_dir``'s train.jsonl (and valid.jsonl) and ``train``; ``drop_long``: rows over
+    ``max_seq_length`` are left out and counted per source (else an error)."""
     model, tokenizer = load(model_path, add_safety=add_safety)
-    batcher = Batcher(model, tokenizer, config, mx.distributed.init())
-    train_set, valid_set = load_dataset(data_dir, tokenizer, config.max_seq_length,
-                                        lambda ex: len(batcher.probes(ex)))
+    batcher, dropped = Batcher(model, tokenizer, config, mx.distributed.init()), []
+    train_set, valid_set = load_dataset(data_dir, tokenizer, config.max_seq_length, lambda ex: len(
+        batcher.probes(ex)), dropped if drop_long else None)
+    if dropped:
+        log(f"left out {len(dropped)} rows longer than --max-seq-length {config.max_seq_length}: "
+            + ", ".join(f"{s} {n}" for s, n in sorted(Counter(dropped).items())))
     return train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume, log=log)

@@ -74,6 +74,14 @@ def test_example_longer_than_max_length_is_an_error(tmp_path, tokenizer):
         load_jsonl(path, tokenizer, 64)
 
 
+def test_too_long_examples_can_be_left_out_and_counted_by_source(tmp_path, tokenizer):
+    long = {**BAD, "response": "no " * 300, "source": "wrapped:some_source"}
+    path = write(tmp_path / "train.jsonl", [GOOD, long, long])
+    dropped = []
+    kept = load_jsonl(path, tokenizer, 64, too_long=dropped)
+    assert len(kept) == 1 and dropped == ["wrapped:some_source"] * 2
+
+
 def test_probe_rows_count_towards_the_length(tmp_path, tokenizer):
     path = write(tmp_path / "train.jsonl", [GOOD])
     n = 1 + tokenize_example(tokenizer, GOOD).n_tokens

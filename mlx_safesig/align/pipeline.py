@@ -324,7 +324,7 @@ class Run:
         if resume:
             self.log(f"resuming from the last checkpoint in {adapters}")
         train_from_dir(self.model_dir, self.out / "rows", adapters, config, add_safety=True,
-                       resume=resume, log=self.log)
+                       resume=resume, log=self.log, drop_long=True)  # a few long wrapped rows
 
     def fuse(self):
         from ..fuse import fuse
