@@ -234,17 +234,13 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     benign = dedup(_priority_sort(read(*BENIGN_SOURCES), BENIGN_SOURCES), dd, "benign")
     near_training = mark_near_training(heldout, harmful + benign)
     if apertium:  # translated held-out rows are held out: the guard keeps training rows off them too
-        known = {r["id"] for r in heldout}
         translated = dedup(licensed(translate_heldout(heldout, apertium)), dd, "heldout_translated")
-        dd["heldout_translated"]["same_id_as_english_dropped"] = sum(r["id"] in known
-                                                                     for r in translated)
-        heldout += [r for r in translated if r["id"] not in known]
+        heldout += _without_ids(translated, {r["id"] for r in heldout}, dd["heldout_translated"],
+                                "same_id_as_english_dropped")
         guard = LeakGuard([r["text"] for r in heldout])
     harmful, leaks["harmful"] = guard.keep(harmful)
-    harmful_ids = {r["id"] for r in harmful}
-    conflicts = sum(r["id"] in harmful_ids for r in benign)
-    benign = [r for r in benign if r["id"] not in harmful_ids]
-    dd["benign"]["conflicts_with_harmful_dropped"] = conflicts
+    benign = _without_ids(benign, {r["id"] for r in harmful}, dd["benign"],
+                          "conflicts_with_harmful_dropped")
     benign, leaks["benign"] = guard.keep(benign)
     if apertium:
         harmful, benign = _add_translations(harmful, benign, heldout, apertium, translate_share,
@@ -373,6 +369,13 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     return manifest
 
 
+def _without_ids(rows: list[dict], ids: set, counts: dict, key: str) -> list[dict]:
+    """``rows`` without those whose id is in ``ids``; how many went is ``counts[key]``."""
+    kept = [r for r in rows if r["id"] not in ids]
+    counts[key] = len(rows) - len(kept)
+    return kept
+
+
 def _add_translations(harmful, benign, heldout, apertium, share, guard, dd, leaks):
     """The training rows plus their translations (a share of each source, per language): deduped,
     none with an English row's id, benign ones not repeating a harmful one, through the guard."""
@@ -383,12 +386,10 @@ def _add_translations(harmful, benign, heldout, apertium, share, guard, dd, leak
         name = f"{kind}_translated"
         translated = licensed(translate_training(rows, apertium, share, SOURCES))
         got = dedup(_priority_sort(translated, order), dd, name)
-        dd[name]["same_id_as_english_dropped"] = sum(r["id"] in known for r in got)
-        got = [r for r in got if r["id"] not in known]
+        got = _without_ids(got, known, dd[name], "same_id_as_english_dropped")
         if kind == "benign":
-            harmful_ids = {r["id"] for r in out[0]}
-            dd[name]["conflicts_with_harmful_dropped"] = sum(r["id"] in harmful_ids for r in got)
-            got = [r for r in got if r["id"] not in harmful_ids]
+            got = _without_ids(got, {r["id"] for r in out[0]}, dd[name],
+                               "conflicts_with_harmful_dropped")
         got, leaks[name] = guard.keep(got)
         out.append(rows + got)
     return out[0], out[1]
