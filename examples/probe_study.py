@@ -260,10 +260,11 @@ def compute_features(model, tokenizer, rows, layers, cache: FeatureCache, save_e
         for group in batches(prepared, order, max_tokens):
             parts.append(extract_batch(model, [prepared[i] for i in group], layers))
             keys += [row_key(todo[i]) for i in group]
-            done += len(group)
+            shown, done = done // 64, done + len(group)
             if len(keys) >= save_every or done == len(todo):
                 cache.save(keys, {k: np.concatenate([p[k] for p in parts]) for k in cache.names})
                 keys, parts = [], []
+            if done // 64 > shown or done == len(todo):
                 rate = (time.perf_counter() - start) / done
                 say(f"features: {done}/{len(todo)} rows ({rate:.3f} s/row)")
     seconds = time.perf_counter() - start
@@ -338,11 +339,15 @@ def study(rows, feats: dict, c=0.1, min_rows=20, fit=fit_probe) -> dict:
         folds = {}
         for g in reported:
             test = groups == g
+            if len(set(y[~test])) < 2:
+                raise ProbeError(f"leaving out {g} leaves a single label to fit on.")
             folds[g] = counts(predict(fit(X[~test], y[~test], c), X[test]), y[test])
         harm = [(f["harmful"]["rate"], g) for g, f in folds.items() if "harmful" in f]
         ben = [(f["benign"]["rate"], g) for g, f in folds.items() if "benign" in f]
         train, dev = split == "train", split == "dev"
-        ref = counts(predict(fit(X[train], y[train], c), X[dev]), y[dev]) if dev.any() else {}
+        ref = {}  # the reference needs both labels in train and some dev rows
+        if dev.any() and len(set(y[train])) == 2:
+            ref = counts(predict(fit(X[train], y[train], c), X[dev]), y[dev])
         results[name] = {
             "folds": folds,
             "worst_harmful": dict(zip(("rate", "source"), min(harm))) if harm else None,
