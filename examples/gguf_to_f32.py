@@ -34,8 +34,8 @@ def dequantize_gguf(src: str, dst: str) -> None:
     for n, t in enumerate(reader.tensors):
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         writer.add_tensor(t.name, np.ascontiguousarray(data))
-        print(f"\r{n + 1}/{len(reader.tensors)} tensors", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        if (n + 1) % 50 == 0 or n + 1 == len(reader.tensors):
+            print(f"dequantized {n + 1}/{len(reader.tensors)} tensors", file=sys.stderr, flush=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

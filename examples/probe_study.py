@@ -45,7 +45,7 @@ FEATURE_VERSION = "probe-features-v1"  # bump when the feature definition change
 
 
 class ProbeError(SystemExit):
-    """One sentence for the user; exits with status 2."""
+    """One sentence for the user (exit status 1)."""
 
     def __init__(self, message: str):
         super().__init__(f"probe_study: {message}")
@@ -55,18 +55,12 @@ def say(message: str):
     print(message, file=sys.stderr, flush=True)
 
 
-# -- rows ---------------------------------------------------------------------------------------
-
 
 def check_splits(splits) -> tuple[str, ...]:
     splits = tuple(s.strip() for s in splits if s.strip())
     if any("heldout" in s.lower() for s in splits):
         raise ProbeError("the heldout split is the frozen test set (HELDOUT.md): never probed.")
     return splits
-
-
-def id_rank(row_id: str) -> str:
-    return hashlib.sha256(str(row_id).encode()).hexdigest()
 
 
 def read_rows(data_dir, splits=("train", "dev", "test"), limit_per_source=None) -> list[dict]:
@@ -89,7 +83,7 @@ def read_rows(data_dir, splits=("train", "dev", "test"), limit_per_source=None) 
                                  "source": r["source"], "group": group, "split": r["split"]})
     if limit_per_source:
         by_group: dict[str, list] = {}
-        for r in sorted(rows, key=lambda r: id_rank(r["id"])):
+        for r in sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).digest()):
             by_group.setdefault(r["group"], []).append(r)
         rows = [r for g in sorted(by_group) for r in by_group[g][:limit_per_source]]
     if len({r["id"] for r in rows}) != len(rows):
@@ -101,8 +95,6 @@ def row_key(row) -> str:
     """Cache key of a row: its id and a hash of its text (a rebuilt row is recomputed)."""
     return f"{row['id']}:{hashlib.sha256(row['text'].encode()).hexdigest()[:16]}"
 
-
-# -- model --------------------------------------------------------------------------------------
 
 
 def file_fingerprint(path: Path, h) -> None:
@@ -273,8 +265,6 @@ def compute_features(model, tokenizer, rows, layers, cache: FeatureCache, save_e
             "seconds_per_row": round(seconds / done, 4) if done else None}
 
 
-# -- probe --------------------------------------------------------------------------------------
-
 
 def fit_probe(X, y, c=0.1, iters=50):
     """Standardize, then L2 logistic regression with class-balanced weights by damped Newton.
@@ -358,8 +348,6 @@ def study(rows, feats: dict, c=0.1, min_rows=20, fit=fit_probe) -> dict:
         }
     return {"group_sizes": sizes, "reported": reported, "results": results}
 
-
-# -- output -------------------------------------------------------------------------------------
 
 
 def pct(x) -> str:
