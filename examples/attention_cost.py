@@ -9,6 +9,7 @@ attention path would help. Medians of repeated runs; pause other work first (2-c
     python examples/attention_cost.py [--new 60] [--context 950] [--repeats 9]
 """
 
+# ruff: noqa: I001  (import order: mlx_safesig before mlx)
 import argparse
 import time
 

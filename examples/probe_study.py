@@ -4,7 +4,8 @@ in a way that generalizes to sources it never saw? A leave-one-source-out (LOSO)
 Rows: ``harmful.jsonl`` and ``benign.jsonl`` of a data dir built by ``python -m
 mlx_safesig.align.build`` -- never ``*.heldout.jsonl`` / ``heldout.jsonl`` (the frozen test set,
 align/HELDOUT.md); a ``heldout`` split is refused. Sources are grouped by ``base_source`` (a
-translated copy belongs to its source).
+translated copy belongs to its source), and sources cut from one package's dataset form a family
+(``family``): a fold fits on no row of its source's family.
 
 Features: each row's prompt as the product builds it (``prepare_prompt`` on one user message),
 run through the base model (plain mlx-lm folder, no safety adapter). At each layer ``l`` of
@@ -14,8 +15,9 @@ the final block, before the final norm): ``last`` = the state of the last prompt
 
 Probe: standardized features, L2 logistic regression (Newton, class-balanced, ``--c`` as in
 scikit-learn), threshold 0.5. Fold S: fit on every row whose source is not S, score S's rows
-(harmful: share flagged = recall; benign: share flagged = false positives). Reference: fit on the
-train split, score the dev split (all sources). Only counts and source names are written.
+(harmful: share flagged = recall; benign: share flagged = false positives); S's family is left
+out of the fit too. Reference: fit on the train split, score the dev split (all sources). Only
+counts and source names are written.
 
     python examples/probe_study.py --data /work/runs/v17/data --out probe_study.json
 """
@@ -36,7 +38,8 @@ import numpy as np
 import mlx_safesig  # noqa: F401  (preloads OpenBLAS on Linux: must come before mlx)
 import mlx.core as mx
 from mlx_lm.models.base import create_attention_mask
-from mlx_safesig.align.sources import HELDOUT_SOURCES, base_source
+from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES, base_source
+from mlx_safesig.align.sources_more import MORE_BENIGN, MORE_HARMFUL
 from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
 
 DATA_FILES = ("harmful.jsonl", "benign.jsonl")  # the only files read
@@ -63,6 +66,14 @@ def check_splits(splits) -> tuple[str, ...]:
     return splits
 
 
+def family(source: str) -> str:
+    """Sources cut from one package's dataset (e.g. its harmful, benign and obfuscated rows) are
+    one family: a fold leaves out its source's whole family, so no relative is fitted on."""
+    spec = SOURCES.get(base_source(source))
+    related = {d["artefact"] for d in MORE_HARMFUL + MORE_BENIGN}
+    return spec.artefact if spec is not None and spec.artefact in related else base_source(source)
+
+
 def read_rows(data_dir, splits=("train", "dev", "test"), limit_per_source=None) -> list[dict]:
     """Rows of ``harmful.jsonl`` and ``benign.jsonl`` in ``splits``, each with ``group`` (its base
     source); with ``limit_per_source`` the first N of each group by a hash of the id."""
@@ -80,7 +91,8 @@ def read_rows(data_dir, splits=("train", "dev", "test"), limit_per_source=None) 
                                      "the study never reads the frozen test set.")
                 if r.get("split") in splits:
                     rows.append({"id": str(r["id"]), "text": r["text"], "label": int(r["label"]),
-                                 "source": r["source"], "group": group, "split": r["split"]})
+                                 "source": r["source"], "group": group, "family": family(group),
+                                 "split": r["split"]})
     if limit_per_source:
         by_group: dict[str, list] = {}
         for r in sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).digest()):
@@ -321,6 +333,7 @@ def study(rows, feats: dict, c=0.1, min_rows=20, fit=fit_probe) -> dict:
     benign group, and the train -> dev reference."""
     y = np.array([r["label"] for r in rows], np.float64)
     groups = np.array([r["group"] for r in rows])
+    families = np.array([r.get("family", r["group"]) for r in rows])
     split = np.array([r["split"] for r in rows])
     sizes = {g: int((groups == g).sum()) for g in sorted(set(groups))}
     reported = [g for g, n in sizes.items() if n >= min_rows]
@@ -329,9 +342,10 @@ def study(rows, feats: dict, c=0.1, min_rows=20, fit=fit_probe) -> dict:
         folds = {}
         for g in reported:
             test = groups == g
-            if len(set(y[~test])) < 2:
+            fitted = families != families[test][0]  # the left-out source's family is not fitted
+            if len(set(y[fitted])) < 2:
                 raise ProbeError(f"leaving out {g} leaves a single label to fit on.")
-            folds[g] = counts(predict(fit(X[~test], y[~test], c), X[test]), y[test])
+            folds[g] = counts(predict(fit(X[fitted], y[fitted], c), X[test]), y[test])
         harm = [(f["harmful"]["rate"], g) for g, f in folds.items() if "harmful" in f]
         ben = [(f["benign"]["rate"], g) for g, f in folds.items() if "benign" in f]
         train, dev = split == "train", split == "dev"

@@ -106,6 +106,22 @@ def test_a_fold_never_fits_on_its_left_out_source():
     probe = ps.fit_probe(X, y, 1.0)  # with src_a in the fit, its rows are flagged
     assert ps.predict(probe, X[groups == "src_a"]).all()
 
+    # a relative of src_a (one family: same package) carries its marking feature: without
+    # families the fold would fit on it and flag src_a; with them it does not
+    relatives = [dict(r, id="rel" + r["id"], group="src_a_twin", family="fam")
+                 for r in rows if r["group"] == "src_a"]
+    rows2 = [dict(r, family="fam" if r["group"] == "src_a" else r["group"]) for r in rows] + relatives
+    X2 = np.concatenate([X, X[groups == "src_a"]])
+    folds = ps.study(rows2, {"f": X2}, c=1.0, min_rows=20)["results"]["f"]["folds"]
+    assert folds["src_a"]["harmful"]["rate"] == 0.0
+
+
+def test_sources_of_one_package_are_one_family():
+    assert ps.family("harmactions_obfuscated") == ps.family("harmactions_safe") == ps.family(
+        "harmactions")
+    assert ps.family("rho_benign") == ps.family("rho_refusal")
+    assert ps.family("advbench") == "advbench" and ps.family("harmbench") != ps.family("donotanswer")
+
 
 def test_the_heldout_split_and_files_are_never_read(tmp_path, monkeypatch):
     data = write_data(tmp_path / "data")
