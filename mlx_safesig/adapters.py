@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .decoding import MODEL_DEFAULTS
@@ -18,6 +18,8 @@ ADAPTER_FILE = "adapters.safetensors"  # LoRA only: what mlx-lm's loader reads
 SAFETY_ADAPTER_FILE = "safety_adapter.safetensors"  # cls_embed, cls_head.*
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETY_KEYS = ("cls_embed", "cls_head.weight", "cls_head.bias")
+STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
+STEP_KEY = "checkpoint_step"  # stored in STATE_FILE beside the optimizer state
 
 
 def lora_parameters(config) -> dict:
@@ -92,3 +94,45 @@ def load_adapters(model: Model, adapter_path) -> Model:
     model.args.safesig.update(decoding)  # decoding defaults chosen for this adapter
     mx.eval(model.parameters())
     return model
+
+
+# -- Training checkpoints -------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, optimizer, step: int):
+    """The optimizer state and ``step`` beside the adapters saved at that step (``--resume``)."""
+    save_atomic(path / STATE_FILE, {**dict(tree_flatten(optimizer.state)), STEP_KEY: mx.array(step)})
+    (path / "training_state.json").write_text(json.dumps({"step": step}))
+
+
+def load_adapter_weights(model: Model, path: Path, prefix: str = ""):
+    """Put the LoRA, ``[CLS]`` row and head saved in ``path`` into ``model`` (after LoRA layers
+    are in place); every saved array must have a place of the same shape in the model."""
+    path = Path(path)
+    for name in (ADAPTER_FILE, SAFETY_ADAPTER_FILE):
+        if not (path / f"{prefix}{name}").is_file():
+            raise SafesigError(f"{path}: no {prefix}{name} to start from.")
+    weights = {**mx.load(str(path / f"{prefix}{ADAPTER_FILE}")),
+               **mx.load(str(path / f"{prefix}{SAFETY_ADAPTER_FILE}"))}
+    have = dict(tree_flatten(model.parameters()))
+    wrong = sorted(k for k, v in weights.items() if k not in have or have[k].shape != v.shape)
+    if wrong:
+        raise SafesigError(f"{path}: the adapters do not fit this model and LoRA settings "
+                           f"(e.g. {wrong[0]}); train with the settings they were saved with.")
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def load_checkpoint(path: Path, model: Model, optimizer) -> int:
+    """Load the last checkpoint; its step comes from the state file and its adapters from that
+    step's copies: a run killed between two of these writes resumes from one consistent step."""
+    for name in (STATE_FILE, "training_state.json", ADAPTER_FILE, SAFETY_ADAPTER_FILE):
+        if not (path / name).is_file():
+            raise SafesigError(f"{path}: nothing to resume from (no {name}).")
+    saved = mx.load(str(path / STATE_FILE))
+    step = int(saved.pop(STEP_KEY)) if STEP_KEY in saved else json.loads(
+        (path / "training_state.json").read_text())["step"]
+    prefix = f"{step:07d}_" if (path / f"{step:07d}_{ADAPTER_FILE}").is_file() else ""
+    load_adapter_weights(model, path, prefix)
+    optimizer.init(model.trainable_parameters())
+    optimizer.state = tree_map_with_path(lambda k, v: saved.get(k, v), optimizer.state)
+    return step

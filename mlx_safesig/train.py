@@ -25,7 +25,6 @@ Every mean is taken over the *global* batch, so N processes with batch B give th
 one process with batch N * B.
 """
 
-import json
 import sys
 import time
 from collections import Counter
@@ -38,16 +37,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapters import (
-    ADAPTER_FILE,
-    SAFETY_ADAPTER_FILE,
     SAFETY_KEYS,
+    load_adapter_weights,
+    load_checkpoint,
     lora_parameters,
     save_adapters,
-    save_atomic,
+    save_checkpoint,
 )
 from .attention import cls_row, sft_mask
 from .data import Example, balanced_order, load_dataset, special_token_ids
@@ -55,8 +53,6 @@ from .decoding import SafetyConfig, SafetyMonitor, scheduled
 from .loading import load
 from .model import Model, SafesigError
 
-STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
-STEP_KEY = "checkpoint_step"  # stored in STATE_FILE beside the optimizer state
 PAD_TO = 8  # row padding: small, the [CLS] and probe rows already lengthen a row
 
 
@@ -306,29 +302,6 @@ def prepare_model(model: Model, config: TrainConfig) -> int:
     return n
 
 
-def _save_state(path: Path, optimizer, step: int):
-    save_atomic(path / STATE_FILE, {**dict(tree_flatten(optimizer.state)), STEP_KEY: mx.array(step)})
-    (path / "training_state.json").write_text(json.dumps({"step": step}))
-
-
-def _load_state(path: Path, model: Model, optimizer) -> int:
-    """Load the last checkpoint; its step comes from the state file and its adapters from that
-    step's copies: a run killed between two of these writes resumes from one consistent step."""
-    for name in (STATE_FILE, "training_state.json", ADAPTER_FILE, SAFETY_ADAPTER_FILE):
-        if not (path / name).is_file():
-            raise SafesigError(f"{path}: nothing to resume from (no {name}).")
-    saved = mx.load(str(path / STATE_FILE))
-    step = int(saved.pop(STEP_KEY)) if STEP_KEY in saved else json.loads(
-        (path / "training_state.json").read_text())["step"]
-    prefix = f"{step:07d}_" if (path / f"{step:07d}_{ADAPTER_FILE}").is_file() else ""
-    weights = {**mx.load(str(path / f"{prefix}{ADAPTER_FILE}")),
-               **mx.load(str(path / f"{prefix}{SAFETY_ADAPTER_FILE}"))}
-    model.load_weights(list(weights.items()), strict=False)
-    optimizer.init(model.trainable_parameters())
-    optimizer.state = tree_map_with_path(lambda k, v: saved.get(k, v), optimizer.state)
-    return step
-
-
 # -- Batches and evaluation -----------------------------------------------------------------------
 
 
@@ -505,12 +478,15 @@ def train(
     adapter_path,
     resume: bool = False,
     log=_log,
+    init_from=None,
 ) -> List[dict]:
     """Train ``model`` in place (LoRA + ``[CLS]`` row + head) and save adapters to ``adapter_path``.
 
     Under ``mlx.launch`` every process runs this with the same data; each takes its share of
     every global batch (``batch_size`` per process) and gradients are averaged. Returns the
-    reported history: one dict per report / validation (rank 0 logs; all ranks return it)."""
+    reported history: one dict per report / validation (rank 0 logs; all ranks return it).
+    ``init_from``: a folder of saved adapters to start from (a new optimizer and schedule: a
+    continued training, e.g. ``align``'s hardening rounds); ``resume`` takes precedence."""
     world = mx.distributed.init()
     rank = world.rank()
     say = log if rank == 0 else (lambda _: None)
@@ -518,7 +494,9 @@ def train(
     mx.random.seed(config.seed)  # same LoRA init on every process
     num_layers = prepare_model(model, config)
     optimizer = make_optimizer(config)
-    start = _load_state(adapter_path, model, optimizer) if resume else 0
+    start = load_checkpoint(adapter_path, model, optimizer) if resume else 0
+    if init_from is not None and not resume:
+        load_adapter_weights(model, Path(init_from))
     batcher = Batcher(model, tokenizer, config, world)
     order = balanced_order(train_set) if config.oversample else list(range(len(train_set)))
     batches = batch_order(order, train_set, config.batch_size * world.size(), config.seed)
@@ -572,18 +550,19 @@ def train(
         if it % config.save_every == 0 and it != config.iters and rank == 0:
             save_adapters(model, adapter_path, config, num_layers)
             save_adapters(model, adapter_path, config, num_layers, prefix=f"{it:07d}_")
-            _save_state(adapter_path, optimizer, it)
+            save_checkpoint(adapter_path, optimizer, it)
             say(f"step {it}: saved adapters to {adapter_path}")
     validate(config.iters)
     if rank == 0:
         save_adapters(model, adapter_path, config, num_layers)
-        _save_state(adapter_path, optimizer, config.iters)
+        save_checkpoint(adapter_path, optimizer, config.iters)
         say(f"saved adapters to {adapter_path}")
     return history
 
 
 def train_from_dir(model_path, data_dir, adapter_path, config: TrainConfig, add_safety: bool = False,
-                   resume: bool = False, log=_log, drop_long: bool = False) -> List[dict]:
+                   resume: bool = False, log=_log, drop_long: bool = False,
+                   init_from=None) -> List[dict]:
     """``mlx-safesig train``: load ``model_path`` (``add_safety``: a fresh ``[CLS]`` row and head),
     read ``data_dir``'s train.jsonl (and valid.jsonl) and ``train``; ``drop_long``: rows over
     ``max_seq_length`` are left out and counted per source (else an error)."""
@@ -594,4 +573,5 @@ def train_from_dir(model_path, data_dir, adapter_path, config: TrainConfig, add_
     if dropped:
         log(f"left out {len(dropped)} rows longer than --max-seq-length {config.max_seq_length}: "
             + ", ".join(f"{s} {n}" for s, n in sorted(Counter(dropped).items())))
-    return train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume, log=log)
+    return train(model, tokenizer, train_set, valid_set, config, adapter_path, resume=resume, log=log,
+                 init_from=init_from)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from test_align_build import make_artefacts
 
 from mlx_safesig.align.pipeline import STAGES, TITLES
 from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES, prompt_sources
+
+N = len(STAGES)
 
 # a child that runs the CLI with one function made to hang once it has run (a test-only hook
 # that lives here, not in the package): ``hang MODULE FUNCTION ARG MARKER -- CLI ARGS``
@@ -94,11 +97,11 @@ def finished(inputs):
     return out, r
 
 
-def test_a_run_goes_through_the_six_stages_to_a_fused_model(finished):
+def test_a_run_goes_through_every_stage_to_a_fused_model(finished):
     out, r = finished
     said = lines(r.stderr)
     for k, stage in enumerate(STAGES, 1):
-        assert f"[{k}/6] {stage}: {TITLES[stage]}" in said
+        assert f"[{k}/{len(STAGES)}] {stage}: {TITLES[stage]}" in said
     assert r.stdout.strip() == str(out / "model")
     assert done(out) == list(STAGES)
     assert {"config.json", "model.safetensors", "safety.safetensors", "MODEL_CARD.md"} <= {
@@ -144,13 +147,14 @@ def test_a_rerun_of_a_finished_run_skips_every_stage(finished, inputs):
     r = cli(*args(inputs, out))
     assert r.returncode == 0, r.stderr
     said = lines(r.stderr)
-    assert [f"[{k}/6] {s}: done, skipped" for k, s in enumerate(STAGES, 1)] == said[:6]
+    n = len(STAGES)
+    assert [f"[{k}/{n}] {s}: done, skipped" for k, s in enumerate(STAGES, 1)] == said[:n]
     assert (out / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
 def test_kill_9_during_training_and_a_rerun_continue_to_the_same_model(finished, inputs):
     out, marker = inputs / "killed", inputs / "killed.marker"
-    child = cli(*args(inputs, out), hang=("mlx_safesig.train", "_save_state", "2", marker))
+    child = cli(*args(inputs, out), hang=("mlx_safesig.train", "save_checkpoint", "2", marker))
     deadline = time.time() + 120
     while not marker.exists():
         assert child.poll() is None and time.time() < deadline, child.stderr and child.stderr.read()
@@ -161,7 +165,8 @@ def test_kill_9_during_training_and_a_rerun_continue_to_the_same_model(finished,
     r = cli(*args(inputs, out))
     assert r.returncode == 0, r.stderr
     said = lines(r.stderr)
-    assert "[1/6] data: done, skipped" in said and "[2/6] rows: done, skipped" in said
+    assert f"[1/{len(STAGES)}] data: done, skipped" in said
+    assert f"[2/{len(STAGES)}] rows: done, skipped" in said
     assert f"resuming from the last checkpoint in {out / 'adapters'}" in said
     assert any(s.startswith("training 4 steps from step 2:") for s in said)
     reference = finished[0]
@@ -188,8 +193,8 @@ def test_a_changed_option_is_refused_until_its_stage_is_restarted(finished, inpu
     r = cli(*args(inputs, out, "--lambda", "0.5", "--restart-from", "train"))
     assert r.returncode == 0, r.stderr
     said = lines(r.stderr)
-    assert said[:3] == ["[1/6] data: done, skipped", "[2/6] rows: done, skipped",
-                        f"[3/6] train: {TITLES['train']}"]
+    assert said[:3] == [f"[1/{N}] data: done, skipped", f"[2/{N}] rows: done, skipped",
+                        f"[3/{N}] train: {TITLES['train']}"]
     assert json.loads((out / "state.json").read_text())["options"]["train"]["--lambda"] == 0.5
     assert "`--lambda 0.5`" in (out / "model" / "MODEL_CARD.md").read_text()
 
@@ -344,7 +349,7 @@ def test_a_run_made_before_an_option_existed_resumes_with_its_default(finished, 
     (out / "state.json").write_text(json.dumps(state))
     r = cli(*args(inputs, out))
     assert r.returncode == 0, r.stderr
-    assert lines(r.stderr)[:6] == [f"[{k}/6] {s}: done, skipped" for k, s in enumerate(STAGES, 1)]
+    assert lines(r.stderr)[:N] == [f"[{k}/{N}] {s}: done, skipped" for k, s in enumerate(STAGES, 1)]
     r = cli(*args(inputs, out, "--leave-out", "advbench"))
     assert r.returncode == 1 and "--leave-out is 'advbench' but" in r.stderr
 
@@ -355,7 +360,7 @@ def test_translate_is_a_data_option_and_a_bad_one_writes_nothing(finished, input
     data = json.loads((out / "state.json").read_text())["options"]["data"]
     assert data["--translate"] == "" and data["--translate-share"] == 0.15
     r = cli(*args(inputs, out, "--translate-share", "0.5"))  # no language: the share shapes nothing
-    assert r.returncode == 0 and "[1/6] data: done, skipped" in lines(r.stderr), r.stderr
+    assert r.returncode == 0 and f"[1/{N}] data: done, skipped" in lines(r.stderr), r.stderr
     r = cli(*args(inputs, out, "--translate", "es"))
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         f"Error: --translate is 'es' but {out} was made with ''; use a new --out, or "
@@ -372,3 +377,104 @@ def test_translate_is_a_data_option_and_a_bad_one_writes_nothing(finished, input
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         "Error: --translate es needs Apertium's eng-spa mode: apt-get install apertium-eng-spa")
     assert not (tmp_path / "out").exists()
+
+
+# -- adversarial hardening ---------------------------------------------------------------------
+
+HARDEN = ("--harden-rounds", "2", "--harden-requests", "2", "--harden-steps", "3",
+          "--harden-iters", "2")
+
+
+@pytest.fixture(scope="module")
+def hardened(finished, inputs):
+    """The finished run, redone from its harden stage with two rounds; its head's bias raised
+    so that the tiny model's verdict flags the requests (and GCG has something to attack)."""
+    out = inputs / "hardened"
+    shutil.copytree(finished[0], out)
+    safety = out / "adapters" / "safety_adapter.safetensors"
+    w = mx.load(str(safety))
+    mx.save_safetensors(str(safety), dict(w, **{"cls_head.bias": w["cls_head.bias"] + 4.0}))
+    r = cli(*args(inputs, out, *HARDEN, "--restart-from", "harden"))
+    assert r.returncode == 0, r.stderr
+    return out, r
+
+
+def test_hardening_attacks_training_requests_and_trains_on_their_suffixes(hardened, inputs):
+    from mlx_safesig import load, score
+    from mlx_safesig.align.harden import REPLAY, plain
+
+    out, r = hardened
+    said = lines(r.stderr)
+    assert f"[4/{N}] harden: {TITLES['harden']}" in said
+    train = read_rows(out / "rows" / "train.jsonl")
+    rounds = [read_rows(out / "harden" / f"round-{k}" / "attacks.jsonl") for k in (1, 2)]
+    assert [len(a) for a in rounds] == [2, 2]
+    for k, attacks in enumerate(rounds, 1):
+        assert f"round {k}: attacked 2/2 training requests, " in " ".join(said)
+        for a in attacks:
+            row = train[a["index"]]
+            assert row["label"] == 1 and plain(row)  # training rows only, plain harmful ones
+            assert 0 < a["steps_run"] <= 3 and len(a["suffix_ids"]) == 12
+            assert (a["steps_to_success"] is None) == (a["p"] >= 0.5)
+    # a round-1 suffix gives the p it recorded against the train stage's adapters
+    model, tok = load(str(inputs / "tiny"), adapter_path=str(out / "adapters"))
+    a = rounds[0][0]
+    messages = [dict(train[a["index"]]["messages"][0])]
+    messages[0]["content"] += a["suffix"]
+    assert abs(score(model, tok, messages) - a["p"]) < 1e-4
+    # round 2 trains on both rounds' suffixed rows (labelled by the request) and replayed rows
+    rows = read_rows(out / "harden" / "round-2" / "rows" / "train.jsonl")
+    adversarial = [x for x in rows if str(x["source"]).endswith(":adversarial")]
+    suffixes = {a["suffix"] for attacks in rounds for a in attacks}
+    harmful = [x for x in adversarial if x["label"] == 1]
+    assert len(harmful) == 4
+    assert all(any(x["messages"][0]["content"].endswith(s) for s in suffixes) for x in adversarial)
+    assert {x["messages"][0]["content"] for x in harmful} == {
+        train[a["index"]]["messages"][0]["content"] + a["suffix"] for attacks in rounds for a in attacks}
+    assert len(rows) - len(adversarial) == min(REPLAY * len(adversarial), len(train))
+    assert "(lm " in " ".join(said) and any(s.startswith("training 2 steps from step 0:") for s in said)
+    card = (out / "model" / "MODEL_CARD.md").read_text()
+    for k, attacks in enumerate(rounds, 1):
+        broken = [a["steps_to_success"] for a in attacks if a["steps_to_success"] is not None]
+        median = f"{statistics.median(broken):g}" if broken else "-"
+        assert f"| {k} | 2 | {len(broken)} | {median} |" in card
+    assert "--harden-rounds 2" in card
+
+
+def test_the_fused_model_is_the_last_rounds_and_a_killed_round_resumes(hardened, inputs, tmp_path):
+    from mlx_safesig.fuse import fuse
+
+    out, _ = hardened
+    fuse(inputs / "tiny", out / "harden" / "round-2" / "adapters", tmp_path / "fused")
+    assert_same_weights(out / "model", tmp_path / "fused", "safety.safetensors")
+    fused, mine = weights(out / "model", "model.safetensors"), weights(tmp_path / "fused",
+                                                                       "model.safetensors")
+    assert all(np.allclose(fused[k], mine[k], atol=1e-6) for k in fused)  # BLAS threads: 1 ulp
+    trained = weights(out / "adapters", "adapters.safetensors")
+    hardened = weights(out / "harden" / "round-2" / "adapters", "adapters.safetensors")
+    assert any(not np.allclose(trained[k], hardened[k]) for k in trained)
+    # as if killed inside round 2's attacks: its adapters and last attack gone, harden not done
+    again = inputs / "hardened-again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "harden" / "round-2" / "adapters")
+    shutil.rmtree(again / "harden" / "round-2" / "rows")
+    for later in ("model", "eval"):
+        shutil.rmtree(again / later)
+    attacks = again / "harden" / "round-2" / "attacks.jsonl"
+    attacks.write_text("".join(attacks.read_text().splitlines(keepends=True)[:1]))
+    state = json.loads((again / "state.json").read_text())
+    state["done"] = ["data", "rows", "train"]
+    (again / "state.json").write_text(json.dumps(state))
+    r = cli(*args(inputs, again, *HARDEN))
+    assert r.returncode == 0, r.stderr
+    said = " ".join(lines(r.stderr))
+    assert "round 1: attacked" not in said and "round 2: attacked 2/2 training requests" in said
+    for name in ("adapters.safetensors", "safety_adapter.safetensors"):
+        assert_same_weights(again / "harden" / "round-2" / "adapters",
+                            out / "harden" / "round-2" / "adapters", name)
+
+
+def test_bad_harden_options_are_one_line_and_write_nothing(inputs, tmp_path):
+    r = cli(*args(inputs, tmp_path / "x", "--harden-rounds", "-1"))
+    assert r.returncode == 1 and not (tmp_path / "x").exists()
+    assert "Invalid value for '--harden-rounds': -1 is not in the range x>=0." in r.stderr
