@@ -30,6 +30,24 @@ def test_benign_answers_finished_kept_cut_trimmed_or_dropped():
     assert all(r["label"] == 0 for r in rows)
 
 
+def test_trim_loops_cuts_benign_answers_before_they_repeat_themselves():
+    loop = "Leaves fall. The wind is cold today. The wind is cold today. The wind is cold today."
+    assert md.without_loop(loop) == "Leaves fall. The wind is cold today."
+    assert md.without_loop("Leaves fall. The wind is cold.") == "Leaves fall. The wind is cold."
+    assert md.without_loop("go go go go go go") == ""  # nothing left: the row is dropped
+    benign = [{"id": "a", "text": "q1"}, {"id": "b", "text": "q2"}, {"id": "c", "text": "q3"}]
+    answers = {"a": (loop, True), "b": ("A clean answer.", True), "c": ("go go go go go go", True)}
+    kept = {r["messages"][0]["content"]: r["messages"][1]["content"]
+            for r in md.build([], benign, {}, answers, "\nSorry")}
+    assert kept == {"q1": loop, "q2": "A clean answer.", "q3": "go go go go go go"}
+    said = []
+    trimmed = {r["messages"][0]["content"]: r["messages"][1]["content"]
+               for r in md.build([], benign, {}, answers, "\nSorry", trim_loops=True, log=said.append)}
+    assert said == ["--trim-loops: 2 benign answers looped; 1 cut before the loop, 1 left out "
+                    "(nothing before it)"]
+    assert trimmed == {"q1": "Leaves fall. The wind is cold today.", "q2": "A clean answer."}
+
+
 def test_harmful_rows_refuse_and_carry_the_own_continuation():
     harmful = [{"id": "h", "text": "qh"}]
     (row,) = md.build(harmful, [], {"h": "continuation text"}, {}, "\nSorry, I can't because",

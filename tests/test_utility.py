@@ -1,13 +1,16 @@
 """Utility measures: the reference NLL is what the two forwards (generation with the kept [CLS], plain
 mlx-lm without it) assign to the answer, and the loop detector counts repeated 4-grams."""
 
+import random
+from collections import Counter
+
 import mlx.core as mx
 import pytest
 from conftest import make_model
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from mlx_safesig import SafesigError, SafetyConfig, stream_generate
-from mlx_safesig.eval.utility import answer_nll, has_loop, loop_rate
+from mlx_safesig.eval.utility import answer_nll, has_loop, loop_cut, loop_rate
 from mlx_safesig.prompt import prepare_prompt
 
 ROW = {"id": "r1", "text": "How do I bake bread at home?",
@@ -48,6 +51,15 @@ def test_a_row_without_reference_is_an_error(tokenizer):
 
 
 def test_loops_are_4_grams_repeated_three_times():
+    rng = random.Random(0)
+    for _ in range(300):  # loop_cut agrees with a plain count of every word 4-gram
+        text = " ".join(rng.choice("a b c d".split()) for _ in range(rng.randint(0, 14)))
+        words = text.split()
+        counts = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+        assert has_loop(text) == any(c >= 3 for c in counts.values()), text
+        cut = loop_cut(text)
+        assert cut is None or not has_loop(text[:cut])
+    assert loop_cut("x a b c d a b c d a b c d") == 10  # the second "a b c d"
     assert has_loop("the leaves fall down " * 3)
     assert not has_loop("the leaves fall down " * 2)
     assert not has_loop("Golden leaves drift down, crisp air whispers, autumn sighs.")

@@ -9,6 +9,7 @@ from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from .harden import harden_lines
 from .sources import HELDOUT_SOURCES, SOURCES
 
 # the generation judges the card shows (report.md has them all): a refusal keyword judge that
@@ -171,8 +172,9 @@ def generation_section(results: dict) -> list[str]:
 
 
 def _shown(option: str, value) -> str:
-    if isinstance(value, bool):  # the one flag pair
-        return "`--give-refusal-prefix`" if value else "`--learn-refusal-prefix`"
+    if isinstance(value, bool):  # flag pairs
+        pair = {"--give-refusal-prefix": "--learn-refusal-prefix", "--trim-loops": "--keep-loops"}
+        return f"`{option if value else pair[option]}`"
     if option in ("--extra-benign", "--framings", "--wrappers") and value:
         value = Path(value).name
     return f"`{option} {value if value != '' else repr('')}`"
@@ -214,6 +216,7 @@ def model_card(out: Path, options: dict, base: str) -> str:
         "supervision (Li & Kim, ICML 2025), fused into this folder. Options: " + options + ".", "",
         *use,
         *data_section(out, left), "",
+        *harden_lines(out),
         *results,
         "## Limits", "",
         f"- The numbers above come from the {'left-out' if left else 'held-out'} sources only, on "

@@ -5,8 +5,9 @@ model with its held-out evaluation and model card.
     OUT/data/        1 data: the builder's output (``build``), from the pinned artefacts
     OUT/rows/        2 rows: train.jsonl / valid.jsonl (``rows``), the base model's answers cached
     OUT/adapters/    3 train: LoRA + [CLS] row + head (``train``), a checkpoint every --save-every
-    OUT/model/       4 fuse: the fused safety model (``fuse``); 6 card: MODEL_CARD.md in it
-    OUT/eval/        5 eval: detection.json (held-out verdicts per source), generation/ (``eval``)
+    OUT/harden/      4 harden: adversarial rounds (``harden.py``; none by default)
+    OUT/model/       5 fuse: the fused safety model (``fuse``); 7 card: MODEL_CARD.md in it
+    OUT/eval/        6 eval: detection.json (held-out verdicts per source), generation/ (``eval``)
 
 Resume: a stage listed as done in state.json is skipped. An unfinished one starts again from what
 it saved: rows from its generation cache, train from its last checkpoint, eval from its rows.jsonl;
@@ -31,11 +32,13 @@ from ..eval.report import atomic_write
 from ..model import SafesigError
 from .sources import HELDOUT_SOURCES, PROMPTS_DIR, prompt_sources
 
-STAGES = ("data", "rows", "train", "fuse", "eval", "card")
+STAGES = ("data", "rows", "train", "harden", "fuse", "eval", "card")
 TITLES = {"data": "build and split the data", "rows": "training rows with the base model's answers",
-          "train": "LoRA + [CLS] + head with window supervision", "fuse": "fuse the adapters",
+          "train": "LoRA + [CLS] + head with window supervision",
+          "harden": "adversarial suffixes against the verdict, trained on", "fuse": "fuse the adapters",
           "eval": "held-out evaluation of the fused model", "card": "model card"}
-OUTPUTS = {"data": "data", "rows": "rows", "train": "adapters", "fuse": "model", "eval": "eval",
+OUTPUTS = {"data": "data", "rows": "rows", "train": "adapters", "harden": "harden", "fuse": "model",
+           "eval": "eval",
            "card": "model/MODEL_CARD.md"}
 STATE_FILE = "state.json"
 CARD_FILE = "MODEL_CARD.md"
@@ -71,6 +74,7 @@ class Recipe:
     benign_sources: str = RECIPE_BENIGN
     wrappers: str = BUILT_WRAPPERS  # "": none
     conversations: float = 0.1
+    trim_loops: bool = False  # benign answers cut before they loop (rows.without_loop)
     leave_out: str = ""  # training sources left out (leave-one-source-out runs; loso.py)
     answers_from: Optional[Path] = None  # another run whose cached base-model answers to reuse
     # train
@@ -85,6 +89,11 @@ class Recipe:
     warmup: int = 20
     seed: int = 0
     save_every: int = 25  # checkpoints: where a killed run resumes; no effect on the weights
+    # harden (harden.py): 0 rounds = none
+    harden_rounds: int = 0
+    harden_requests: int = 32
+    harden_steps: int = 20
+    harden_iters: int = 40
     # eval
     detection_limit: Optional[int] = None  # held-out requests per source and detection suite
     eval_limit: Optional[int] = 24  # held-out harmful requests of the direct and prefill suites
@@ -97,9 +106,10 @@ STAGE_OPTIONS = {
     "data": ("no_verify", "translate", "translate_share"),
     "rows": ("model", "give_refusal_prefix", "max_tokens", "benign_max_tokens", "extra_benign",
              "framings", "framed_harmful", "framed_benign", "benign_sources", "wrappers",
-             "conversations", "leave_out"),
+             "conversations", "leave_out", "trim_loops"),
     "train": ("iters", "batch_size", "learning_rate", "lam", "num_layers", "lora_rank", "probes",
               "max_seq_length", "warmup", "seed"),
+    "harden": ("harden_rounds", "harden_requests", "harden_steps", "harden_iters"),
     "fuse": (), "eval": ("detection_limit", "eval_limit", "eval_max_tokens"), "card": (),
 }
 
@@ -200,7 +210,7 @@ def rows_options(recipe: Recipe, out: Path):
         framings=Path(recipe.framings) if recipe.framings else None,
         framed_harmful=recipe.framed_harmful, framed_benign=recipe.framed_benign,
         wrappers=Path(wrappers) if wrappers else None, conversations=recipe.conversations,
-        leave_out=recipe.leave_out)
+        leave_out=recipe.leave_out, trim_loops=recipe.trim_loops)
 
 
 class _RowsErrors:
@@ -262,6 +272,10 @@ def check_inputs(recipe: Recipe, out: Path):
                  "eval_max_tokens", "eval_batch_size"):
         if getattr(recipe, name) < 1 and not (name == "num_layers" and recipe.num_layers == -1):
             raise AlignError(f"{option_name(name)} must be at least 1, got {getattr(recipe, name)}.")
+    try:
+        Run(recipe, out, Path(), lambda m: None).harden_settings()
+    except SafesigError as e:
+        raise AlignError(str(e)) from None
 
 
 # -- the stages ----------------------------------------------------------------------------------
@@ -309,9 +323,11 @@ class Run:
             make_rows(self.out / "data", self.out / "rows", str(self.model_dir),
                       rows_options(self.recipe, self.out), log=self.log)
 
-    def train(self):
-        from ..train import STATE_FILE as CHECKPOINT
-        from ..train import TrainConfig, train_from_dir
+    def train_config(self, iters: Optional[int] = None):
+        """The recipe's training settings; ``iters``: a hardening round's (fewer steps, a lower
+        peak learning rate, a short warmup, no validation: the eval stage follows)."""
+        from ..train import TrainConfig
+        from .harden import LR_FACTOR
 
         r = self.recipe
         config = TrainConfig(iters=r.iters, batch_size=r.batch_size, learning_rate=r.learning_rate,
@@ -319,17 +335,41 @@ class Run:
                              probes=r.probes, max_seq_length=r.max_seq_length, warmup=r.warmup,
                              seed=r.seed, steps_per_eval=r.iters, val_batches=-1,
                              save_every=r.save_every)
+        if iters is not None:
+            config.iters, config.steps_per_eval = iters, iters
+            config.learning_rate = r.learning_rate * LR_FACTOR
+            config.warmup = min(r.warmup, iters // 4)
+        return config
+
+    def train(self):
+        from ..adapters import STATE_FILE as CHECKPOINT
+        from ..train import train_from_dir
+
         adapters = self.out / "adapters"
         resume = (adapters / CHECKPOINT).is_file()
         if resume:
             self.log(f"resuming from the last checkpoint in {adapters}")
-        train_from_dir(self.model_dir, self.out / "rows", adapters, config, add_safety=True,
-                       resume=resume, log=self.log, drop_long=True)  # a few long wrapped rows
+        train_from_dir(self.model_dir, self.out / "rows", adapters, self.train_config(),
+                       add_safety=True, resume=resume, log=self.log,
+                       drop_long=True)  # a few long wrapped rows
+
+    def harden(self):
+        from .harden import harden
+
+        harden(self.out, self.model_dir, self.harden_settings(), self.train_config, self.log)
+
+    def harden_settings(self):
+        from .harden import HardenSettings
+
+        r = self.recipe
+        return HardenSettings(rounds=r.harden_rounds, requests=r.harden_requests,
+                              steps=r.harden_steps, iters=r.harden_iters)
 
     def fuse(self):
         from ..fuse import fuse
+        from .harden import final_adapters
 
-        fuse(self.model_dir, self.out / "adapters", self.out / "model")
+        fuse(self.model_dir, final_adapters(self.out, self.recipe.harden_rounds), self.out / "model")
 
     def eval(self):
         from ..eval.detection import detect_split

@@ -290,15 +290,27 @@ def window_source(row, sources) -> bool:
     return row.get("source") in sources or f"{row.get('source')}:{row.get('category')}" in sources
 
 
-def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, mismatched=0.0):
+def without_loop(answer: str) -> str:
+    """``answer`` cut before it starts to loop (a word 4-gram's second of three occurrences, the
+    utility suite's loop rule) and back to its last full sentence; unchanged if it does not loop."""
+    from ..eval.utility import loop_cut
+
+    cut = loop_cut(answer)
+    return answer if cut is None else full_sentences(answer[:cut])
+
+
+def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, mismatched=0.0,
+          trim_loops=False, log=None):
     """``gen``: harmful continuations by id (rows without one get no window supervision);
     ``answers``: (text, finished) of benign rows without a reference answer, by id;
     ``learn_prefix``: the refusal prefix is an LM target (v7), else the row's ``prefill``, the
     exact text generation inserts (v8); ``mismatched``: the share of benign rows that also get
     one of those harmful continuations (label 1) after their benign question, so that window
-    probes which see the question (``train --window-query``) must still read the window."""
+    probes which see the question (``train --window-query``) must still read the window;
+    ``trim_loops``: benign answers are cut before they loop (``without_loop``): the base model's
+    greedy answers often repeat themselves, and learning them teaches the adapter to loop."""
     harmful_texts = [gen[k] for k in sorted(gen)]
-    out = []
+    out, looped = [], []  # looped: a trimmed answer, did anything survive?
     for r in rows_h:
         prefix = refusal_prefix.lstrip("\n") if learn_prefix else refusal_prefix
         row = {
@@ -318,6 +330,9 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
             text, finished = answers[plain_id]
             answer = text if finished else full_sentences(text)
         answer = answer or ""
+        if trim_loops and (trimmed := without_loop(answer)) != answer:
+            looped.append(bool(trimmed.strip()))
+            answer = trimmed
         asked = sum(len(m["content"]) for m in prompt_messages(r))
         if not answer.strip() or asked + len(answer) > MAX_BENIGN_CHARS:
             continue
@@ -329,6 +344,9 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
             row.update(continuation=pick(r["id"], harmful_texts), continuation_label=1)
         out.append(row)
     out.sort(key=lambda x: hashlib.sha256(json.dumps(x).encode()).hexdigest())
+    if looped and log:
+        log(f"--trim-loops: {len(looped)} benign answers looped; {sum(looped)} cut before the "
+            f"loop, {len(looped) - sum(looped)} left out (nothing before it)")
     return out
 
 
@@ -370,6 +388,7 @@ class RowsOptions:
     max_wrapper_chars: int = 1800
     conversations: float = 0.0
     leave_out: str = ""  # comma-separated sources whose rows are not trained on (loso.py)
+    trim_loops: bool = False  # benign answers cut before they loop (``without_loop``)
 
 
 EXTRA_SOURCE = "edgy_extra"  # the source of --extra-benign's rows
@@ -503,7 +522,7 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
             harmful += [r for r in convs if r["label"] == 1]
             benign += [r for r in convs if r["label"] == 0]
         rows = build(harmful, benign, gen, answers, REFUSAL_PREFIX, not opts.give_refusal_prefix,
-                     opts.mismatched_continuations)
+                     opts.mismatched_continuations, opts.trim_loops, log)
         write_rows(out / f"{name}.jsonl", rows)
         log(f"{name}.jsonl: {summary(rows)}")
 
@@ -553,6 +572,9 @@ def main():
     ap.add_argument("--conversations", type=float, default=0.0,
                     help="share of harmful and of benign prompts also turned into a multi-turn "
                          "row (split, continue, system prompt, follow-up; default 0)")
+    ap.add_argument("--trim-loops", action="store_true",
+                    help="cut benign answers before they loop (a word 4-gram a third time), back "
+                         "to their last full sentence")
     args = vars(ap.parse_args())
     data, out, model = Path(args.pop("data")), Path(args.pop("out")), args.pop("model")
     opts = RowsOptions(**args)

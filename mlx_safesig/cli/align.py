@@ -34,6 +34,9 @@ rows_options = options(
          "file, or '' for none."),
     _opt("--conversations", "Share of train prompts also turned into a multi-turn row.",
          type=SHARE),
+    click.option("--trim-loops/--keep-loops", default=R.trim_loops, show_default=True,
+                 help="Cut the base model's benign answers before they loop (a word 4-gram a "
+                 "third time) when they become training targets, or keep them whole."),
     _opt("--leave-out", "Comma-separated training sources not to train on: a leave-one-source-out "
          "run, whose eval stage scores every row of what it left out instead of the held-out "
          "sources (see --loso-table)."),
@@ -55,6 +58,16 @@ train_options = options(
     _opt("--seed", "LoRA init and data order seed.", type=SEED),
     _opt("--save-every", "Steps between checkpoints (where a killed run resumes).",
          type=click.IntRange(1)),
+)
+harden_options = options(
+    _opt("--harden-rounds", "Adversarial hardening rounds after training: GCG suffixes found "
+         "against the verdict on training requests, trained on with their request's label "
+         "(0: none).", type=click.IntRange(0)),
+    _opt("--harden-requests", "Harmful training requests attacked per hardening round.",
+         type=click.IntRange(1)),
+    _opt("--harden-steps", "GCG steps per attacked request at most (it stops once the verdict "
+         "says benign).", type=click.IntRange(1)),
+    _opt("--harden-iters", "Training steps per hardening round.", type=click.IntRange(1)),
 )
 eval_options = options(
     click.option("--detection-limit", type=click.IntRange(1), default=None,
@@ -90,10 +103,12 @@ eval_options = options(
               "each label) and exit.")
 @rows_options
 @train_options
+@harden_options
 @eval_options
 @user_errors
 def align(out, restart_from, loso_table, **settings):
-    """The recipe as one command: data -> rows -> train -> fuse -> held-out eval -> model card.
+    """The recipe as one command: data -> rows -> train -> (harden) -> fuse -> held-out eval ->
+    model card.
 
     Resumable: rerun the same command after an interruption and it continues where it stopped
     (finished stages are skipped, training resumes from its last checkpoint). A changed option

@@ -12,7 +12,7 @@ Comparing the base model, the adapter without ``[CLS]`` and the adapter with it 
 LoRA changed from what the kept ``[CLS]`` in context changes.
 """
 
-from collections import Counter
+import re
 from typing import Callable, Dict, List, Optional, Sequence
 
 import mlx.core as mx
@@ -57,11 +57,22 @@ def answer_nll(model, tokenizer, rows: Sequence[dict], cls_in_context: bool,
     return out
 
 
+def loop_cut(text: str, n: int = 4, times: int = 3) -> Optional[int]:
+    """Where ``text`` starts to loop: the character offset of the second occurrence of the first
+    word ``n``-gram to occur ``times`` times (None: no loop). ``text[:cut]`` holds it once."""
+    spans = [(m.start(), m.group()) for m in re.finditer(r"\S+", text)]
+    seen: Dict[tuple, List[int]] = {}
+    for i in range(len(spans) - n + 1):
+        starts = seen.setdefault(tuple(w for _, w in spans[i:i + n]), [])
+        starts.append(spans[i][0])
+        if len(starts) == times:
+            return starts[1]
+    return None
+
+
 def has_loop(text: str, n: int = 4, times: int = 3) -> bool:
     """Whether some word ``n``-gram occurs ``times`` or more times in ``text``."""
-    words = text.split()
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    return any(c >= times for c in grams.values())
+    return loop_cut(text, n, times) is not None
 
 
 def loop_rate(texts: Sequence[str]) -> float:
