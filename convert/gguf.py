@@ -1,9 +1,10 @@
 """GGUF (llama.cpp) files as a conversion source: weights, hyperparameters and tokenizer.
 
-`mx.load` reads Q4_0/Q4_1/Q8_0 tensors straight into MLX affine form (group 32) plus the
-metadata, so no torch and no gguf package are needed. Two things llama.cpp changed are undone
-here: its tensor names, and the q/k row permutation its llama converter applies for its rope
-layout (`LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py).
+`mx.load` reads F32/F16 and Q4_0/Q4_1/Q8_0 tensors, the quantized ones straight into MLX affine
+form (group 32), plus the metadata. A file it refuses (llama.cpp's k-quants: Q4_K_M, Q6_K, ...)
+is read with the `gguf` package instead and dequantized to float32 (`dequant`). Two things
+llama.cpp changed are undone here: its tensor names, and the q/k row permutation its llama
+converter applies for its rope layout (`LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py).
 """
 
 import json
@@ -15,6 +16,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .architectures import Architecture, architecture_for_gguf
+from .dequant import Deferred, read_with_gguf
 from .errors import ConvertError
 from .quantize import Quantized
 
@@ -66,13 +68,16 @@ DIGIT_SPLIT = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaon
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def read_gguf(path: Path) -> tuple[dict, dict[str, mx.array]]:
-    """(metadata with plain Python values, raw MLX tensors) of the GGUF file at `path`."""
+def read_gguf(path: Path) -> tuple[dict, dict[str, "mx.array | Deferred"]]:
+    """(metadata with plain Python values, raw tensors) of the GGUF file at `path`: MLX arrays
+    if MLX reads the file, else `Deferred` float32 tensors dequantized by the gguf package."""
     try:
         tensors, metadata = mx.load(str(path), return_metadata=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError with its own wording
-        raise ConvertError(f"{path}: not a readable GGUF file ({e}).") from e
-    return {k: _plain(v) for k, v in metadata.items()}, tensors
+        mlx_error = e
+    else:
+        return {k: _plain(v) for k, v in metadata.items()}, tensors
+    return read_with_gguf(path, mlx_error)
 
 
 def _plain(value):
@@ -142,10 +147,15 @@ def unpermute_index(rows: int, n_heads: int) -> mx.array:
 
 
 def gguf_tensors(
-    raw: dict[str, mx.array], config: dict, arch: Architecture, path: Path, keep_quantized: bool
-) -> dict[str, "mx.array | Quantized"]:
+    raw: dict[str, "mx.array | Deferred"],
+    config: dict,
+    arch: Architecture,
+    path: Path,
+    keep_quantized: bool,
+) -> dict[str, "mx.array | Quantized | Deferred"]:
     """HF-named tensors: quantized ones as `Quantized` (if `keep_quantized`) or dequantized to
-    fp32, q/k rows restored to HF order for families llama.cpp permutes."""
+    fp32, `Deferred` ones left to be made, q/k rows restored to HF order for families llama.cpp
+    permutes."""
     out = {}
     for name in raw:
         if name.endswith((".scales", ".biases")):
@@ -156,13 +166,15 @@ def gguf_tensors(
             bits = w.shape[-1] // s.shape[-1]
             t = Quantized(w, s, raw[f"{base}.biases"], 32, bits)
             t = t if keep_quantized else t.dequantize(mx.float32)
+        elif isinstance(raw[name], Deferred):
+            t = raw[name]
         else:
             t = raw[name].astype(mx.float32)
         key = hf_name(name, path)
         heads = _permuted_heads(key, config, arch)
         if heads:
             index = unpermute_index(t.shape[0], heads)
-            t = t.take_rows(index) if isinstance(t, Quantized) else t[index]
+            t = t[index] if isinstance(t, mx.array) else t.take_rows(index)
         out[key] = t
     return out
 

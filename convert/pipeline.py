@@ -254,10 +254,11 @@ def convert(
 
     `hf_path` that is no local path but looks like `owner/name` is fetched from the Hugging Face
     hub first (config, tokenizer files and weights: `HUB_PATTERNS`).
-    `quantize` quantizes the language model's matrices to `q_bits` (group 64; a GGUF keeps its
-    own quantization instead); `dtype` ("float32", "float16", "bfloat16") casts float tensors
-    (default: keep the source's; GGUF: float32); `add_safety` gives a plain model a fresh [CLS]
-    row and head; `head_key` names the head's tensors; `verify` compares against PyTorch.
+    `quantize` quantizes the language model's matrices to `q_bits` (group 64; a GGUF MLX reads
+    keeps its own Q4_0/Q4_1/Q8_0 quantization instead, a k-quant one is dequantized first);
+    `dtype` ("float32", "float16", "bfloat16") casts float tensors (default: keep the source's;
+    GGUF: float32); `add_safety` gives a plain model a fresh [CLS] row and head; `head_key`
+    names the head's tensors; `verify` compares against PyTorch.
     Returns the output path. Raises ConvertError (one sentence) on bad input, leaving nothing
     at `mlx_path`.
     """
@@ -268,7 +269,7 @@ def convert(
     hf_path = Path(hf_path).expanduser()
     if not hf_path.exists() and is_hub_id(str(hf_path)):
         hf_path = fetch_from_hub(str(hf_path), HUB_PATTERNS)
-    source = open_source(hf_path, keep_quantized=quantize)
+    source = open_source(hf_path, keep_quantized=quantize, report=report)
     plan = make_plan(source, head_key, add_safety, dtype, q_bits if quantize else None)
     write(source, plan, mlx_path, report)
     report(f"wrote {mlx_path}")

@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from . import gguf
 from .architectures import Architecture, architecture_for
+from .dequant import Deferred, dequantized_kinds
 from .errors import ConvertError
 from .quantize import Quantized
 from .readers import load_shard, read_config, tensor_infos, weight_files
@@ -40,8 +41,9 @@ class Source:
     safety: dict[str, mx.array] = field(default_factory=dict)
 
 
-def open_source(path: Path, keep_quantized: bool = False) -> Source:
-    """The Source at `path`: a `.gguf` file, a folder holding one, or an HF / mlx-lm folder."""
+def open_source(path: Path, keep_quantized: bool = False, report=None) -> Source:
+    """The Source at `path`: a `.gguf` file, a folder holding one, or an HF / mlx-lm folder.
+    `report` (a function of one line) hears what is done beyond reading: dequantizing."""
     path = Path(path)
     if not path.exists():
         raise ConvertError(f"{path}: no such file or folder.")
@@ -52,7 +54,7 @@ def open_source(path: Path, keep_quantized: bool = False) -> Source:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ConvertError(f"{path}: expected a model folder or a .gguf file.")
-        return gguf_source(path, keep_quantized)
+        return gguf_source(path, keep_quantized, report or (lambda message: None))
     return folder_source(path)
 
 
@@ -81,12 +83,20 @@ def folder_source(folder: Path) -> Source:
     )
 
 
-def gguf_source(path: Path, keep_quantized: bool) -> Source:
-    """A llama.cpp GGUF file: fp32 tensors (or `Quantized` ones with `keep_quantized`)."""
+def gguf_source(path: Path, keep_quantized: bool, report) -> Source:
+    """A llama.cpp GGUF file: fp32 tensors (or `Quantized` ones with `keep_quantized`); a file
+    only the gguf package reads gives fp32 tensors dequantized as each shard is loaded."""
     metadata, raw = gguf.read_gguf(path)
     arch = gguf.gguf_architecture(metadata, path)
     config = gguf.gguf_config(metadata, raw.keys(), arch, path)
     tensors = gguf.gguf_tensors(raw, config, arch, path, keep_quantized)
+    kinds = dequantized_kinds(tensors)
+    if kinds:
+        report(
+            f"{path.name}: MLX cannot read this file; dequantizing its {'/'.join(kinds)} tensors"
+            " to float32 with gguf, shard by shard"
+            + (" (then MLX's own quantization)" if keep_quantized else "")
+        )
     chunks, size = [[]], 0
     for name, t in tensors.items():
         n = 4 * t.shape[0] * (t.shape[1] if len(t.shape) > 1 else 1)
@@ -102,10 +112,14 @@ def gguf_source(path: Path, keep_quantized: bool) -> Source:
         shapes={k: tuple(t.shape) for k, t in tensors.items()},
         dtypes={k: mx.float32 for k in tensors},
         shards=chunks,
-        load=lambda names: {k: tensors.pop(k) for k in names},
+        load=lambda names: {k: _made(tensors.pop(k)) for k in names},
         shard_bytes=lambda names: sum(_nbytes(tensors[k]) for k in names if k in tensors),
         tokenizer=gguf.gguf_tokenizer_files(metadata, path),
     )
+
+
+def _made(t):
+    return t.make() if isinstance(t, Deferred) else t
 
 
 def _nbytes(t) -> int:

@@ -46,7 +46,8 @@ from .base import (
 def convert(hf_path, mlx_path, quantize, q_bits, dtype, add_safety, head_key, verify):
     """Convert a PyTorch / Hugging Face or GGUF checkpoint into an mlx-safesig model folder.
 
-    With -q a GGUF keeps its own quantization."""
+    With -q a GGUF keeps its own Q4_0/Q4_1/Q8_0 quantization; a k-quant GGUF (Q4_K_M, ...) is
+    dequantized, then quantized by MLX."""
     from ..convert import convert as run_convert
 
     run_convert(hf_path, mlx_path, quantize=quantize, q_bits=int(q_bits), dtype=dtype,
