@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-import gguf  # noqa: E402  (a test dependency: the .ci/run installs it)
+import gguf  # noqa: E402  (a runtime dependency: convert reads k-quant files with it)
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -54,8 +54,14 @@ def gguf_name(hf: str) -> str:
     return f"blk.{n}.{LAYER_NAMES[module]}.{kind}"
 
 
-def write_tiny_gguf(path: Path, model, tokenizer) -> None:
-    """The tiny HF llama model as llama.cpp would write it (F32 tensors, q/k permuted)."""
+def as_f32(name: str, a: np.ndarray):
+    """A tensor stored as F32: (data, raw_dtype) for GGUFWriter.add_tensor."""
+    return a, None
+
+
+def write_tiny_gguf(path: Path, model, tokenizer, encode=as_f32) -> None:
+    """The tiny HF llama model as llama.cpp would write it (q/k permuted), each tensor stored as
+    `encode(gguf name, fp32 array)` says (F32 by default)."""
     c = model.config
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(c.num_hidden_layers)
@@ -86,7 +92,8 @@ def write_tiny_gguf(path: Path, model, tokenizer) -> None:
             a = llama_cpp_permute(a, c.num_attention_heads)
         if name.endswith("k_proj.weight"):
             a = llama_cpp_permute(a, c.num_key_value_heads)
-        w.add_tensor(gguf_name(name), a)
+        data, raw_dtype = encode(gguf_name(name), a)
+        w.add_tensor(gguf_name(name), data, raw_dtype=raw_dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -140,6 +147,237 @@ def test_gguf_add_safety(tiny_gguf, tmp_path):
     model, tokenizer = mlx_safesig.load(str(out))
     assert model.cls_token_id == VOCAB == tokenizer.convert_tokens_to_ids("[CLS]")
     assert 0.0 < mlx_safesig.score(model, tokenizer, "the cat") < 1.0
+
+
+# -- k-quant files (Q4_K_M and the like), which MLX's own reader refuses ----------------------
+
+Q = gguf.GGMLQuantizationType
+QK_K = 256  # values per k-quant block: rows of a k-quant matrix are a multiple of it
+KQ_SIZES = dict(hidden=256, intermediate=512)
+
+
+def k_blocks(rng, shape, qtype) -> np.ndarray:
+    """Valid Q4_K or Q6_K blocks for a [rows, cols] tensor (gguf-py cannot quantize to them):
+    random quant bits, and scale fields picked so the weights land in about [-0.4, 0.4]."""
+    rows, cols = shape
+    n = rows * cols // QK_K
+    _, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n, type_size), dtype=np.uint8)
+
+    def f16(scale):
+        return (scale * rng.uniform(0.5, 1.0, n)).astype(np.float16).view(np.uint8).reshape(n, 2)
+
+    if qtype == Q.Q4_K:  # d, dmin (fp16), 12 bytes of 6-bit scales and mins, 4-bit quants
+        blocks[:, 0:2], blocks[:, 2:4] = f16(0.8 / (63 * 15)), f16(0.4 / 63)
+    else:  # Q6_K: 6-bit quants (ql, qh), 16 int8 scales, d (fp16) last
+        blocks[:, 192:208] = rng.integers(1, 17, size=(n, 16)).astype(np.int8).view(np.uint8)
+        blocks[:, 208:210] = f16(0.4 / (16 * 32))
+    return blocks.reshape(rows, cols // QK_K * type_size)
+
+
+def q4_k_m(seed: int = 0):
+    """An `encode` for write_tiny_gguf mixing types as llama.cpp's Q4_K_M does: Q4_K, Q6_K, Q5_0
+    and Q8_0 matrices, F32 norms."""
+    rng = np.random.default_rng(seed)
+
+    def encode(name: str, a: np.ndarray):
+        if a.ndim == 1:
+            return a, None
+        if name.endswith(("attn_output.weight", "output.weight")):
+            qtype = Q.Q8_0 if name == "output.weight" else Q.Q5_0
+            return gguf.quants.quantize(a, qtype), qtype
+        qtype = Q.Q6_K if name.endswith(("attn_v.weight", "ffn_down.weight")) else Q.Q4_K
+        return k_blocks(rng, a.shape, qtype), qtype
+
+    return encode
+
+
+def hf_order(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of `llama_cpp_permute`."""
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def dequantized_state(path: Path, model) -> dict[str, np.ndarray]:
+    """HF name -> gguf's own dequantization of the file's tensor, q/k back in HF row order."""
+    c = model.config
+    names = {gguf_name(k): k for k in model.state_dict()}
+    state = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        a = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        if t.name.endswith("attn_q.weight"):
+            a = hf_order(a, c.num_attention_heads)
+        if t.name.endswith("attn_k.weight"):
+            a = hf_order(a, c.num_key_value_heads)
+        state[names[t.name]] = a
+    return state
+
+
+def mlx_weights(folder: Path) -> dict[str, np.ndarray]:
+    return {
+        k: np.array(v) for f in folder.glob("model*.safetensors") for k, v in mx.load(str(f)).items()
+    }
+
+
+@pytest.fixture(scope="module")
+def kquant(tmp_path_factory):
+    """A tiny untied llama model written as a Q4_K_M-like GGUF, converted; (file, converted
+    folder, the HF model with gguf's dequantized weights loaded)."""
+    folder = tmp_path_factory.mktemp("kquant")
+    model = tiny_model("llama", tie=False, **KQ_SIZES)
+    write_tiny_gguf(folder / "tiny-q4_k_m.gguf", model, tiny_tokenizer(), q4_k_m())
+    out = convert(folder / "tiny-q4_k_m.gguf", folder / "mlx", progress=False)
+    state = dequantized_state(folder / "tiny-q4_k_m.gguf", model)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    return folder / "tiny-q4_k_m.gguf", out, model
+
+
+def test_kquant_fixture_is_a_file_mlx_refuses(kquant):
+    path, _, _ = kquant
+    kinds = {t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert {Q.Q4_K, Q.Q6_K, Q.Q5_0, Q.Q8_0, Q.F32} == kinds
+    with pytest.raises(Exception, match="gguf_tensor_to_f16"):
+        mx.load(str(path), return_metadata=True)
+
+
+def test_kquant_weights_equal_gguf_dequantization(kquant):
+    path, out, model = kquant
+    ours = mlx_weights(out)
+    theirs = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert set(ours) == set(theirs)
+    for name, w in theirs.items():
+        assert ours[name].dtype == np.float32
+        assert np.abs(ours[name] - w).max() <= 1e-7 * max(1.0, np.abs(w).max()), name
+
+
+def test_kquant_logits_match_the_model_with_its_dequantized_weights(kquant):
+    _, out, model = kquant
+    ids = [5, 17, 42, 99, 250, 7, 3, 18]
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    # the weights are equal (above): what differs is float32 summation order over hidden 256
+    assert np.abs(mlx_logits(out, ids) - theirs).max() < 5e-4
+
+
+def test_kquant_converts_as_its_f32_dequantization_does(kquant, tmp_path):
+    """The old workaround (dequantize to an F32 GGUF, then convert) and the direct route give
+    the same folder: config, tokenizer files and weights."""
+    path, direct, _ = kquant
+    dequantized = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+                   for t in gguf.GGUFReader(str(path)).tensors}
+    model = tiny_model("llama", tie=False, **KQ_SIZES)
+    write_tiny_gguf(tmp_path / "f32.gguf", model, tiny_tokenizer(),
+                    lambda name, a: (dequantized[name], None))
+    via_f32 = convert(tmp_path / "f32.gguf", tmp_path / "mlx", progress=False)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"):
+        assert (via_f32 / name).read_text() == (direct / name).read_text(), name
+    ours, theirs = mlx_weights(direct), mlx_weights(via_f32)
+    assert set(ours) == set(theirs)
+    for name in ours:
+        assert np.array_equal(ours[name], theirs[name]), name
+
+
+def test_metadata_is_the_same_from_either_reader(tiny_gguf):
+    from mlx_safesig.convert.dequant import read_with_gguf
+    from mlx_safesig.convert.gguf import read_gguf
+
+    path, _ = tiny_gguf
+    by_mlx, mlx_tensors = read_gguf(path)
+    by_gguf, deferred = read_with_gguf(path, RuntimeError("unused"))
+    assert by_gguf == by_mlx
+    assert [type(v) for v in by_gguf.values()] == [type(by_mlx[k]) for k in by_gguf]
+    assert by_gguf["llama.attention.layer_norm_rms_epsilon"] == 1e-6  # not 9.99999997e-07
+    for name, t in deferred.items():
+        assert np.array_equal(np.array(t.make()), np.array(mlx_tensors[name])), name
+
+
+def test_kquant_progress_says_what_is_dequantized(kquant, tmp_path, capsys):
+    path, _, _ = kquant
+    convert(path, tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
+    convert(path, tmp_path / "loud")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == (
+        "tiny-q4_k_m.gguf: MLX cannot read this file; dequantizing its Q4_K/Q5_0/Q6_K/Q8_0 "
+        "tensors to float32 with gguf, shard by shard"
+    )
+    assert lines[1].startswith("[1/") and lines[-1] == f"wrote {tmp_path / 'loud'}"
+
+
+def test_kquant_quantize_uses_mlx_quantization(kquant, tmp_path):
+    path, _, model = kquant
+    out = convert(path, tmp_path / "q", quantize=True, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config["quantization"][k] for k in ("group_size", "bits")} == {
+        "group_size": 64, "bits": 4}
+    weights = {k: v for f in out.glob("model*.safetensors") for k, v in mx.load(str(f)).items()}
+    layers = [k.removesuffix(".scales") for k in weights if k.endswith(".scales")]
+    assert len(layers) == 2 * 7 + 2  # every matrix: 7 per layer, embedding, lm_head
+    for layer in layers:
+        w = mx.dequantize(weights[f"{layer}.weight"], weights[f"{layer}.scales"],
+                          weights[f"{layer}.biases"], group_size=64, bits=4)
+        reference = model.state_dict()[f"{layer}.weight"].numpy()
+        # 16 levels over each group's range: an error of 5% (uniform) to 9% (normal weights)
+        assert np.linalg.norm(np.array(w) - reference) < 0.15 * np.linalg.norm(reference), layer
+    assert np.isfinite(mlx_logits(out, [5, 17, 42])).all()
+
+
+def refused_gguf(path: Path, out: Path, match: str) -> str:
+    from mlx_safesig.convert import ConvertError
+
+    with pytest.raises(ConvertError, match=match) as e:
+        convert(path, out, progress=False)
+    assert "\n" not in str(e.value) and not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    return str(e.value)
+
+
+def test_truncated_kquant_gguf_is_one_error_line(kquant, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_safesig.cli import main
+
+    path, _, _ = kquant
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-5000])
+    refused_gguf(cut, tmp_path / "mlx", r"cut\.gguf: not a readable GGUF file \(a tensor's "
+                 r"data runs past the end of the file: truncated or damaged\)\.$")
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(cut), "--mlx-path",
+                                       str(tmp_path / "cli")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: {cut}: not a readable GGUF")
+
+
+def test_header_cut_short_keeps_mlx_wording(kquant, tmp_path):
+    path, _, _ = kquant
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:100])
+    refused_gguf(cut, tmp_path / "mlx", r"not a readable GGUF file \(.*past the end of the file")
+
+
+def test_type_gguf_cannot_dequantize_is_named(tmp_path):
+    k_quant = q4_k_m()
+
+    def encode(name, a):  # an I32 norm (gguf dequantizes no integer type) in a k-quant file
+        return (a.astype(np.int32), None) if name == "output_norm.weight" else k_quant(name, a)
+
+    model = tiny_model("llama", tie=False, **KQ_SIZES)
+    write_tiny_gguf(tmp_path / "i32.gguf", model, tiny_tokenizer(), encode)
+    refused_gguf(tmp_path / "i32.gguf", tmp_path / "mlx",
+                 r"tensor output_norm\.weight is stored as I32, which gguf .* cannot dequantize")
+
+
+def test_kquant_without_gguf_says_pip_install_gguf(kquant, tmp_path, monkeypatch):
+    import sys
+
+    path, _, _ = kquant
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    message = refused_gguf(path, tmp_path / "mlx", "pip install gguf")
+    assert "gguf_tensor_to_f16" in message
 
 
 # -- the real default model -------------------------------------------------------------------

@@ -42,13 +42,13 @@ def tiny_tokenizer():
     )
 
 
-def tiny_config(family: str, tie: bool):
+def tiny_config(family: str, tie: bool, hidden: int = HIDDEN, intermediate: int = 128):
     """A 2-layer transformers config of `family` (hidden 64, 4 heads / 2 kv heads)."""
     from transformers import AutoConfig
 
     kwargs = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -69,12 +69,14 @@ def tiny_config(family: str, tie: bool):
     return config
 
 
-def tiny_model(family: str, tie: bool, seed: int = 0):
-    """A random fp32 model of `family` with outputs scaled up so logit differences show."""
+def tiny_model(family: str, tie: bool, seed: int = 0, **sizes):
+    """A random fp32 model of `family` with outputs scaled up so logit differences show;
+    `sizes` (hidden, intermediate) go to `tiny_config`."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, tie), dtype=torch.float32)
+    config = tiny_config(family, tie, **sizes)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
