@@ -20,6 +20,10 @@ out of the fit too. Reference: fit on the train split, score the dev split (all 
 counts and source names are written.
 
     python examples/probe_study.py --data /work/runs/v17/data --out probe_study.json
+
+``--model`` takes a plain base model: an mlx-lm / HF folder, or a GGUF file (k-quants such as
+Q4_K_M included) that the converter turns into an fp32 MLX folder once, under ``probe_models``
+beside ``--out``.
 """
 
 # ruff: noqa: I001  (import order: mlx_safesig before mlx)
@@ -129,7 +133,8 @@ def model_fingerprint(path: Path) -> str:
 
 def prepare_model_dir(model: str | None, work: Path) -> Path:
     """An mlx-lm folder for ``model``: the embedded default base, an mlx-lm / HF safetensors
-    folder as is, or a GGUF file / folder without safetensors converted once under ``work``."""
+    folder as is, or a GGUF file / folder without safetensors converted once under ``work``
+    (any GGUF the converter reads, k-quants such as Q4_K_M included: it dequantizes them)."""
     if model is None:
         from mlx_safesig.default_model import default_base_model
 
@@ -154,17 +159,7 @@ def prepare_model_dir(model: str | None, work: Path) -> Path:
     try:
         convert(str(src), str(target), dtype="float32", progress=False)
     except ConvertError as e:
-        if "gguf_tensor_to_f16" not in str(e):
-            raise ProbeError(f"cannot convert {src}: {e}") from None
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from gguf_to_f32 import dequantize_gguf  # k-quants: MLX cannot read them
-
-        gguf = src if src.is_file() else next(src.glob("*.gguf"))
-        f32 = target.with_name(target.name + ".f32.gguf")
-        say("the GGUF uses k-quants MLX cannot read: dequantizing to F32 first ...")
-        dequantize_gguf(str(gguf), str(f32))
-        convert(str(f32), str(target), dtype="float32", progress=False)
-        f32.unlink()
+        raise ProbeError(f"cannot convert {src}: {e}") from None
     return target
 
 

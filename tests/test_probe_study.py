@@ -170,3 +170,18 @@ def test_the_feature_cache_resumes(tmp_path, tiny, monkeypatch):
                                         "everyday_tasks"]
     text = out.read_text()
     assert "Tell me" not in text and not any(w in text for w in WORDS)
+
+
+def test_a_k_quant_gguf_model_is_converted_directly_and_once(tmp_path, monkeypatch):
+    """A Q4_K_M-like GGUF `--model` goes straight through the converter (no F32 GGUF step)."""
+    from test_convert_gguf import KQ_SIZES, q4_k_m, write_tiny_gguf
+    from test_convert_support import tiny_model, tiny_tokenizer
+
+    src = tmp_path / "tiny-q4_k_m.gguf"
+    write_tiny_gguf(src, tiny_model("llama", tie=False, **KQ_SIZES), tiny_tokenizer(), q4_k_m())
+    target = ps.prepare_model_dir(str(src), tmp_path / "work")
+    assert (target / "config.json").is_file()
+    assert [p.name for p in (tmp_path / "work").iterdir()] == [target.name]
+    calls = []
+    monkeypatch.setattr("mlx_safesig.convert.convert", lambda *a, **k: calls.append(a))
+    assert ps.prepare_model_dir(str(src), tmp_path / "work") == target and not calls
