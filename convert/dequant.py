@@ -48,7 +48,8 @@ def read_with_gguf(path: Path, mlx_error: Exception) -> tuple[dict, dict[str, De
         import gguf  # only files MLX cannot read need it
     except ImportError:
         raise ConvertError(
-            f"{path}: MLX cannot read this GGUF ({mlx_error}); reading it needs gguf: pip install gguf"
+            f"{path}: MLX cannot read this GGUF ({mlx_error}) and the gguf package that can "
+            "is not installed: pip install gguf"
         ) from None
     try:
         reader = gguf.GGUFReader(str(path))

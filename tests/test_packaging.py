@@ -46,6 +46,12 @@ def test_plain_install_pulls_no_torch():
     assert "torch" not in closure
 
 
+def test_gguf_is_a_runtime_dependency():
+    """convert reads k-quant GGUF files (the common ones) with it: no extra install needed."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "gguf" in {Requirement(d).name for d in deps}
+
+
 def test_runtime_import_does_not_need_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"  # importing torch now raises ImportError
