@@ -177,6 +177,22 @@ def test_kill_9_during_training_and_a_rerun_continue_to_the_same_model(finished,
         reference / "model" / "MODEL_CARD.md").read_text()
 
 
+def test_an_eval_stage_killed_after_detection_keeps_it(finished, inputs):
+    out = inputs / "eval-killed"
+    shutil.copytree(finished[0], out)
+    shutil.rmtree(out / "eval" / "generation")
+    (out / "model" / "MODEL_CARD.md").unlink()
+    state = json.loads((out / "state.json").read_text())
+    state["done"] = state["done"][: state["done"].index("eval")]
+    (out / "state.json").write_text(json.dumps(state))
+    before = (out / "eval" / "detection.json").read_text()
+    r = cli(*args(inputs, out))
+    assert r.returncode == 0, r.stderr
+    assert f"held-out detection: done ({out / 'eval' / 'detection.json'}), kept" in lines(r.stderr)
+    assert (out / "eval" / "detection.json").read_text() == before
+    assert (out / "eval" / "generation" / "results.json").is_file() and done(out) == list(STAGES)
+
+
 def test_a_changed_option_is_refused_until_its_stage_is_restarted(finished, inputs):
     out = inputs / "changed"
     shutil.copytree(finished[0], out)

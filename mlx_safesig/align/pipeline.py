@@ -372,7 +372,7 @@ class Run:
         fuse(self.model_dir, final_adapters(self.out, self.recipe.harden_rounds), self.out / "model")
 
     def eval(self):
-        from ..eval.detection import detect_split
+        from ..eval.detection import DETECTION_FILE, detect_split
         from ..eval.harness import EvalSettings, run_eval
         from ..loading import load
 
@@ -386,8 +386,11 @@ class Run:
                             folder, Path(r.extra_benign) if r.extra_benign else None,
                             r.detection_limit)
             return
-        self.log("held-out detection: the [CLS] query verdict per source")
-        detect_split(model, tokenizer, self.out / "data", "heldout", folder, r.detection_limit)
+        if (folder / DETECTION_FILE).is_file():  # written whole by a run the kill came after
+            self.log(f"held-out detection: done ({folder / DETECTION_FILE}), kept")
+        else:
+            self.log("held-out detection: the [CLS] query verdict per source")
+            detect_split(model, tokenizer, self.out / "data", "heldout", folder, r.detection_limit)
         settings = EvalSettings(suites=("direct", "prefill"), split="heldout", limit=r.eval_limit,
                                 max_tokens=r.eval_max_tokens, batch_size=r.eval_batch_size)
         run_eval(model, tokenizer, self.out / "data", folder / "generation", settings,
