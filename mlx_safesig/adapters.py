@@ -20,6 +20,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 SAFETY_KEYS = ("cls_embed", "cls_head.weight", "cls_head.bias")
 STATE_FILE = "training_state.safetensors"  # optimizer state, for --resume
 STEP_KEY = "checkpoint_step"  # stored in STATE_FILE beside the optimizer state
+STEP_FILE = "training_state.json"  # the step of the last checkpoint, readable without mlx
 
 
 def lora_parameters(config) -> dict:
@@ -102,7 +103,13 @@ def load_adapters(model: Model, adapter_path) -> Model:
 def save_checkpoint(path: Path, optimizer, step: int):
     """The optimizer state and ``step`` beside the adapters saved at that step (``--resume``)."""
     save_atomic(path / STATE_FILE, {**dict(tree_flatten(optimizer.state)), STEP_KEY: mx.array(step)})
-    (path / "training_state.json").write_text(json.dumps({"step": step}))
+    (path / STEP_FILE).write_text(json.dumps({"step": step}))
+
+
+def checkpoint_step(path: Path):
+    """The step of the last checkpoint saved in ``path`` (None: none)."""
+    file = Path(path) / STEP_FILE
+    return json.loads(file.read_text())["step"] if file.is_file() else None
 
 
 def load_adapter_weights(model: Model, path: Path, prefix: str = ""):
@@ -125,12 +132,11 @@ def load_adapter_weights(model: Model, path: Path, prefix: str = ""):
 def load_checkpoint(path: Path, model: Model, optimizer) -> int:
     """Load the last checkpoint; its step comes from the state file and its adapters from that
     step's copies: a run killed between two of these writes resumes from one consistent step."""
-    for name in (STATE_FILE, "training_state.json", ADAPTER_FILE, SAFETY_ADAPTER_FILE):
+    for name in (STATE_FILE, STEP_FILE, ADAPTER_FILE, SAFETY_ADAPTER_FILE):
         if not (path / name).is_file():
             raise SafesigError(f"{path}: nothing to resume from (no {name}).")
     saved = mx.load(str(path / STATE_FILE))
-    step = int(saved.pop(STEP_KEY)) if STEP_KEY in saved else json.loads(
-        (path / "training_state.json").read_text())["step"]
+    step = int(saved.pop(STEP_KEY)) if STEP_KEY in saved else checkpoint_step(path)
     prefix = f"{step:07d}_" if (path / f"{step:07d}_{ADAPTER_FILE}").is_file() else ""
     load_adapter_weights(model, path, prefix)
     optimizer.init(model.trainable_parameters())

@@ -46,9 +46,8 @@ class HardenSettings:
     iters: int = 40  # training steps per round
 
     def __post_init__(self):
-        for name in ("rounds",):
-            if getattr(self, name) < 0:
-                raise SafesigError(f"--harden-{name} must be 0 or more, got {getattr(self, name)}.")
+        if self.rounds < 0:
+            raise SafesigError(f"--harden-rounds must be 0 or more, got {self.rounds}.")
         for name in ("requests", "steps", "iters"):
             if getattr(self, name) < 1:
                 raise SafesigError(f"--harden-{name} must be at least 1, got {getattr(self, name)}.")
@@ -79,10 +78,11 @@ def pick(rows: Sequence[tuple], n: int, salt: str) -> List[tuple]:
 
 
 def suffixed(row: dict, text: str) -> dict:
-    """``row`` with ``text`` appended to its user message."""
-    messages = [dict(m) for m in row["messages"]]
-    messages[0]["content"] += text
-    return dict(row, messages=messages, source=f"{row.get('source')}:adversarial")
+    """``row`` with ``text`` appended to its user message, as the adaptive suite pastes it."""
+    from ..eval.adaptive_suite import suffixed_messages
+
+    return dict(row, messages=suffixed_messages(row["messages"], text),
+                source=f"{row.get('source')}:adversarial")
 
 
 def read_attacks(path: Path) -> List[dict]:
@@ -152,7 +152,7 @@ def round_rows(train_rows: Sequence[dict], adversarial: Sequence[dict], r: int) 
 def harden(out: Path, model_dir: Path, settings: HardenSettings, train_config,
            log: Callable[[str], None]):
     """Run the rounds not done yet (a round is done when its adapters hold the final step)."""
-    from ..adapters import STATE_FILE
+    from ..adapters import STATE_FILE, checkpoint_step
     from ..loading import load
     from ..train import train_from_dir
 
@@ -163,8 +163,7 @@ def harden(out: Path, model_dir: Path, settings: HardenSettings, train_config,
         folder = round_dir(out, r)
         adapters = folder / "adapters"
         previous = final_adapters(out, r - 1)
-        finished = (adapters / "training_state.json").is_file() and json.loads(
-            (adapters / "training_state.json").read_text())["step"] >= settings.iters
+        finished = (checkpoint_step(adapters) or 0) >= settings.iters
         if finished:
             attacks = read_attacks(folder / ATTACKS_FILE)
         else:

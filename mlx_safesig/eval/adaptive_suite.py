@@ -109,7 +109,8 @@ def _check(model, tokenizer, config: SafetyConfig, n: int, messages: Sequence[di
     return {"p": round(p, 6), "inserted": inserted, "success": p < config.threshold and not inserted}
 
 
-def _suffixed(messages: Sequence[dict], text: str) -> List[dict]:
+def suffixed_messages(messages: Sequence[dict], text: str) -> List[dict]:
+    """``messages`` with ``text`` appended to the last user message (a suffix as pasted)."""
     out = [dict(m) for m in messages]
     last = max(i for i, m in enumerate(out) if m.get("role") == "user")
     out[last]["content"] = (out[last].get("content") or "") + text
@@ -237,7 +238,7 @@ def _transfers(model, tokenizer, config, settings, key, flagged, rows, store, ti
             if got is None:
                 got = store.put({"kind": "transfer", "key": key, "id": pair, "source": r["source"],
                                  **_check(model, tokenizer, config, settings.n_response,
-                                          _suffixed(row_messages(r), row["suffix"]))})
+                                          suffixed_messages(row_messages(r), row["suffix"]))})
             out.append(got)
     return out
 
@@ -267,7 +268,7 @@ def _universal(model, tokenizer, config, settings, key, flagged, store, allowed,
             got = store.put({"kind": "universal-check", "key": key, "id": r["id"],
                              "source": r["source"], **_check(
                                  model, tokenizer, config, settings.n_response,
-                                 _suffixed(row_messages(r), row["suffix"]))})
+                                 suffixed_messages(row_messages(r), row["suffix"]))})
         results[str(r["id"])] = got
     train_ok = sum(results[str(r["id"])]["success"] for r in train)
     per_source = {}
