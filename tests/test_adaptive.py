@@ -173,6 +173,16 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_the_seed_fixes_the_suffix
     assert strip(resumed) == strip(full)
     assert resumed["runs"]["gcg/verdict"]["universal"]["train"] == 2
     assert resumed["benign"]["n"] == 2
+    # the universal part can be dropped or resized on resume: the per-request attacks are kept
+    before = rows(tmp_path / "again")
+    dropped = run(net, tokenizer, tmp_path / "again", cfg, universal=0, resume=True)
+    assert "universal" not in dropped["runs"]["gcg/verdict"]
+    dropped["runs"]["gcg/verdict"]["all"].pop("seconds_per_request")
+    assert dropped["runs"]["gcg/verdict"]["all"] == resumed["runs"]["gcg/verdict"]["all"]
+    assert [r for r in rows(tmp_path / "again") if r.get("kind") == "attack"] == \
+        [r for r in before if r.get("kind") == "attack"]
+    one = run(net, tokenizer, tmp_path / "again", cfg, universal=1, resume=True)
+    assert one["runs"]["gcg/verdict"]["universal"]["train"] == 1
     with pytest.raises(Exception, match="made with other settings"):
         run(net, tokenizer, tmp_path / "again", cfg, budgets=(3,), resume=True)
 

@@ -57,8 +57,9 @@ class RowStore:
         self.path, self.rows = path, {}
         if resume and path.is_file():
             lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            if lines and lines[0].get("fingerprint") != fingerprint:
-                old = lines[0].get("fingerprint") or {}
+            old = dict(lines[0].get("fingerprint") or {}) if lines else {}
+            old.pop("universal", None)  # files before the universal rows carried their own count
+            if lines and old != fingerprint:
                 diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
                 raise SafesigError(f"{path} was made with other settings ({', '.join(diff)}); "
                                    "use another --out or run without --resume.")
@@ -130,7 +131,9 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
     out_dir = Path(out_dir)
     budgets = sorted(set(budgets))
     threshold = config.threshold
-    fp = dict(fingerprint or {}, seed=seed, universal=universal, budgets=budgets,
+    # the universal suffix's rows are keyed by its request count, so a resumed run may add, drop
+    # or change --universal-requests without redoing the per-request attacks
+    fp = dict(fingerprint or {}, seed=seed, budgets=budgets,
               safety={k: v for k, v in asdict(config).items()},
               runs=sorted({json.dumps({k: v for k, v in asdict(s).items()
                                        if k not in ("attack", "objective")}, sort_keys=True)
@@ -249,12 +252,13 @@ def _universal(model, tokenizer, config, settings, key, flagged, store, allowed,
     largest budget, then checked on them (``train``) and on every other one (``transfer``)."""
     order = _order(flagged, f"universal|{seed}")
     train, rest = order[:n], order[n:]
-    row = store.get("universal", key, "suffix")
+    rkey = f"{key}|{n}"  # rows of this request count
+    row = store.get("universal", rkey, "suffix")
     if row is None and train:
         attack = Attack(model, tokenizer, config, settings, [row_messages(r) for r in train],
                         allowed, seed=_hash(seed, key, "universal"))
         res = attack.run(progress=tick)
-        row = store.put({"kind": "universal", "key": key, "id": "suffix",
+        row = store.put({"kind": "universal", "key": rkey, "id": "suffix",
                          "train_ids": [str(r["id"]) for r in train], "suffix_ids": res.suffix,
                          "suffix": attack.targets[0].prompt.decode(res.suffix),
                          "loss": res.loss, "ps": res.ps, "steps_run": res.steps_run,
@@ -263,9 +267,9 @@ def _universal(model, tokenizer, config, settings, key, flagged, store, allowed,
         return {"train": 0, "transfer": {}}
     results = {}
     for r in train + rest:
-        got = store.get("universal-check", key, r["id"])
+        got = store.get("universal-check", rkey, r["id"])
         if got is None:
-            got = store.put({"kind": "universal-check", "key": key, "id": r["id"],
+            got = store.put({"kind": "universal-check", "key": rkey, "id": r["id"],
                              "source": r["source"], **_check(
                                  model, tokenizer, config, settings.n_response,
                                  suffixed_messages(row_messages(r), row["suffix"]))})
