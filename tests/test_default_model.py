@@ -23,10 +23,10 @@ def test_load_without_arguments_is_the_default_safety_model(default):
     model, _ = default
     assert DEFAULT_MODEL == "SmolLM2-135M-Instruct-safesig"
     assert model.args.model_type == "llama" and len(model.layers) == 30
-    # the adapter's decoding defaults (docs/default-model.md: why these)
+    # the adapter's decoding defaults (MODEL_CARD.md, "Decoding defaults": why these)
     resolved = SafetyConfig().resolved(model.args.safesig)
     assert resolved.threshold == resolved.window_threshold == 0.5
-    assert resolved.window_query is True
+    assert resolved.window_query is False and resolved.keep_verdict == "flagged"
 
 
 @pytest.mark.slow

@@ -8,9 +8,9 @@
 # The adapter is OUT/adapters, the fused model and its MODEL_CARD.md OUT/model. Rerun the same line
 # after an interruption to continue. The options below are align's defaults, spelled out: the
 # current recipe (v15's options plus more benign sources, training wrappers and conversations;
-# the data has the six training sources added for breadth in issue 22, sources_more.py).
-# The shipped v15 was made by this script as of commit cbc1963 (a builder before the held-out
-# freeze, HELDOUT.md); v7 to v15's options: PROVENANCE.md and CHANGELOG.md.
+# the data has the training sources added for breadth in issue 22, sources_more.py).
+# The shipped v17 is `train.sh runs/v17 --detection-limit 100` (PROVENANCE.md); v15 was made by
+# this script as of commit cbc1963, before align; v7 to v15's options: CHANGELOG.md.
 set -euo pipefail
 OUT=${1:-align-default}
 shift $(( $# > 0 ? 1 : 0 ))
