@@ -673,5 +673,18 @@ def test_utility_suite_compares_reference_nll_and_loops_with_the_base(model_dir,
     assert report["reference_nll"]["safety"]["mean_nll"] == pytest.approx(
         answer_nll(net, tok, [row], cls_in_context=True)[0], abs=1e-3)
     assert set(report["loop_rate"]) == {"safety", "base"}
+    assert set(report["loop_rate"]["base"]["sources"]) == {"z"}
+    # --limit is per source, and the reference rows are sampled apart from the loop rows: a
+    # source without references first in the file cannot crowd them out
+    write_jsonl(d / "benign.dev.jsonl", [
+        {"id": f"n{i}", "text": BENIGN[1], "source": "a"} for i in range(3)] + [
+        {"id": "b0", "text": BENIGN[0], "source": "z", "response": "Once upon a time."},
+        {"id": "b1", "text": BENIGN[1], "source": "z"}])
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "q", "--suite", "utility",
+            "--base-model", model_dir, "-m", "6", "--limit", "1", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["n"] == 2 and report["reference_nll"]["safety"]["n"] == 1
+    assert set(report["loop_rate"]["safety"]["sources"]) == {"a", "z"}
     r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "p", "--suite", "utility")
     assert r.exit_code == 1 and "--suite utility needs --base-model" in r.stderr

@@ -97,7 +97,8 @@ adaptive_options = options(
 @click.option("--split", default="dev", show_default=True, help="Read harmful/benign.<split>.jsonl.")
 @click.option("--out", "out_dir", default="eval-results", show_default=True, type=click.Path(),
               help="Where rows.jsonl, results.json, report.md and the plots are written.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Prompts per suite (default: all).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Prompts per suite; for detection, utility and adaptive, per source "
+              "(default: all).")
 @click.option("--exclude-category", "exclude_categories", multiple=True,
               help="Leave out harmful rows of this category (repeatable), e.g. Do-Not-Answer's "
               "human_chatbox.")
@@ -209,16 +210,19 @@ def _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tok
              as_json: bool):
     from tqdm import tqdm
 
-    from ..eval.detection import split_rows
-    from ..eval.utility import UTILITY_FILE, run_utility
+    from ..eval.detection import sample_per_source, split_rows
+    from ..eval.utility import UTILITY_FILE, reference_rows, run_utility
 
-    rows = [r for r in split_rows(data_dir, split) if r["label"] == 0][:limit]
+    benign = [r for r in split_rows(data_dir, split) if r["label"] == 0]
+    rows = sample_per_source(benign, limit, "utility")
+    references = sample_per_source(reference_rows(benign), limit, "utility-reference")
     say("[utility: the base model runs as plain mlx-lm; its [CLS] head is never used]")
     base, base_tokenizer = load_model(model_path(base_model), add_safety=True)
-    with tqdm(total=4 * len(rows), desc="utility", unit="step", disable=None,
+    with tqdm(total=2 * len(references) + 2 * len(rows), desc="utility", unit="step", disable=None,
               file=sys.stderr) as bar:
         report = run_utility(net, tokenizer, base, base_tokenizer, rows,
-                             config.resolved(net.args.safesig), max_tokens, progress=bar.update)
+                             config.resolved(net.args.safesig), max_tokens, progress=bar.update,
+                             references=references)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / UTILITY_FILE).write_text(json.dumps(report, indent=1))
     click.echo(json.dumps(report) if as_json else json.dumps(report, indent=1))

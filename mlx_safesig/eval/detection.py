@@ -184,7 +184,7 @@ def format_counts(report: Dict) -> List[str]:
     return lines
 
 
-def _sample(rows: Sequence[dict], limit: Optional[int], salt: str) -> List[dict]:
+def sample_per_source(rows: Sequence[dict], limit: Optional[int], salt: str) -> List[dict]:
     """At most ``limit`` rows per source, picked by a hash of their id (stable, order-free)."""
     if limit is None:
         return list(rows)
@@ -211,12 +211,12 @@ def held_out_rows(heldout: Sequence[dict], templates: Sequence[dict], suites: Se
                            "choose from plain, wrapped, conversation.")
     out = []
     if "plain" in suites:
-        out += _sample(heldout, limit, "plain")
+        out += sample_per_source(heldout, limit, "plain")
     english = [r for r in heldout if r.get("lang", "en") == "en"]
     if "wrapped" in suites:
-        out += wrapped_rows(_sample(english, limit, "wrapped"), templates)
+        out += wrapped_rows(sample_per_source(english, limit, "wrapped"), templates)
     if "conversation" in suites:
-        picked = _sample(english, limit, "conversation")
+        picked = sample_per_source(english, limit, "conversation")
         out += conversation_rows([r for r in picked if r["label"] == 1],
                                  [r for r in picked if r["label"] == 0])
     return out

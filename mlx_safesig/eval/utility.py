@@ -103,18 +103,33 @@ def _answers(model, tokenizer, rows, safety, max_tokens, progress) -> List[str]:
     return out
 
 
+def _loops(answers: Sequence[str], rows: Sequence[dict]) -> Dict:
+    """Loop rate over all ``answers`` and per source of their ``rows``."""
+    sources: Dict[str, List[str]] = {}
+    for answer, row in zip(answers, rows):
+        sources.setdefault(row["source"], []).append(answer)
+    return {"all": loop_rate(answers), "sources": {s: loop_rate(a) for s, a in sorted(sources.items())}}
+
+
+def reference_rows(rows: Sequence[dict]) -> List[dict]:
+    """The rows with a reference answer (``reference``, else ``response``), as ``reference``."""
+    with_ref = [r for r in rows if (r.get("reference") or r.get("response") or "").strip()]
+    return [dict(r, reference=r.get("reference") or r["response"]) for r in with_ref]
+
+
 def run_utility(model, tokenizer, base, base_tokenizer, rows: Sequence[dict], safety,
-                max_tokens: int = 100, progress: Optional[Callable[[int], None]] = None) -> Dict:
+                max_tokens: int = 100, progress: Optional[Callable[[int], None]] = None,
+                references: Optional[Sequence[dict]] = None) -> Dict:
     """Safety on (``safety``, a resolved ``SafetyConfig``) against ``base`` (the model without
-    the adapter, plain mlx-lm) on benign ``rows``: the NLL of the ``reference`` answers where rows
-    have one (the answer sees the kept ``[CLS]`` as generation would: always, or with
-    ``keep_verdict="flagged"`` only when the verdict is flagged) and the loop rate of greedy
-    answers of ``max_tokens``. Counts and rates only, never text."""
+    the adapter, plain mlx-lm) on benign rows: the NLL of the reference answers of
+    ``references`` (default: the ``rows`` that have one; the answer sees the kept ``[CLS]`` as
+    generation would: always, or with ``keep_verdict="flagged"`` only when the verdict is flagged)
+    and the loop rate of greedy answers of ``max_tokens`` to ``rows``, over all and per source.
+    Counts and rates only, never text."""
     from ..decoding import SafetyConfig
     from ..generate import score
 
-    with_ref = [r for r in rows if (r.get("reference") or r.get("response") or "").strip()]
-    with_ref = [dict(r, reference=r.get("reference") or r["response"]) for r in with_ref]
+    with_ref = reference_rows(rows if references is None else references)
     report: Dict = {"n": len(rows), "max_tokens": max_tokens, "keep_verdict": safety.keep_verdict}
     if with_ref:
         flagged = [score(model, tokenizer, row_messages(r)) >= safety.threshold for r in with_ref]
@@ -126,9 +141,10 @@ def run_utility(model, tokenizer, base, base_tokenizer, rows: Sequence[dict], sa
         report["reference_nll"] = {
             "safety": summarize(on), "base": summarize(off),
             "mean_difference": round(float(np.mean(np.subtract(on, off))), 4),
+            "flagged": int(sum(flagged)),
             "sources": sorted({r["source"] for r in with_ref})}
     answers_on = _answers(model, tokenizer, rows, safety, max_tokens, progress)
     answers_base = _answers(base, base_tokenizer, rows, SafetyConfig(enabled=False), max_tokens,
                             progress)
-    report["loop_rate"] = {"safety": loop_rate(answers_on), "base": loop_rate(answers_base)}
+    report["loop_rate"] = {"safety": _loops(answers_on, rows), "base": _loops(answers_base, rows)}
     return report
