@@ -64,6 +64,20 @@ def save_adapters(model: Model, path: Path, config, num_layers: int, prefix: str
 DECODING_KEYS = set(MODEL_DEFAULTS)
 
 
+def set_decoding_defaults(adapter_path, values: dict):
+    """Write decoding defaults into the ``safesig`` block of an adapter's ``adapter_config.json``
+    (merged with what it holds; the file is replaced in one rename)."""
+    unknown = set(values) - DECODING_KEYS
+    if unknown:
+        raise SafesigError(f"unknown safesig setting {sorted(unknown)[0]!r}.")
+    config_file = Path(adapter_path) / ADAPTER_CONFIG
+    config = json.loads(config_file.read_text())
+    config["safesig"] = {**config.get("safesig", {}), **values}
+    tmp = config_file.with_name(config_file.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, config_file)
+
+
 def load_adapters(model: Model, adapter_path) -> Model:
     """Apply adapters written by ``train`` to a loaded safety model (in place): LoRA layers from
     ``adapters.safetensors``, the ``[CLS]`` row and head from ``safety_adapter.safetensors`` and

@@ -17,6 +17,7 @@ import pytest
 from conftest import make_model, make_tokenizer, write_model_dir
 from test_align_build import make_artefacts
 
+import mlx_safesig
 from mlx_safesig.align.pipeline import STAGES, TITLES
 from mlx_safesig.align.sources import HELDOUT_SOURCES, SOURCES, prompt_sources
 
@@ -106,6 +107,13 @@ def test_a_run_goes_through_every_stage_to_a_fused_model(finished):
     assert done(out) == list(STAGES)
     assert {"config.json", "model.safetensors", "safety.safetensors", "MODEL_CARD.md"} <= {
         p.name for p in (out / "model").iterdir()}
+    # the decoding defaults the shipped default carries are written by the run itself, into the
+    # adapters (what the package ships) and the fused model
+    shipped = {"window_query": False, "keep_verdict": "flagged"}
+    assert json.loads((out / "adapters" / "adapter_config.json").read_text())["safesig"] == shipped
+    assert shipped.items() <= json.loads((out / "model" / "config.json").read_text())["safesig"].items()
+    default = Path(mlx_safesig.__file__).parent / "default_adapter" / "adapter_config.json"
+    assert json.loads(default.read_text())["safesig"] == shipped
 
 
 def pct(count, n):

@@ -94,6 +94,8 @@ class Recipe:
     harden_requests: int = 32
     harden_steps: int = 20
     harden_iters: int = 40
+    # fuse: the decoding defaults written into the final adapters and the fused model
+    keep_verdict: str = "flagged"
     # eval
     detection_limit: Optional[int] = None  # held-out requests per source and detection suite
     eval_limit: Optional[int] = 24  # held-out harmful requests of the direct and prefill suites
@@ -110,7 +112,7 @@ STAGE_OPTIONS = {
     "train": ("iters", "batch_size", "learning_rate", "lam", "num_layers", "lora_rank", "probes",
               "max_seq_length", "warmup", "seed"),
     "harden": ("harden_rounds", "harden_requests", "harden_steps", "harden_iters"),
-    "fuse": (), "eval": ("detection_limit", "eval_limit", "eval_max_tokens"), "card": (),
+    "fuse": ("keep_verdict",), "eval": ("detection_limit", "eval_limit", "eval_max_tokens"), "card": (),
 }
 
 
@@ -366,10 +368,20 @@ class Run:
                               steps=r.harden_steps, iters=r.harden_iters)
 
     def fuse(self):
+        from ..adapters import set_decoding_defaults
         from ..fuse import fuse
         from .harden import final_adapters
 
-        fuse(self.model_dir, final_adapters(self.out, self.recipe.harden_rounds), self.out / "model")
+        adapters = final_adapters(self.out, self.recipe.harden_rounds)
+        set_decoding_defaults(adapters, self.decoding_defaults(adapters))
+        fuse(self.model_dir, adapters, self.out / "model")
+
+    def decoding_defaults(self, adapters: Path) -> dict:
+        """The ``safesig`` block of the shipped adapters: the window checks read the query only
+        when the probes were trained so; the kept verdict as the recipe says."""
+        trained = json.loads((adapters / "adapter_config.json").read_text())["safesig_training"]
+        return {"window_query": bool(trained.get("window_query")),
+                "keep_verdict": self.recipe.keep_verdict}
 
     def eval(self):
         from ..eval.detection import DETECTION_FILE, detect_split

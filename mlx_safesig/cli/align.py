@@ -69,6 +69,11 @@ harden_options = options(
          "says benign).", type=click.IntRange(1)),
     _opt("--harden-iters", "Training steps per hardening round.", type=click.IntRange(1)),
 )
+fuse_options = options(
+    _opt("--keep-verdict", "Decoding default written into the adapters and the fused model: the "
+         "answer attends to the kept query [CLS] always, or only when the verdict is flagged.",
+         type=click.Choice(["always", "flagged"])),
+)
 eval_options = options(
     click.option("--detection-limit", type=click.IntRange(1), default=None,
                  help="Held-out requests per source and detection suite (default: all)."),
@@ -104,6 +109,7 @@ eval_options = options(
 @rows_options
 @train_options
 @harden_options
+@fuse_options
 @eval_options
 @user_errors
 def align(out, restart_from, loso_table, **settings):
