@@ -61,19 +61,16 @@ def detect_left_out(model, tokenizer, data_dir, names: Sequence[str], out_dir,
                     extra_benign: Optional[Path] = None, limit: Optional[int] = None) -> dict:
     """The query verdict on the left-out sources' rows, as they are and in conversations
     (``detection.run_detection``); written to ``out_dir/left-out.json`` and returned."""
-    import sys
-
-    from tqdm import tqdm
 
     from ..eval.detection import SWEEP, held_out_rows, run_detection
     from ..eval.report import atomic_write
+    from ..progress import progress_bar
 
     rows = left_out_rows(data_dir, names, extra_benign)
     if not rows:
         raise SafesigError(f"{data_dir} has no rows of {', '.join(names)} to score.")
     plan = {suite: held_out_rows(rows, [], [suite], limit) for suite in LEFT_OUT_SUITES}
-    with tqdm(total=sum(map(len, plan.values())), desc="verdicts", unit="row", disable=None,
-              file=sys.stderr) as bar:
+    with progress_bar(sum(map(len, plan.values())), "verdicts", "row") as bar:
         report = run_detection(model, tokenizer, plan, "left-out", sweep=SWEEP, progress=bar.update)
     report["left_out"] = list(names)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,6 @@
 """`mlx-safesig eval`: attack suites, held-out detection per source, utility, adaptive attacks."""
 
 import json
-import sys
 from pathlib import Path
 
 import click
@@ -97,7 +96,8 @@ adaptive_options = options(
 @click.option("--split", default="dev", show_default=True, help="Read harmful/benign.<split>.jsonl.")
 @click.option("--out", "out_dir", default="eval-results", show_default=True, type=click.Path(),
               help="Where rows.jsonl, results.json, report.md and the plots are written.")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Prompts per suite; for detection, utility and adaptive, per source "
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Prompts per suite; for detection, utility and adaptive, per source "
               "(default: all).")
 @click.option("--exclude-category", "exclude_categories", multiple=True,
               help="Leave out harmful rows of this category (repeatable), e.g. Do-Not-Answer's "
@@ -208,18 +208,16 @@ def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_d
 
 def _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tokens, out_dir: Path,
              as_json: bool):
-    from tqdm import tqdm
-
     from ..eval.detection import sample_per_source, split_rows
     from ..eval.utility import UTILITY_FILE, reference_rows, run_utility
+    from ..progress import progress_bar
 
     benign = [r for r in split_rows(data_dir, split) if r["label"] == 0]
     rows = sample_per_source(benign, limit, "utility")
     references = sample_per_source(reference_rows(benign), limit, "utility-reference")
     say("[utility: the base model runs as plain mlx-lm; its [CLS] head is never used]")
     base, base_tokenizer = load_model(model_path(base_model), add_safety=True)
-    with tqdm(total=2 * len(references) + 2 * len(rows), desc="utility", unit="step", disable=None,
-              file=sys.stderr) as bar:
+    with progress_bar(2 * len(references) + 2 * len(rows), "utility", "step") as bar:
         report = run_utility(net, tokenizer, base, base_tokenizer, rows,
                              config.resolved(net.args.safesig), max_tokens, progress=bar.update,
                              references=references)
@@ -244,14 +242,13 @@ def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets
 
 def _adaptive(net, tokenizer, plan, config, budgets, seed, universal, resume, model_id, split,
               limit, out_dir: Path, as_json: bool):
-    from tqdm import tqdm
-
     from ..eval.adaptive_suite import ADAPTIVE_FILE, ROWS_FILE, format_adaptive, run_adaptive
+    from ..progress import progress_bar
 
     harmful, benign, runs = plan
     config = config.resolved(net.args.safesig)
     total = len(harmful) + len(benign) + (len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
-    with tqdm(total=total, desc="adaptive", unit="step", disable=None, file=sys.stderr) as bar:
+    with progress_bar(total, "adaptive", "step") as bar:
         report = run_adaptive(net, tokenizer, harmful, benign, config, runs, budgets, out_dir,
                               seed=seed or 0, universal=universal, resume=resume,
                               fingerprint={"model": model_id, "split": split, "limit": limit},

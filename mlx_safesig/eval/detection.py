@@ -286,15 +286,12 @@ def detect_split(model, tokenizer, data_dir, split: str, out_dir, limit: Optiona
     (``detection_plan``), with a progress bar on stderr; the report (``run_detection``, swept at
     ``SWEEP``) is written to ``out_dir/detection.json`` and returned."""
     import json
-    import sys
 
-    from tqdm import tqdm
-
+    from ..progress import progress_bar
     from .report import atomic_write
 
     plan = detection_plan(data_dir, split, limit, exclude)
-    with tqdm(total=sum(map(len, plan.values())), desc="verdicts", unit="row", disable=None,
-              file=sys.stderr) as bar:
+    with progress_bar(sum(map(len, plan.values())), "verdicts", "row") as bar:
         report = run_detection(model, tokenizer, plan, split, threshold, sweep=SWEEP,
                                progress=bar.update)
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,6 @@ own. Sampled generations (per-job seeds) run one by one.
 """
 
 import json
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -166,10 +165,9 @@ class _RowLog:
 
 
 def _bar(total: int, done: int, desc: str, progress: bool):
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
-    return tqdm(total=total, initial=done, desc=desc, unit="gen", file=sys.stderr,
-                disable=not progress, dynamic_ncols=True)
+    return progress_bar(total, desc, "gen", initial=done, enabled=progress)
 
 
 @dataclass
