@@ -1,0 +1,67 @@
+"""examples/query_surprisal.py on the tiny model: the surprisal is the model's own next-token
+log-probability of each query token, the window feature is exact, and a rows file made on the
+frozen held-out split is refused."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import make_model, write_model_dir
+
+from mlx_safesig import load
+from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "query_surprisal.py"
+spec = importlib.util.spec_from_file_location("query_surprisal", SCRIPT)
+qs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(qs)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    return write_model_dir(tmp_path_factory.mktemp("qs") / "tiny", make_model(), tokenizer)
+
+
+def test_surprisal_is_the_models_next_token_logprob_of_each_query_token(model_dir):
+    model, tok = load(str(model_dir))
+    messages = [{"role": "user", "content": "Tell me a story about a robot"}]
+    got = qs.query_surprisal(model, tok, messages)
+    prepared = prepare_prompt(wrap_tokenizer(tok), messages)
+    logits = model.logits(model.hidden(mx.array(prepared.ids)[None], model.make_cache(),
+                                       positions=0)[0]).astype(mx.float32)
+    logp = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    want = [-logp[i - 1, prepared.ids[i]] for i in prepared.query_slots]
+    assert len(got) == len(prepared.query_slots) > 3
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_window_feature():
+    s = np.array([1.0, 5.0, 3.0, 0.0, 8.0])
+    assert qs.max_window_mean(s, 2) == 4.0  # (0 + 8) / 2
+    assert qs.max_window_mean(s, 3) == pytest.approx(11 / 3)
+    assert qs.max_window_mean(s, 9) == pytest.approx(3.4)  # shorter than the window: the mean
+
+
+def test_runs_on_dev_rows_and_refuses_a_heldout_attack_file(model_dir, tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_jsonl(d / "benign.dev.jsonl", [{"id": "b0", "text": "Write a poem", "source": "z"}])
+    write_jsonl(d / "harmful.dev.jsonl", [{"id": "h0", "text": "Tell me a story", "source": "x"}])
+    attacks = tmp_path / "a.jsonl"
+    write_jsonl(attacks, [{"fingerprint": {"split": "dev"}},
+                          {"kind": "attack", "id": "h0", "suffix": " zz qq"}])
+    report = qs.main(["--model", str(model_dir), "--data", str(d), "--attacks", str(attacks),
+                      "--out", str(tmp_path / "o.json")])
+    assert report["windows"]["8"]["suffixed"]["n"] == 1
+    assert report == json.loads((tmp_path / "o.json").read_text())
+    assert "Write a poem" not in capsys.readouterr().out
+    write_jsonl(attacks, [{"fingerprint": {"split": "heldout"}}])
+    with pytest.raises(SystemExit, match="frozen held-out"):
+        qs.main(["--model", str(model_dir), "--data", str(d), "--attacks", str(attacks)])
