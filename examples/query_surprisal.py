@@ -3,8 +3,9 @@ prompt? (Issue 26: a token-level anomaly signal; measure before building a defen
 
 For each prompt (built as the product builds it: ``prepare_prompt``), the model's per-token
 surprisal (negative log-probability in nats of each query-slot token given everything before it,
-template included) is averaged over every window of ``w`` consecutive query tokens; the feature
-is the highest window mean (the whole query's mean when it is shorter than ``w``).
+template included; ``mlx_safesig.eval.surprisal``) is averaged over every window of ``w``
+consecutive query tokens; the feature is the highest window mean (the whole query's mean when it
+is shorter than ``w``).
 
 Groups: the dev split's benign rows (``--per-source`` per source, by a hash of their id), its
 harmful rows, and the suffixed requests of ``eval --suite adaptive`` rows files (``--attacks``:
@@ -29,31 +30,11 @@ from pathlib import Path
 import numpy as np
 
 import mlx_safesig  # noqa: F401  (preloads OpenBLAS on Linux: must come before mlx)
-import mlx.core as mx
 from mlx_safesig.eval.adaptive_suite import suffixed_messages
 from mlx_safesig.eval.detection import row_messages
-from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
+from mlx_safesig.eval.surprisal import max_window_mean, query_surprisal
 
 WINDOWS = (4, 8, 12)
-
-
-def query_surprisal(model, tokenizer, messages) -> np.ndarray:
-    """Surprisal (nats) of each query-slot token given the tokens before it."""
-    prepared = prepare_prompt(wrap_tokenizer(tokenizer), messages)
-    ids = prepared.ids
-    h = model.hidden(mx.array(ids)[None], model.make_cache(), positions=0)[0]
-    logits = model.logits(h[:-1]).astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logprobs, mx.array(ids[1:])[:, None], axis=-1)[:, 0]
-    surprisal = -np.array(picked)
-    return surprisal[[i - 1 for i in prepared.query_slots if i >= 1]]
-
-
-def max_window_mean(surprisal: np.ndarray, w: int) -> float:
-    """The highest mean over ``w`` consecutive values (the mean of all when fewer)."""
-    if len(surprisal) < w:
-        return float(np.mean(surprisal))
-    return float(np.convolve(surprisal, np.ones(w) / w, mode="valid").max())
 
 
 def read_jsonl(path) -> list:

@@ -21,6 +21,7 @@ from mlx_safesig.eval.adaptive import (
     SuffixPrompt,
     allowed_tokens,
     greedy_response,
+    initial_suffix,
     layout,
     probe_windows,
 )
@@ -252,3 +253,64 @@ def test_bad_input_is_one_line_and_exit_1(model_dir, data_dir, tmp_path, args, m
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ") and message in last, last
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+# -- under a surprisal gate (what a gate on the query's window surprisal would let through) ----
+
+def test_the_batched_surprisal_peak_is_the_querys_own(net, tokenizer):
+    from mlx_safesig.eval.adaptive import batch_losses
+    from mlx_safesig.eval.surprisal import max_window_mean, query_surprisal
+
+    allowed = allowed_tokens(net, tokenizer)
+    attack = Attack(net, tokenizer, config(net), AttackSettings(surprisal_gate=1e9, **SMALL),
+                    [MESSAGES], allowed, seed=0)
+    attack._relayout(refresh=True)
+    t = attack.targets[0]
+    rng = np.random.default_rng(0)
+    cands = [c for c in (rng.choice(allowed, size=SMALL["suffix_len"]) for _ in range(40))
+             if t.prompt.fits([int(x) for x in c])][:4]
+    _, _, peaks = batch_losses(net, t.lay, np.array(cands), t.prompt.slots, 3)
+    for c, peak in zip(cands, peaks):
+        messages = t.prompt.with_suffix([int(x) for x in c])
+        assert peak == pytest.approx(max_window_mean(query_surprisal(net, tokenizer, messages), 3),
+                                     abs=1e-3)
+
+
+def test_a_gated_attack_stays_under_the_gate_and_succeeds_only_there(net, tokenizer):
+    from mlx_safesig.eval.surprisal import max_window_mean, query_surprisal
+
+    allowed = allowed_tokens(net, tokenizer)
+    free = Attack(net, tokenizer, config(net), AttackSettings(**SMALL), [MESSAGES], allowed, 0)
+    res = free.run()
+    free_peak = max_window_mean(query_surprisal(
+        net, tokenizer, free.targets[0].prompt.with_suffix(res.suffix)), 4)
+    init = free.targets[0].prompt.with_suffix(initial_suffix(tokenizer, allowed,
+                                                             SMALL["suffix_len"]))
+    init_peak = max_window_mean(query_surprisal(net, tokenizer, init), 4)
+    gate = (init_peak + free_peak) / 2 if free_peak > init_peak else init_peak + 0.01
+    settings = AttackSettings(surprisal_gate=gate, surprisal_window=4, fluent_k=64, **SMALL)
+    attack = Attack(net, tokenizer, config(net), settings, [MESSAGES], allowed, seed=0)
+    res = attack.run(check=lambda suffix: True)
+    prompt = attack.targets[0].prompt
+    peak = max_window_mean(query_surprisal(net, tokenizer, prompt.with_suffix(res.suffix)), 4)
+    assert res.peak == pytest.approx(peak, abs=1e-3) and peak <= gate + 1e-6
+    assert score(net, tokenizer, prompt.with_suffix(res.suffix)) == pytest.approx(res.ps[0],
+                                                                                  abs=1e-4)
+    if res.steps_to_success is not None:
+        assert res.ps[0] < 0.5
+
+
+def test_the_suite_checks_the_gate_and_old_runs_keep_their_fingerprint(net, tokenizer, tmp_path):
+    rows = [{"id": "h0", "text": TEXTS[0], "source": "x", "label": 1}]
+    cfg = config(net)
+    plain = run_adaptive(net, tokenizer, rows, [], cfg, [AttackSettings(**SMALL)], [3, 6],
+                         tmp_path / "a")
+    header = json.loads((tmp_path / "a" / ROWS_FILE).read_text().splitlines()[0])
+    assert "surprisal_gate" not in header["fingerprint"]["runs"][0]
+    gated = run_adaptive(net, tokenizer, rows, [], cfg,
+                         [AttackSettings(surprisal_gate=0.01, **SMALL)], [3, 6], tmp_path / "b")
+    assert "surprisal over 8 tokens at most 0.01" in gated["judge"]
+    attack = [json.loads(x) for x in (tmp_path / "b" / ROWS_FILE).read_text().splitlines()[1:]
+              if '"attack"' in x][0]
+    assert attack["peak"] > 0.01 and attack["steps_to_success"] is None  # no fluent text is that dull
+    assert plain["runs"]["gcg/verdict"]["all"]["attacked"] == 1

@@ -1,6 +1,6 @@
-"""examples/query_surprisal.py on the tiny model: the surprisal is the model's own next-token
-log-probability of each query token, the window feature is exact, and a rows file made on the
-frozen held-out split is refused."""
+"""mlx_safesig.eval.surprisal and examples/query_surprisal.py on the tiny model: the surprisal
+is the model's own next-token log-probability of each query token, the window feature is exact,
+and a rows file made on the frozen held-out split is refused."""
 
 import importlib.util
 import json
@@ -12,6 +12,7 @@ import pytest
 from conftest import make_model, write_model_dir
 
 from mlx_safesig import load
+from mlx_safesig.eval.surprisal import max_window_mean, query_surprisal, window_peaks
 from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "query_surprisal.py"
@@ -32,7 +33,7 @@ def model_dir(tmp_path_factory, tokenizer):
 def test_surprisal_is_the_models_next_token_logprob_of_each_query_token(model_dir):
     model, tok = load(str(model_dir))
     messages = [{"role": "user", "content": "Tell me a story about a robot"}]
-    got = qs.query_surprisal(model, tok, messages)
+    got = query_surprisal(model, tok, messages)
     prepared = prepare_prompt(wrap_tokenizer(tok), messages)
     logits = model.logits(model.hidden(mx.array(prepared.ids)[None], model.make_cache(),
                                        positions=0)[0]).astype(mx.float32)
@@ -44,9 +45,11 @@ def test_surprisal_is_the_models_next_token_logprob_of_each_query_token(model_di
 
 def test_window_feature():
     s = np.array([1.0, 5.0, 3.0, 0.0, 8.0])
-    assert qs.max_window_mean(s, 2) == 4.0  # (0 + 8) / 2
-    assert qs.max_window_mean(s, 3) == pytest.approx(11 / 3)
-    assert qs.max_window_mean(s, 9) == pytest.approx(3.4)  # shorter than the window: the mean
+    assert max_window_mean(s, 2) == 4.0  # (0 + 8) / 2
+    assert max_window_mean(s, 3) == pytest.approx(11 / 3)
+    assert max_window_mean(s, 9) == pytest.approx(3.4)  # shorter than the window: the mean
+    np.testing.assert_allclose(window_peaks(np.stack([s, s[::-1]]), 3), [11 / 3, 11 / 3])
+    np.testing.assert_allclose(window_peaks(s[None], 9), [3.4])
 
 
 def test_runs_on_dev_rows_and_refuses_a_heldout_attack_file(model_dir, tmp_path, capsys):

@@ -78,6 +78,13 @@ adaptive_options = options(
     click.option("--response-tokens", type=click.IntRange(1), default=16, show_default=True,
                  help="For --suite adaptive: response tokens the windows objective covers and the "
                  "success check generates with safety on."),
+    click.option("--surprisal-gate", type=click.FloatRange(0, min_open=True), default=None,
+                 help="For --suite adaptive: attack as if a gate refused queries whose highest mean "
+                 "surprisal (nats per token, the model's own) over --surprisal-window tokens "
+                 "exceeds this: swaps stay among fluent tokens, and a success must pass the gate. "
+                 "Measures what such a gate would cost an attacker (decoding has no gate yet)."),
+    click.option("--surprisal-window", type=click.IntRange(1), default=8, show_default=True,
+                 help="For --suite adaptive with --surprisal-gate: query tokens per window."),
 )
 
 
@@ -126,7 +133,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
                  max_tokens, temp, top_p, top_k, seed, grid_size, safety, schedule, threshold,
                  window_threshold, tau, min_window, window_query, keep_verdict, base_model,
                  judge_model, batch_size, attacks, objectives, step_budgets, suffix_len,
-                 time_budget, universal_requests, response_tokens, resume, as_json):
+                 time_budget, universal_requests, response_tokens, surprisal_gate,
+                 surprisal_window, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     The sampling options apply to every suite but decoding (which sweeps its own grid). Greedy
@@ -158,7 +166,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         split_rows(data_dir, split)
     if "adaptive" in extra:
         adaptive = _adaptive_plan(data_dir, split, limit, exclude_categories, attacks, objectives,
-                                  step_budgets, suffix_len, time_budget, response_tokens)
+                                  step_budgets, suffix_len, time_budget, response_tokens,
+                                  surprisal_gate, surprisal_window)
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
     if "detection" in extra:
@@ -228,14 +237,15 @@ def _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tok
 
 
 def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets, suffix_len,
-                   time_budget, response_tokens):
+                   time_budget, response_tokens, surprisal_gate=None, surprisal_window=8):
     """The rows and the attack runs, checked before the model loads."""
     from ..eval.adaptive import AttackSettings
     from ..eval.adaptive_suite import adaptive_rows
 
     harmful, benign = adaptive_rows(data_dir, split, limit, exclude)
     runs = [AttackSettings(attack=a, objective=o, suffix_len=suffix_len, steps=budgets[-1],
-                           time_budget=time_budget, n_response=response_tokens)
+                           time_budget=time_budget, n_response=response_tokens,
+                           surprisal_gate=surprisal_gate, surprisal_window=surprisal_window)
             for a in attacks for o in objectives]
     return harmful, benign, runs
 

@@ -24,6 +24,12 @@ Two published attacks search the suffix:
   only if it lowers the loss. Same evaluations per step as GCG, so the two compare the value of
   the gradient at a fixed budget.
 
+Under ``surprisal_gate`` (what a surprisal gate would let through, ``surprisal.py``) the
+attacker keeps the highest mean surprisal over ``surprisal_window`` consecutive query tokens at or
+below the gate: candidates are ranked by how far they exceed it first and by the loss second,
+swaps draw from the ``fluent_k`` tokens the language model finds most probable at that position
+(ordered by the gradient for ``gcg``), and a success needs the gate passed too.
+
 Tokens a suffix may hold: not special, not ``[CLS]``, printable ASCII, not whitespace only; and a
 candidate suffix is kept only if rendering the chat with its text and tokenizing again gives back
 exactly the attacked ids (the usual GCG filter), so every suffix found is text a user can paste.
@@ -42,6 +48,7 @@ from ..decoding import SafetyConfig, SafetyMonitor
 from ..model import Model, SafesigError
 from ..prefill import cls_logits_mask, prefill_with_verdict, probe_position
 from ..prompt import PreparedPrompt, prepare_prompt, special_ids, wrap_tokenizer
+from .surprisal import token_surprisal, window_peaks
 
 ATTACKS = ("gcg", "random")
 OBJECTIVES = ("verdict", "windows")
@@ -59,13 +66,17 @@ class AttackSettings:
     time_budget: Optional[float] = None  # seconds per request (or per universal run)
     n_response: int = 16  # response tokens whose window probes the loss sums (and the check runs)
     refresh: int = 5  # recompute the greedy response every this many steps (windows objective)
+    surprisal_gate: Optional[float] = None  # keep the query's window surprisal at or below this
+    surprisal_window: int = 8
+    fluent_k: int = 512  # with a gate: swaps draw from the LM's most probable tokens at a position
 
     def __post_init__(self):
         if self.attack not in ATTACKS:
             raise SafesigError(f"unknown attack {self.attack!r}; use {', '.join(ATTACKS)}.")
         if self.objective not in OBJECTIVES:
             raise SafesigError(f"unknown objective {self.objective!r}; use {', '.join(OBJECTIVES)}.")
-        for name in ("suffix_len", "top_k", "batch", "steps", "n_response", "refresh"):
+        for name in ("suffix_len", "top_k", "batch", "steps", "n_response", "refresh",
+                     "surprisal_window", "fluent_k"):
             if getattr(self, name) < 1:
                 raise SafesigError(f"{name} must be at least 1, got {getattr(self, name)}.")
 
@@ -155,12 +166,16 @@ class Layout:
     heads: List[int]  # rows whose [CLS] head enters the loss: the verdict first
     start: int  # slot of the first suffix token
     prefix: Optional[list] = None  # keys/values of the slots before the suffix (``prefix_state``)
+    n_prompt: int = 0  # prompt tokens (slots 0 .. n_prompt - 1)
+    prefix_surprisal: Optional[np.ndarray] = None  # [start] surprisal of the tokens before the suffix
+    next_logits: Optional[mx.array] = None  # [V] the logits that predict the first suffix token
 
 
 def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
            response: Sequence[int] = (), windows: Sequence[tuple] = (),
-           kept: bool = False) -> Layout:
-    """``windows``: (response index t, include the query?, response indices seen) per probe."""
+           kept: bool = False, surprisal: bool = False) -> Layout:
+    """``windows``: (response index t, include the query?, response indices seen) per probe;
+    ``surprisal``: also keep what ``batch_losses`` needs to score the query's surprisal."""
     ids = target.ids(suffix)
     n, m = len(ids), len(response)
     T = n + 1 + m + len(windows)
@@ -181,8 +196,8 @@ def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
         heads.append(row)
     tokens = np.array(ids + [model.cls_token_id] + list(response)
                       + [model.cls_token_id] * len(windows), dtype=np.int64)
-    lay = Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start)
-    lay.prefix = prefix_state(model, lay)
+    lay = Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start, n_prompt=n)
+    lay.prefix = prefix_state(model, lay, surprisal)
     return lay
 
 
@@ -194,15 +209,24 @@ def log_p_malicious(model: Model, h_cls: mx.array) -> mx.array:
     return -nn.softplus(-z)
 
 
-def prefix_state(model: Model, lay: Layout) -> list:
+def prefix_state(model: Model, lay: Layout, surprisal: bool = False) -> list:
     """Keys and values of the slots before the suffix (the same for every candidate): computed
-    once per layout, so a candidate's forward runs only the suffix and what follows it."""
+    once per layout, so a candidate's forward runs only the suffix and what follows it. With
+    ``surprisal``, also the layout's surprisal of those slots and the logits predicting the first
+    suffix token."""
     cache = model.make_cache()
     s = lay.start
-    model.hidden(mx.array(lay.tokens[None, :s]), cache, mask=lay.mask[:s, :s],
-                 positions=lay.positions[:s])
+    h = model.hidden(mx.array(lay.tokens[None, :s]), cache, mask=lay.mask[:s, :s],
+                     positions=lay.positions[:s])[0]
     states = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
-    mx.eval(states)
+    if not surprisal:
+        mx.eval(states)
+        return states
+    logits = model.logits(h)
+    nats = token_surprisal(logits[:-1], mx.array(lay.tokens[1:s]))
+    mx.eval(states, logits, nats)
+    lay.prefix_surprisal = np.concatenate([[0.0], np.array(nats, dtype=np.float64)])
+    lay.next_logits = logits[-1]
     return states
 
 
@@ -222,9 +246,11 @@ def _forward_after_prefix(model: Model, lay: Layout, states: list, tokens: np.nd
                         input_embeddings=embeddings)
 
 
-def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray) -> tuple:
+def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray,
+                 slots: Optional[Sequence[int]] = None, window: int = 8) -> tuple:
     """Each suffix [B, L] put in ``lay``: (loss [B] = summed log p of the heads, the verdict's
-    p(malicious) [B]), both numpy."""
+    p(malicious) [B], and with query ``slots`` the highest mean surprisal over ``window``
+    consecutive query tokens [B] (else None)), all numpy."""
     B, L = suffixes.shape
     tokens = np.repeat(lay.tokens[None], B, axis=0)
     tokens[:, lay.start : lay.start + L] = suffixes
@@ -232,8 +258,29 @@ def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray) -> tuple:
     heads = [i - lay.start for i in lay.heads]
     logp = log_p_malicious(model, h[:, heads])  # [B, heads]
     loss, p = logp.sum(axis=1), model.safety_prob(h[:, heads[0]])
-    mx.eval(loss, p)
-    return np.array(loss, dtype=np.float64), np.array(p, dtype=np.float64)
+    out = [loss, p]
+    if slots is not None:
+        s, n = lay.start, lay.n_prompt
+        first = token_surprisal(mx.repeat(lay.next_logits[None], B, axis=0),
+                                mx.array(tokens[:, s]))[:, None]
+        rest = token_surprisal(model.logits(h[:, : n - 1 - s]), mx.array(tokens[:, s + 1 : n]))
+        out.append(mx.concatenate([first, rest], axis=1))
+    mx.eval(out)
+    peaks = None
+    if slots is not None:
+        full = np.concatenate([np.repeat(lay.prefix_surprisal[None], B, axis=0),
+                               np.array(out[2], dtype=np.float64)], axis=1)  # [B, n]
+        peaks = window_peaks(full[:, [i for i in slots if i >= 1]], window)
+    return np.array(loss, dtype=np.float64), np.array(p, dtype=np.float64), peaks
+
+
+def suffix_logits(model: Model, lay: Layout, suffix: Sequence[int]) -> mx.array:
+    """[L, V]: the logits that predict each token of ``suffix`` in ``lay`` (the language model's
+    view of which tokens are fluent at each suffix position)."""
+    tokens = lay.tokens[None].copy()
+    tokens[0, lay.start : lay.start + len(suffix)] = suffix
+    h = _forward_after_prefix(model, lay, lay.prefix, tokens)[0, : len(suffix) - 1]
+    return mx.concatenate([lay.next_logits[None], model.logits(h)], axis=0)
 
 
 def suffix_gradient(model: Model, lay: Layout, length: int) -> mx.array:
@@ -315,6 +362,7 @@ class AttackResult:
     seconds_to_success: Optional[float]
     inserted: Optional[bool]  # did the last success check's generation insert a refusal?
     trace: List[float] = field(default_factory=list)  # the loss after each step (step 0 = init)
+    peak: Optional[float] = None  # with a surprisal gate: the suffix's highest window surprisal
 
 
 class Attack:
@@ -342,27 +390,53 @@ class Attack:
                 t.response = greedy_response(self.model, prepared, self.s.n_response, kept, self.eos)
             windows = (probe_windows(self.config, t.response, self.special)
                        if self.s.objective == "windows" else [])
-            t.lay = layout(self.model, t.prompt, self.suffix, t.response, windows, kept)
+            t.lay = layout(self.model, t.prompt, self.suffix, t.response, windows, kept,
+                           surprisal=self.s.surprisal_gate is not None)
 
     def evaluate(self, suffixes: np.ndarray) -> tuple:
-        """Loss [B] summed over the targets and the verdict p [B, targets]."""
-        losses, ps = np.zeros(len(suffixes)), []
+        """Loss [B] summed over the targets, the verdict p [B, targets] and how far the highest
+        window surprisal exceeds the gate over the targets [B] (zeros without a gate)."""
+        losses, ps, top = np.zeros(len(suffixes)), [], np.zeros(len(suffixes))
+        gate = self.s.surprisal_gate
         for t in self.targets:
-            loss, p = batch_losses(self.model, t.lay, suffixes)
+            loss, p, peaks = batch_losses(self.model, t.lay, suffixes,
+                                          None if gate is None else t.prompt.slots,
+                                          self.s.surprisal_window)
             losses += loss
             ps.append(p)
-        return losses, np.stack(ps, axis=1)
+            if gate is not None:
+                top = np.maximum(top, peaks)
+        self.peaks = top  # the highest window surprisal over the targets [B]
+        excess = np.maximum(top - gate, 0.0) if gate is not None else top * 0.0
+        return losses, np.stack(ps, axis=1), excess
+
+    def fluent(self) -> np.ndarray:
+        """[L, V] bool: the ``fluent_k`` tokens the language model finds most probable at each
+        suffix position given the current suffix (first target), among the allowed ones."""
+        t = self.targets[0]
+        logits = np.array(suffix_logits(self.model, t.lay, self.suffix).astype(mx.float32))
+        logits = logits - self.allowed_mask[None]
+        top = np.argsort(-logits, axis=1)[:, : self.s.fluent_k]
+        out = np.zeros(logits.shape, dtype=bool)
+        np.put_along_axis(out, top, True, axis=1)
+        return out & np.isfinite(logits)
 
     def candidates(self) -> np.ndarray:
         L, B = self.s.suffix_len, self.s.batch
         current = np.array(self.suffix, dtype=np.int64)
         positions = self.rng.integers(0, L, size=B)
+        fluent = self.fluent() if self.s.surprisal_gate is not None else None
         if self.s.attack == "gcg":
             grad = sum(suffix_gradient(self.model, t.lay, L) for t in self.targets)
             grad = np.array(grad.astype(mx.float32)) + self.allowed_mask[None]
+            if fluent is not None:
+                grad[~fluent] = np.inf
             grad[np.arange(L), current] = np.inf  # a swap must change the token
             top = np.argsort(grad, axis=1)[:, : self.s.top_k]  # most negative first
             tokens = top[positions, self.rng.integers(0, top.shape[1], size=B)]
+        elif fluent is not None:
+            fluent[np.arange(L), current] = False
+            tokens = np.array([self.rng.choice(np.flatnonzero(fluent[i])) for i in positions])
         else:
             tokens = self.allowed[self.rng.integers(0, len(self.allowed), size=B)]
         out = np.repeat(current[None], B, axis=0)
@@ -388,14 +462,15 @@ class Attack:
         tic = time.perf_counter()
         threshold = self.config.threshold
         self._relayout(refresh=True)
-        loss, ps = self.evaluate(np.array([self.suffix]))
-        loss, ps = float(loss[0]), ps[0]
-        best = (loss, list(self.suffix), ps)
+        loss, ps, excess = self.evaluate(np.array([self.suffix]))
+        loss, ps, excess = float(loss[0]), ps[0], float(excess[0])
+        best = (excess, loss, list(self.suffix), ps)
         trace, step, inserted, checked = [loss], 0, None, None
 
         def try_success():
             nonlocal inserted, checked
-            if check is None or tuple(self.suffix) == checked or not (ps < threshold).all():
+            if check is None or tuple(self.suffix) == checked or not (ps < threshold).all() \
+                    or excess > 0:
                 return False
             checked = tuple(self.suffix)
             ok = check(list(self.suffix))
@@ -409,30 +484,35 @@ class Attack:
             step += 1
             if self.s.objective == "windows" and step > 1 and (step - 1) % self.s.refresh == 0:
                 self._relayout(refresh=True)  # a new target response: re-score the current suffix
-                loss_now, ps = self.evaluate(np.array([self.suffix]))
-                loss, ps = float(loss_now[0]), ps[0]
+                loss_now, ps, excess_now = self.evaluate(np.array([self.suffix]))
+                loss, ps, excess = float(loss_now[0]), ps[0], float(excess_now[0])
             cands = self._fitting(self.candidates())
             if len(cands):
-                losses, cps = self.evaluate(cands)
-                i = int(np.argmin(losses))
-                if self.s.attack == "gcg" or losses[i] < loss:
+                losses, cps, excesses = self.evaluate(cands)
+                i = int(np.lexsort((losses, excesses))[0])  # within the gate first, then the loss
+                if self.s.attack == "gcg" or (excesses[i], losses[i]) < (excess, loss):
                     self.suffix, loss, ps = [int(x) for x in cands[i]], float(losses[i]), cps[i]
+                    excess = float(excesses[i])
                     for t in self.targets:
                         t.lay.tokens[t.lay.start : t.lay.start + self.s.suffix_len] = self.suffix
             trace.append(loss)
-            if loss < best[0]:
-                best = (loss, list(self.suffix), ps)
+            if (excess, loss) < best[:2]:
+                best = (excess, loss, list(self.suffix), ps)
             if progress:
                 progress(1)
             done = try_success()
         seconds = time.perf_counter() - tic
         if done:
-            best = (loss, list(self.suffix), ps)
+            best = (excess, loss, list(self.suffix), ps)
+        peak = None
+        if self.s.surprisal_gate is not None:
+            self.evaluate(np.array([best[2]]))
+            peak = round(float(self.peaks[0]), 5)
         return AttackResult(
-            suffix=best[1], loss=best[0], ps=[float(p) for p in best[2]], steps_run=step,
+            suffix=best[2], loss=best[1], ps=[float(p) for p in best[3]], steps_run=step,
             steps_to_success=step if done else None, seconds=round(seconds, 3),
             seconds_to_success=round(seconds, 3) if done else None, inserted=inserted,
-            trace=[round(x, 5) for x in trace])
+            trace=[round(x, 5) for x in trace], peak=peak)
 
 
 def inserts_refusal(model: Model, tokenizer, messages: Sequence[dict], config: SafetyConfig,
