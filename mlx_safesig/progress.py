@@ -11,12 +11,14 @@ class _Lines:
     """A stream for tqdm that writes each refresh as its own line (no carriage returns)."""
 
     def __init__(self, stream):
-        self.stream = stream
+        self.stream, self.last = stream, None
 
     def write(self, text: str):
         text = text.replace("\r", "").strip()
-        if text:
+        count = text.split("[")[0]  # the bar and counts, without the timings
+        if text and count != self.last:  # closing repeats the last refresh
             self.stream.write(text + "\n")
+            self.last = count
 
     def flush(self):
         self.stream.flush()
@@ -33,4 +35,4 @@ def progress_bar(total: int, desc: str, unit: str, initial: int = 0, enabled: bo
                     disable=not enabled, dynamic_ncols=True)
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=_Lines(stream),
                 disable=not enabled, ascii=True, ncols=100, mininterval=LOG_EVERY,
-                delay=LOG_EVERY)
+                maxinterval=LOG_EVERY, delay=LOG_EVERY)
