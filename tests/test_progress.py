@@ -20,6 +20,7 @@ def test_a_log_gets_plain_lines_and_short_work_gets_none(capsys, monkeypatch):
     lines = err.splitlines()
     assert len(lines) >= 2 and all(line.startswith("verdicts: ") for line in lines)
     assert "4/4" in lines[-1] and "100%" in lines[-1]
+    assert len({line.split("[")[0] for line in lines}) == len(lines)  # no line repeated
 
 
 def test_a_disabled_bar_is_silent(capsys, monkeypatch):
