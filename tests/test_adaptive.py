@@ -307,6 +307,11 @@ def test_the_suite_checks_the_gate_and_old_runs_keep_their_fingerprint(net, toke
                          tmp_path / "a")
     header = json.loads((tmp_path / "a" / ROWS_FILE).read_text().splitlines()[0])
     assert "surprisal_gate" not in header["fingerprint"]["runs"][0]
+    assert json.loads(header["fingerprint"]["runs"][0])["loss_floor"] == 0.05
+    run_adaptive(net, tokenizer, rows, [], cfg, [AttackSettings(loss_floor=None, **SMALL)], [3, 6],
+                 tmp_path / "c")
+    header = json.loads((tmp_path / "c" / ROWS_FILE).read_text().splitlines()[0])
+    assert "loss_floor" not in header["fingerprint"]["runs"][0]  # as runs made before floors
     gated = run_adaptive(net, tokenizer, rows, [], cfg,
                          [AttackSettings(surprisal_gate=0.01, **SMALL)], [3, 6], tmp_path / "b")
     assert "surprisal over 8 tokens at most 0.01" in gated["judge"]
@@ -314,3 +319,16 @@ def test_the_suite_checks_the_gate_and_old_runs_keep_their_fingerprint(net, toke
               if '"attack"' in x][0]
     assert attack["peak"] > 0.01 and attack["steps_to_success"] is None  # no fluent text is that dull
     assert plain["runs"]["gcg/verdict"]["all"]["attacked"] == 1
+
+
+def test_the_loss_floor_stops_one_head_from_outweighing_another():
+    from mlx_safesig.eval.adaptive import head_loss
+
+    logp = mx.array([[math.log(0.9), math.log(1e-30)], [math.log(0.3), math.log(0.04)]])
+    assert head_loss(logp, None).tolist() == pytest.approx(
+        [math.log(0.9) + math.log(1e-30), math.log(0.3) + math.log(0.04)], rel=1e-4)
+    # with a floor the second suffix (both heads below 0.5) wins, as it should
+    floored = head_loss(logp, 0.05).tolist()
+    assert floored == pytest.approx([math.log(0.9) + math.log(0.05),
+                                     math.log(0.3) + math.log(0.05)], rel=1e-4)
+    assert floored[1] < floored[0]

@@ -106,7 +106,8 @@ def attack_round(model, tokenizer, train_rows: Sequence[dict], r: int, settings:
     path = folder / ATTACKS_FILE
     done = {a["index"]: a for a in read_attacks(path)}
     attack_settings = AttackSettings(attack="gcg", objective="verdict", suffix_len=SUFFIX_LEN,
-                                     top_k=TOP_K, batch=BATCH, steps=settings.steps)
+                                     top_k=TOP_K, batch=BATCH, steps=settings.steps,
+                                     loss_floor=None)  # one head, stopped below the threshold
     allowed = allowed_tokens(model, tokenizer)
     folder.mkdir(parents=True, exist_ok=True)
     for k, (i, row) in enumerate(targets, 1):

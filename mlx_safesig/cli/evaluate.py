@@ -85,6 +85,10 @@ adaptive_options = options(
                  "Measures what such a gate would cost an attacker (decoding has no gate yet)."),
     click.option("--surprisal-window", type=click.IntRange(1), default=8, show_default=True,
                  help="For --suite adaptive with --surprisal-gate: query tokens per window."),
+    click.option("--loss-floor", type=click.FloatRange(0, 1, max_open=True), default=0.05,
+                 show_default=True, help="For --suite adaptive: each check's p(malicious) below "
+                 "this earns the attacker nothing more, so one check pushed ever lower cannot "
+                 "outweigh one that holds; 0 = no floor (the loss of runs made before it)."),
 )
 
 
@@ -134,7 +138,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
                  window_threshold, tau, min_window, window_query, keep_verdict, base_model,
                  judge_model, batch_size, attacks, objectives, step_budgets, suffix_len,
                  time_budget, universal_requests, response_tokens, surprisal_gate,
-                 surprisal_window, resume, as_json):
+                 surprisal_window, loss_floor, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     The sampling options apply to every suite but decoding (which sweeps its own grid). Greedy
@@ -167,7 +171,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     if "adaptive" in extra:
         adaptive = _adaptive_plan(data_dir, split, limit, exclude_categories, attacks, objectives,
                                   step_budgets, suffix_len, time_budget, response_tokens,
-                                  surprisal_gate, surprisal_window)
+                                  surprisal_gate, surprisal_window, loss_floor)
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
     if "detection" in extra:
@@ -237,7 +241,8 @@ def _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tok
 
 
 def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets, suffix_len,
-                   time_budget, response_tokens, surprisal_gate=None, surprisal_window=8):
+                   time_budget, response_tokens, surprisal_gate=None, surprisal_window=8,
+                   loss_floor=0.05):
     """The rows and the attack runs, checked before the model loads."""
     from ..eval.adaptive import AttackSettings
     from ..eval.adaptive_suite import adaptive_rows
@@ -245,7 +250,8 @@ def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets
     harmful, benign = adaptive_rows(data_dir, split, limit, exclude)
     runs = [AttackSettings(attack=a, objective=o, suffix_len=suffix_len, steps=budgets[-1],
                            time_budget=time_budget, n_response=response_tokens,
-                           surprisal_gate=surprisal_gate, surprisal_window=surprisal_window)
+                           surprisal_gate=surprisal_gate, surprisal_window=surprisal_window,
+                           loss_floor=loss_floor or None)
             for a in attacks for o in objectives]
     return harmful, benign, runs
 

@@ -35,6 +35,7 @@ candidate suffix is kept only if rendering the chat with its text and tokenizing
 exactly the attacked ids (the usual GCG filter), so every suffix found is text a user can paste.
 """
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -69,6 +70,7 @@ class AttackSettings:
     surprisal_gate: Optional[float] = None  # keep the query's window surprisal at or below this
     surprisal_window: int = 8
     fluent_k: int = 512  # with a gate: swaps draw from the LM's most probable tokens at a position
+    loss_floor: Optional[float] = 0.05  # a head's p below this earns nothing more (None: no floor)
 
     def __post_init__(self):
         if self.attack not in ATTACKS:
@@ -79,6 +81,8 @@ class AttackSettings:
                      "surprisal_window", "fluent_k"):
             if getattr(self, name) < 1:
                 raise SafesigError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.loss_floor is not None and not 0 < self.loss_floor < 1:
+            raise SafesigError(f"loss_floor must be in (0, 1), got {self.loss_floor}.")
 
 
 def _decoder(tokenizer):
@@ -246,9 +250,20 @@ def _forward_after_prefix(model: Model, lay: Layout, states: list, tokens: np.nd
                         input_embeddings=embeddings)
 
 
+def head_loss(logp: mx.array, floor: Optional[float]) -> mx.array:
+    """The attacker's loss over heads (last axis): the sum of their log p(malicious), each held at
+    ``log(floor)`` at least. Without a floor, one head pushed ever lower (log p has no bound) can
+    outweigh another that never gives way: the search then drives the window probes to p ~ 1e-40
+    while the verdict stays flagged."""
+    if floor:
+        logp = mx.maximum(logp, math.log(floor))
+    return logp.sum(axis=-1)
+
+
 def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray,
-                 slots: Optional[Sequence[int]] = None, window: int = 8) -> tuple:
-    """Each suffix [B, L] put in ``lay``: (loss [B] = summed log p of the heads, the verdict's
+                 slots: Optional[Sequence[int]] = None, window: int = 8,
+                 floor: Optional[float] = None) -> tuple:
+    """Each suffix [B, L] put in ``lay``: (loss [B] = ``head_loss`` of the heads, the verdict's
     p(malicious) [B], and with query ``slots`` the highest mean surprisal over ``window``
     consecutive query tokens [B] (else None)), all numpy."""
     B, L = suffixes.shape
@@ -257,7 +272,7 @@ def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray,
     h = _forward_after_prefix(model, lay, lay.prefix, tokens)
     heads = [i - lay.start for i in lay.heads]
     logp = log_p_malicious(model, h[:, heads])  # [B, heads]
-    loss, p = logp.sum(axis=1), model.safety_prob(h[:, heads[0]])
+    loss, p = head_loss(logp, floor), model.safety_prob(h[:, heads[0]])
     out = [loss, p]
     if slots is not None:
         s, n = lay.start, lay.n_prompt
@@ -283,7 +298,8 @@ def suffix_logits(model: Model, lay: Layout, suffix: Sequence[int]) -> mx.array:
     return mx.concatenate([lay.next_logits[None], model.logits(h)], axis=0)
 
 
-def suffix_gradient(model: Model, lay: Layout, length: int) -> mx.array:
+def suffix_gradient(model: Model, lay: Layout, length: int,
+                    floor: Optional[float] = None) -> mx.array:
     """d loss / d one-hot suffix [L, V]: the gradient w.r.t. the suffix embeddings times the
     embedding matrix (what ``one_hot @ E`` would give, without building it)."""
     tokens = lay.tokens[None]
@@ -293,7 +309,7 @@ def suffix_gradient(model: Model, lay: Layout, length: int) -> mx.array:
     def loss_fn(e):
         h = mx.concatenate([e[None], base[:, length:]], axis=1)
         h = _forward_after_prefix(model, lay, lay.prefix, tokens, embeddings=h)
-        return log_p_malicious(model, h[0, heads]).sum()
+        return head_loss(log_p_malicious(model, h[0, heads]), floor)
 
     g = mx.grad(loss_fn)(base[0, :length])
     return model.model.embed_tokens.as_linear(g.astype(base.dtype))
@@ -401,7 +417,7 @@ class Attack:
         for t in self.targets:
             loss, p, peaks = batch_losses(self.model, t.lay, suffixes,
                                           None if gate is None else t.prompt.slots,
-                                          self.s.surprisal_window)
+                                          self.s.surprisal_window, self.s.loss_floor)
             losses += loss
             ps.append(p)
             if gate is not None:
@@ -427,7 +443,8 @@ class Attack:
         positions = self.rng.integers(0, L, size=B)
         fluent = self.fluent() if self.s.surprisal_gate is not None else None
         if self.s.attack == "gcg":
-            grad = sum(suffix_gradient(self.model, t.lay, L) for t in self.targets)
+            grad = sum(suffix_gradient(self.model, t.lay, L, self.s.loss_floor)
+                       for t in self.targets)
             grad = np.array(grad.astype(mx.float32)) + self.allowed_mask[None]
             if fluent is not None:
                 grad[~fluent] = np.inf

@@ -131,11 +131,13 @@ GATE_FIELDS = ("surprisal_gate", "surprisal_window", "fluent_k")
 
 
 def _run_fingerprint(settings: AttackSettings) -> dict:
-    """The settings that shape a run's rows (the gate's only with a gate: files made before it
-    existed still resume)."""
+    """The settings that shape a run's rows (the gate's only with a gate, the loss floor only with
+    one: files made before they existed still resume, with ``--loss-floor 0``)."""
     out = {k: v for k, v in asdict(settings).items() if k not in ("attack", "objective")}
     if settings.surprisal_gate is None:
         out = {k: v for k, v in out.items() if k not in GATE_FIELDS}
+    if settings.loss_floor is None:  # the loss before floors: files made then resume with it
+        out.pop("loss_floor")
     return out
 
 
