@@ -449,11 +449,13 @@ class Attack:
             if fluent is not None:
                 grad[~fluent] = np.inf
             grad[np.arange(L), current] = np.inf  # a swap must change the token
-            top = np.argsort(grad, axis=1)[:, : self.s.top_k]  # most negative first
+            k = self.s.top_k if fluent is None else max(1, min(self.s.top_k, self.s.fluent_k - 1))
+            top = np.argsort(grad, axis=1)[:, :k]  # most negative first (never a non-fluent one)
             tokens = top[positions, self.rng.integers(0, top.shape[1], size=B)]
         elif fluent is not None:
             fluent[np.arange(L), current] = False
-            tokens = np.array([self.rng.choice(np.flatnonzero(fluent[i])) for i in positions])
+            tokens = np.array([self.rng.choice(np.flatnonzero(fluent[i])) if fluent[i].any()
+                               else current[i] for i in positions])  # none left: no swap
         else:
             tokens = self.allowed[self.rng.integers(0, len(self.allowed), size=B)]
         out = np.repeat(current[None], B, axis=0)
