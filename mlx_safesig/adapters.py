@@ -70,12 +70,12 @@ def set_decoding_defaults(adapter_path, values: dict):
     unknown = set(values) - DECODING_KEYS
     if unknown:
         raise SafesigError(f"unknown safesig setting {sorted(unknown)[0]!r}.")
+    from .eval.report import atomic_write
+
     config_file = Path(adapter_path) / ADAPTER_CONFIG
     config = json.loads(config_file.read_text())
     config["safesig"] = {**config.get("safesig", {}), **values}
-    tmp = config_file.with_name(config_file.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, config_file)
+    atomic_write(config_file, json.dumps(config, indent=2))
 
 
 def load_adapters(model: Model, adapter_path) -> Model:

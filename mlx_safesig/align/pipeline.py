@@ -368,20 +368,17 @@ class Run:
                               steps=r.harden_steps, iters=r.harden_iters)
 
     def fuse(self):
-        from ..adapters import set_decoding_defaults
+        from ..adapters import ADAPTER_CONFIG, set_decoding_defaults
         from ..fuse import fuse
         from .harden import final_adapters
 
         adapters = final_adapters(self.out, self.recipe.harden_rounds)
-        set_decoding_defaults(adapters, self.decoding_defaults(adapters))
+        # the shipped block: the window checks read the query only when the probes were trained
+        # so; the kept verdict as the recipe says
+        trained = json.loads((adapters / ADAPTER_CONFIG).read_text())["safesig_training"]
+        set_decoding_defaults(adapters, {"window_query": bool(trained.get("window_query")),
+                                         "keep_verdict": self.recipe.keep_verdict})
         fuse(self.model_dir, adapters, self.out / "model")
-
-    def decoding_defaults(self, adapters: Path) -> dict:
-        """The ``safesig`` block of the shipped adapters: the window checks read the query only
-        when the probes were trained so; the kept verdict as the recipe says."""
-        trained = json.loads((adapters / "adapter_config.json").read_text())["safesig_training"]
-        return {"window_query": bool(trained.get("window_query")),
-                "keep_verdict": self.recipe.keep_verdict}
 
     def eval(self):
         from ..eval.detection import DETECTION_FILE, detect_split

@@ -213,7 +213,10 @@ def atomic_write(path: Path, data):
     """Write ``data`` (text or bytes) to ``path`` through a temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        (tmp.write_bytes if isinstance(data, bytes) else tmp.write_text)(data)
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:  # a full disk leaves no partial temporary file either
         tmp.unlink(missing_ok=True)

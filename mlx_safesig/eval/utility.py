@@ -22,14 +22,12 @@ from ..model import SafesigError
 from ..prefill import prefill_prompt, probe
 from ..prompt import prepare_prompt, wrap_tokenizer
 from .detection import row_messages
+from .surprisal import token_surprisal
 
 
 def _nll(logits: mx.array, targets: Sequence[int]) -> float:
     """Mean NLL of ``targets`` under ``logits`` [T, V] (row t predicts target t)."""
-    logits = logits.astype(mx.float32)
-    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logprobs, mx.array(targets)[:, None], axis=-1)
-    return -picked.mean().item()
+    return token_surprisal(logits, mx.array(targets)).mean().item()
 
 
 def answer_nll(model, tokenizer, rows: Sequence[dict], cls_in_context: bool,
