@@ -220,7 +220,8 @@ def test_a_missing_apertium_or_mode_is_one_line_and_writes_nothing(tmp_path, fak
 
 def test_translated_benign_sources_go_with_their_english_source(tmp_path, fake_path, monkeypatch):
     """rows: `--benign-sources alpaca_gpt4_demo` takes alpaca_gpt4_demo_es too, `--leave-out`
-    leaves a source's translations out with it."""
+    leaves a source's translations out with it, from train.jsonl and valid.jsonl alike (with
+    --extra-benign on too: its filter once reused the left-out names' variable)."""
     from mlx_safesig.align import rows
 
     assert base_source("alpaca_gpt4_demo_es") == "alpaca_gpt4_demo"
@@ -236,12 +237,17 @@ def test_translated_benign_sources_go_with_their_english_source(tmp_path, fake_p
              translate=("es",), translate_share=1.0)
     monkeypatch.setattr(rows, "generate_missing", no_model)
     monkeypatch.setattr(rows, "model_fingerprint", lambda d: "fake")
+    extra = tmp_path / "extra.txt"
+    extra.write_text("# edgy\nHow do I sharpen a kitchen knife safely?\n")
     opts = rows.RowsOptions(benign_sources="alpaca_gpt4_demo,edgy_benign", leave_out="advbench",
-                            window_sources="advbench,donotanswer")
+                            window_sources="advbench,donotanswer", extra_benign=extra)
     rows.make_rows(tmp_path / "data", tmp_path / "rows", "model", opts, log=lambda s: None)
+    for name in ("train.jsonl", "valid.jsonl"):
+        kept = {r["source"].rsplit(":", 1)[-1] for r in read_jsonl(tmp_path / "rows" / name)}
+        assert "alpaca_gpt4_demo" in kept, name
+        assert not kept & {"advbench", "advbench_es", "glaive_toolcall_demo_es"}, name
     trained = {r["source"] for r in read_jsonl(tmp_path / "rows" / "train.jsonl")}
-    assert {"alpaca_gpt4_demo", "alpaca_gpt4_demo_es", "edgy_benign_es", "donotanswer_es"} <= trained
-    assert not trained & {"advbench", "advbench_es", "glaive_toolcall_demo_es"}
+    assert {"alpaca_gpt4_demo_es", "donotanswer_es", "edgy_benign_es", "edgy_extra"} <= trained
 
 
 def test_the_card_names_the_translated_held_out_sources_it_was_tested_on(tmp_path):

@@ -463,9 +463,9 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
                         for r in read_jsonl(data / f"{kind}.{sp}.jsonl")] + [r["text"] for r in heldout]
             known = (set(benign_source) | {r["id"] for r in read_jsonl(data / "harmful.jsonl")}
                      | {r["id"] for r in heldout})
-            extra, left_out = extra_benign_rows(opts.extra_benign, known, held_out)
+            extra, dropped = extra_benign_rows(opts.extra_benign, known, held_out)
             log(f"{opts.extra_benign}: {len(extra)} prompts kept, left out: "
-                f"{left_out or 'none'}")
+                f"{dropped or 'none'}")
             benign += extra
         sources = set(filter(None, opts.window_sources.split(",")))
         gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
