@@ -238,6 +238,9 @@ def test_sigterm_answers_the_request_in_flight_then_exits(tmp_path, tokenizer):
                 url = m.group(1)
                 break
         assert url, "the server did not say where it listens"
+        said = []  # the rest of its stderr, drained so a full pipe never blocks it
+        drain = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)
+        drain.start()
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         stream = c.chat.completions.create(model=str(path), messages=USER, max_tokens=300,
                                            stream=True, stream_options={"include_usage": True})
@@ -249,7 +252,9 @@ def test_sigterm_answers_the_request_in_flight_then_exits(tmp_path, tokenizer):
         assert rest[-2].choices[0].finish_reason == "length"
         with pytest.raises(openai.APIConnectionError):
             c.chat.completions.create(model=str(path), messages=USER, max_tokens=2)
-        assert proc.wait(timeout=30) == 0
+        code = proc.wait(timeout=30)
+        drain.join(timeout=10)
+        assert code == 0, "".join(said[-20:])
     finally:
         proc.kill()
         proc.wait()

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
+import mlx.core as mx
+
 from ..engine import SafeBatchGenerator, seeded_sampler
 from ..generate import GenerationResult, StepText, without_retracted
 from ..model import SafesigError
@@ -156,20 +158,26 @@ class Worker:
     # -- the generation thread ------------------------------------------------------------------
 
     def _run(self):
-        while True:
-            try:
-                self._drop_cancelled()
-                self._admit()
-                if not self.running:
-                    if self.stopping.is_set() and self.waiting.empty():
-                        return
-                    self._wake.wait(0.05)
-                    self._wake.clear()
-                    continue
-                self._step()
-            except Exception as e:  # a fault fails the running requests, never the server
-                log.exception("generation failed")
-                self._fail_all(_fault(e))
+        try:
+            while True:
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if not self.running:
+                        if self.stopping.is_set() and self.waiting.empty():
+                            return
+                        self._wake.wait(0.05)
+                        self._wake.clear()
+                        continue
+                    self._step()
+                except Exception as e:  # a fault fails the running requests, never the server
+                    log.exception("generation failed")
+                    self._fail_all(_fault(e))
+        finally:
+            # MLX frees a thread's streams (and their C++ threads) only when that thread asks;
+            # left to process exit they sometimes abort it ("terminate called without an
+            # active exception", exit -6) after every request was answered.
+            mx.clear_streams()
 
     def _drop_cancelled(self):
         while True:
