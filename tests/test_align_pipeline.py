@@ -289,6 +289,25 @@ def test_train_sh_spells_out_aligns_defaults():
             assert type(want)(value) == want, option
 
 
+def test_stop_after_ends_the_run_after_that_stage_and_the_same_command_goes_on(inputs, finished):
+    out = inputs / "stopped"
+    r = cli(*args(inputs, out, "--stop-after", "data"))
+    assert r.returncode == 0, r.stderr
+    assert done(out) == ["data"] and r.stdout.strip() == str(out)
+    assert lines(r.stderr)[-1] == "stopped after data (--stop-after); the same command without it goes on"
+    r = cli(*args(inputs, out, "--stop-after", "data"))  # already there: nothing more runs
+    assert r.returncode == 0 and done(out) == ["data"], r.stderr
+    r = cli(*args(inputs, out, "--stop-after", "rows", "--answers-from", finished[0]))
+    assert r.returncode == 0, r.stderr
+    said = lines(r.stderr)
+    assert f"[1/{len(STAGES)}] data: done, skipped" in said and done(out) == ["data", "rows"]
+    assert not (out / "adapters").exists() and not (out / "model").exists()
+    r = cli(*args(inputs, out, "--stop-after", "nosuch"))
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "Error: Invalid value for '--stop-after': 'nosuch' is not one of 'data', 'rows', 'train', "
+        "'harden', 'fuse', 'eval', 'card'.")
+
+
 # -- leave-one-source-out --------------------------------------------------------------------
 
 

@@ -438,15 +438,17 @@ def _no_space(e: BaseException) -> bool:
 
 
 def align(recipe: Recipe, out, restart_from: Optional[str] = None,
-          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> Path:
-    """Run every stage not yet done into ``out``; returns the fused model's folder. Progress goes
-    to ``log``; a user error is an ``AlignError`` raised before anything is written."""
+          log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+          stop_after: Optional[str] = None) -> Path:
+    """Run every stage not yet done into ``out`` (up to ``stop_after``, when given); returns the
+    fused model's folder (``out`` when it stopped before ``fuse``). Progress goes to ``log``; a
+    user error is an ``AlignError`` raised before anything is written."""
     from .archive import BuildError
 
     out = Path(out)
-    if restart_from is not None and restart_from not in STAGES:
-        raise AlignError(f"--restart-from: unknown stage {restart_from!r}; choose from "
-                         f"{', '.join(STAGES)}.")
+    for name, value in (("--restart-from", restart_from), ("--stop-after", stop_after)):
+        if value is not None and value not in STAGES:
+            raise AlignError(f"{name}: unknown stage {value!r}; choose from {', '.join(STAGES)}.")
     if out.exists() and not (out / STATE_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
         raise AlignError(f"{out} exists and is not an align run (no {STATE_FILE}); choose a new --out.")
     check_inputs(recipe, out)
@@ -479,13 +481,15 @@ def align(recipe: Recipe, out, restart_from: Optional[str] = None,
             head = f"[{k}/{len(STAGES)}] {stage}"
             if state.done(stage):
                 log(f"{head}: done, skipped")
-                continue
-            log(f"{head}: {TITLES[stage]}")
-            if stage in ("data", "fuse"):
-                run.clear(stage)  # a kill left at most a temporary folder, or a finished rename
-            state.start(stage, options[stage])
-            getattr(run, stage)()
-            state.finish(stage)
+            else:
+                log(f"{head}: {TITLES[stage]}")
+                if stage in ("data", "fuse"):
+                    run.clear(stage)  # a kill left at most a temporary folder, or a finished rename
+                state.start(stage, options[stage])
+                getattr(run, stage)()
+                state.finish(stage)
+            if stage == stop_after:
+                break
     except BuildError as e:
         raise AlignError(str(e)) from None
     except (OSError, RuntimeError) as e:
@@ -493,6 +497,9 @@ def align(recipe: Recipe, out, restart_from: Optional[str] = None,
             raise
         where = getattr(e, "filename", None) or out / OUTPUTS[stage]
         raise AlignError(f"no space left on device while writing {where}") from None
+    if stop_after is not None and not state.done(STAGES[-1]):
+        log(f"stopped after {stop_after} (--stop-after); the same command without it goes on")
+        return out / "model" if state.done("fuse") else out
     log(f"wrote {out / 'model'} and its {CARD_FILE}")
     return out / "model"
 

@@ -103,6 +103,9 @@ eval_options = options(
               help="Skip the artefacts' sha256 check (tests with fake artefacts only).")
 @click.option("--restart-from", type=click.Choice(STAGES), default=None,
               help="Redo this stage and every stage after it (after changing their options).")
+@click.option("--stop-after", type=click.Choice(STAGES), default=None,
+              help="Stop once this stage is done (e.g. fuse: a candidate to evaluate on dev "
+              "before its held-out eval stage runs); the same command without it goes on.")
 @click.option("--loso-table", type=click.Path(), default=None, help="Print the Markdown table of "
               "the --leave-out runs in this folder (left-out sources' flagged rates, the worst of "
               "each label) and exit.")
@@ -112,7 +115,7 @@ eval_options = options(
 @fuse_options
 @eval_options
 @user_errors
-def align(out, restart_from, loso_table, **settings):
+def align(out, restart_from, stop_after, loso_table, **settings):
     """The recipe as one command: data -> rows -> train -> (harden) -> fuse -> held-out eval ->
     model card.
 
@@ -128,5 +131,5 @@ def align(out, restart_from, loso_table, **settings):
         return
     if out is None:
         raise click.UsageError("Missing option '--out' (the folder of the run).")
-    model = run_align(Recipe(**settings), out, restart_from, log=say)
+    model = run_align(Recipe(**settings), out, restart_from, log=say, stop_after=stop_after)
     click.echo(str(model))
