@@ -277,6 +277,23 @@ def test_framed_rows_keep_label_and_reuse_the_plain_answer():
         assert by_prompt[r["text"]]["messages"][1]["content"] == f"Answer {r['answer_of']}."
 
 
+def test_a_wrapped_benign_row_is_kept_exactly_when_its_plain_row_is():
+    """The length limit reads the plain prompt, not the wrapper: otherwise long wrappers survive
+    only around harmful requests (whose answer is a short refusal) and length becomes a label."""
+    wrapper = "You are an actor in a long play. " * 40 + "Your line: {prompt}"
+    assert len(wrapper) > md.MAX_BENIGN_CHARS // 2
+    benign = [{"id": f"b{i}", "text": f"question {i}?", "source": "alpaca_gpt4_demo"}
+              for i in range(40)]
+    wrapped = md.framed_rows(benign, [wrapper], 1.0, "wrapped")
+    fits = "Short answer. " * 60  # with the wrapper it is over the limit, alone it is not
+    long = "Long answer. " * 130  # over the limit alone
+    answers = {r["id"]: (fits if int(r["id"][1:]) % 2 else long, True) for r in benign}
+    assert len(wrapper) + len(fits) > md.MAX_BENIGN_CHARS >= len("question 10?") + len(fits)
+    kept = [r["messages"][0]["content"] for r in md.build([], benign + wrapped, {}, answers, "\nS")]
+    plain_kept = {r["text"] for r in benign if int(r["id"][1:]) % 2}
+    assert set(kept) == plain_kept | {wrapper.replace("{prompt}", t) for t in plain_kept}
+
+
 def test_the_fresh_benign_dev_set_repeats_none_of_our_training_prompt_files():
     """fresh_benign_dev.txt measures over-refusal on prompts written apart from the training data:
     none of its prompts is an exact or near copy (word-set Jaccard >= 0.6) of a prompt of the

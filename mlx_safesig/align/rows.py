@@ -246,8 +246,9 @@ def usable_framings(framings, attack_texts, overlap: float = 0.6):
 def framed_rows(rows, framings, share: float, salt: str = "framed"):
     """Extra rows: about ``share`` of ``rows`` (chosen by id, so the same rows on every run), each
     wrapped in one framing (also chosen by id). A framed row has the plain row's label and
-    category, ``source`` "<salt>:<source>", the id of its own text and ``answer_of`` the plain
-    row's id (benign rows reuse its answer). ``salt`` picks rows and framings apart per use."""
+    category, ``source`` "<salt>:<source>", the id of its own text, ``answer_of`` the plain
+    row's id (benign rows reuse its answer) and ``framing_chars``, the characters the framing
+    added (``build`` sizes a row by its plain prompt). ``salt`` picks rows and framings apart."""
     key = "framing" if salt == "framed" else salt  # the framed rows of v12-v15 keep their framings
     out = []
     for r in rows:
@@ -256,7 +257,8 @@ def framed_rows(rows, framings, share: float, salt: str = "framed"):
         text = pick(f"{r['id']}:{key}", framings).replace(SLOT, r["text"])
         row = {k: v for k, v in r.items() if k not in ("id", "text", "source")}
         out.append(dict(row, id=text_id(text), text=text, source=f"{salt}:{r.get('source')}",
-                        answer_of=r.get("answer_of", r["id"])))
+                        answer_of=r.get("answer_of", r["id"]),
+                        framing_chars=len(text) - len(r["text"])))
     return out
 
 
@@ -333,7 +335,10 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
         if trim_loops and (trimmed := without_loop(answer)) != answer:
             looped.append(bool(trimmed.strip()))
             answer = trimmed
-        asked = sum(len(m["content"]) for m in prompt_messages(r))
+        # sized without its framing or wrapper: a benign row is kept exactly when its plain row
+        # is, else long wrappers would survive only around harmful requests and the verdict
+        # would learn the wrapper's length as a label (v17: 54 of 272 wrapped benign rows kept)
+        asked = sum(len(m["content"]) for m in prompt_messages(r)) - r.get("framing_chars", 0)
         if not answer.strip() or asked + len(answer) > MAX_BENIGN_CHARS:
             continue
         row = {
