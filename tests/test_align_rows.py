@@ -371,6 +371,10 @@ def test_wrappers_are_framings_of_one_slot_within_the_length(tmp_path):
     assert md.read_wrappers(f, 40) == ["Act as Bob. {prompt}"]
     with pytest.raises(SystemExit, match="has no wrapper with one"):
         md.read_wrappers(f, 5)
+    f.write_text("".join(json.dumps({"id": f"w{i}", "plain": f"Act as {i}. {{{{ prompt }}}}"}) + "\n"
+                         for i in range(20)))  # w7, w11, w17 are dev wrappers: never trained on
+    assert md.read_wrappers(f, 40) == [f"Act as {i}. {{prompt}}" for i in range(20)
+                                       if i not in (7, 11, 17)]
     rows = _rows(0, 200)
     wrapped = md.framed_rows(rows, ["A {prompt}", "B {prompt}"], 0.5, "wrapped")
     framed = md.framed_rows(rows, ["A {prompt}", "B {prompt}"], 0.5)

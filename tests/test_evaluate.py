@@ -626,7 +626,7 @@ def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, 
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     assert report == json.loads((tmp_path / "o" / "detection.json").read_text())
-    assert set(report["suites"]) == {"plain", "conversation"}  # wrappers: held-out split only
+    assert set(report["suites"]) == {"plain", "conversation"}  # no training wrappers: no dev ones
     plain = report["suites"]["plain"]["sources"]
     assert plain["x"]["flagged"] == sum(p[t] >= 0.5 for t in HARMFUL[1::2])
     assert plain["z"]["flagged"] == sum(p[t] >= 0.5 for t in BENIGN)
@@ -647,6 +647,21 @@ def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, 
             "--split", "heldout")
     assert r.exit_code == 0, r.output
     assert "## detection: wrapped" in r.stdout and "worst harmful source" in r.stdout
+    # dev: inside the training wrappers held apart from training (w7, w11, w17 of these)
+    write_jsonl(d / "train_wrappers.jsonl", [
+        {"id": f"w{i}", "text": f"Role {i}: {{{{ prompt }}}}", "plain": f"Role {i}: {{{{ prompt }}}}"}
+        for i in range(20)])
+    r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "w", "--suite", "detection",
+            "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert set(report["suites"]) == {"plain", "conversation", "wrapped"}
+    assert set(report["suites"]["wrapped"]["sources"]) == {"x+wrapped", "y+wrapped", "z+wrapped"}
+    from mlx_safesig.eval.detection import detection_plan
+
+    rows = detection_plan(d, "dev")["wrapped"]
+    assert {r["wrapper"] for r in rows} <= {"w7", "w11", "w17"} and len(rows) == 6
+    assert all(r["text"].startswith("Role ") for r in rows)
     assert not any(t in r.stdout for t in HARMFUL + BENIGN)
 
 

@@ -264,10 +264,14 @@ def framed_rows(rows, framings, share: float, salt: str = "framed"):
 
 def read_wrappers(path, max_chars: int) -> list:
     """Training wrappers (the builder's ``train_wrappers.jsonl``: ``plain`` with a ``{{ prompt }}``
-    slot) no longer than ``max_chars``, as framings with the ``{prompt}`` slot."""
+    slot) no longer than ``max_chars``, as framings with the ``{prompt}`` slot; the dev wrappers
+    (``eval.detection.is_dev_wrapper``, scored by the dev detection suite) are never used."""
+    from ..eval.detection import is_dev_wrapper
+
     rows = read_jsonl(path)
     out = [r["plain"].replace("{{ prompt }}", SLOT) for r in rows
-           if r.get("plain") and r["plain"].count("{{ prompt }}") == 1 and len(r["plain"]) <= max_chars]
+           if r.get("plain") and r["plain"].count("{{ prompt }}") == 1 and len(r["plain"]) <= max_chars
+           and not (r.get("id") and is_dev_wrapper(r))]
     if not out:
         fail(f"{path} has no wrapper with one {{{{ prompt }}}} slot of at most {max_chars} characters")
     return out

@@ -99,7 +99,8 @@ adaptive_options = options(
 @click.option("--suite", "suites", multiple=True, callback=_suites, help="Suites to run, "
               "repeatable or comma-separated: direct, prefill, decoding, templates, benign, all "
               "(default: all), and detection (the query verdict per source, plain and in "
-              "conversations; on --split heldout also inside the held-out wrappers) and utility "
+              "conversations, and inside wrappers: the held-out ones on --split heldout, else the dev "
+              "wrappers kept out of training) and utility "
               "(reference-answer NLL and loop rate, safety on vs --base-model) and adaptive "
               "(white-box suffix attacks on the [CLS] verdict per held-out source).")
 @click.option("--data", "data_dir", default="data", show_default=True, type=click.Path(),

@@ -237,6 +237,31 @@ def wrapper_templates(data_dir) -> List[dict]:
     return templates
 
 
+TRAIN_WRAPPERS_FILE = "train_wrappers.jsonl"
+DEV_WRAPPER_SHARE = 0.2  # of the training wrappers, held apart (by id) to measure wrappers on dev
+
+
+def is_dev_wrapper(wrapper: dict) -> bool:
+    """Is this training wrapper (a row of the builder's ``train_wrappers.jsonl``) one of the
+    ~``DEV_WRAPPER_SHARE`` held apart by a hash of its id: never trained on (``align.rows``),
+    used by the dev detection suite ``wrapped`` to see if the verdict reads the request, not the
+    wrapper, on wrappers it never saw, without touching the frozen held-out ones."""
+    h = int.from_bytes(hashlib.sha256(f"dev-wrapper:{wrapper['id']}".encode()).digest()[:8], "big")
+    return h / 2.0**64 < DEV_WRAPPER_SHARE
+
+
+def dev_wrapper_templates(data_dir) -> List[dict]:
+    """The dev wrappers (``is_dev_wrapper``) of ``data_dir``'s training wrappers with one slot;
+    [] when the folder has no training wrappers."""
+    from .suites import read_jsonl
+
+    path = Path(data_dir) / TRAIN_WRAPPERS_FILE
+    if not path.is_file():
+        return []
+    return [t for t in read_jsonl(path)
+            if t.get("plain") and t["plain"].count(SLOT) == 1 and is_dev_wrapper(t)]
+
+
 DETECTION_FILE = "detection.json"
 
 
@@ -256,11 +281,13 @@ def split_rows(data_dir, split: str, exclude: Sequence[str] = ()) -> List[dict]:
 def detection_plan(data_dir, split: str, limit: Optional[int] = None,
                    exclude: Sequence[str] = ()) -> Dict[str, List[dict]]:
     """The rows of each detection suite: the split's rows as they are (``plain``), in
-    conversations (``conversation``) and, on the frozen ``heldout`` split only, inside the
-    held-out wrapper templates (``wrapped``: those wrappers are never used to tune on dev)."""
+    conversations (``conversation``) and inside wrappers (``wrapped``): on the frozen ``heldout``
+    split the held-out wrapper templates (never used to tune on dev), on another split the dev
+    wrappers held apart from training (``is_dev_wrapper``; no suite if the data has none)."""
     rows = split_rows(data_dir, split, exclude)
-    suites = ["plain", "conversation"] + (["wrapped"] if split == "heldout" else [])
-    templates = wrapper_templates(data_dir) if split == "heldout" else []
+    templates = (wrapper_templates(data_dir) if split == "heldout"
+                 else dev_wrapper_templates(data_dir))
+    suites = ["plain", "conversation"] + (["wrapped"] if templates else [])
     return {suite: held_out_rows(rows, templates, [suite], limit) for suite in suites}
 
 
