@@ -273,6 +273,34 @@ def test_templates_suite_runs_each_attack_and_its_query_verdict(tokenizer, data_
     assert variants == {"template": "t0", "gcg": "g0", "autodan": "a0", "dan": "d0"}
 
 
+def test_conversation_suite_runs_each_shape_as_its_messages(tokenizer, data_dir, tmp_path, calls,
+                                                          monkeypatch):
+    """Split across two user turns, then "continue", in the system prompt: generated and judged
+    as whole conversations (the scripted head reads the last message only, as a verdict that
+    ignores the context would: only the split shape keeps h0's flag in the last turn)."""
+    seen = {}
+    real = harness.stream_generate
+
+    def stream(model, tokenizer, messages, *args, **kwargs):
+        seen.setdefault(messages[0]["content"][:3], []).append([m["role"] for m in messages])
+        yield from real(model, tokenizer, messages, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "stream_generate", stream)
+    results = run(tokenizer, data_dir, tmp_path, ["conversation"], limit=2, modes=("on",),
+                  batch_size=1)
+    attacks = results["suites"]["conversation"]["attacks"]
+    assert set(attacks) == {"split", "continue", "system", "any"}
+    broken = {a: attacks[a]["on"]["refusal-inserted"]["ids"] for a in attacks}
+    assert broken == {"split": ["h1"], "continue": ["h0", "h1"], "system": ["h0", "h1"],
+                      "any": ["h0", "h1"]}
+    assert {a: results["detection"][a]["flagged"] for a in ("split", "continue", "system")} == {
+        "split": 1, "continue": 0, "system": 0}
+    assert sorted(map(tuple, sum(seen.values(), []))) == sorted(
+        [("user", "assistant", "user")] * 4 + [("system", "user")] * 2)
+    logged = (tmp_path / "rows.jsonl").read_text()
+    assert not any(t.split()[0] in logged for t in HARMFUL)  # the requests are never logged
+
+
 def test_benign_suite_reports_over_refusal_and_false_positives(tokenizer, data_dir, tmp_path, calls):
     results = run(tokenizer, data_dir, tmp_path, ["benign"])
     benign = results["suites"]["benign"]["attacks"]["benign"]

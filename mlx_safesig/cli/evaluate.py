@@ -97,8 +97,8 @@ adaptive_options = options(
 @click.option("--add-safety", is_flag=True, help="Accept a plain mlx-lm model and give it a fresh "
               "[CLS] row and a random head (tests the pipeline; its numbers mean nothing).")
 @click.option("--suite", "suites", multiple=True, callback=_suites, help="Suites to run, "
-              "repeatable or comma-separated: direct, prefill, decoding, templates, benign, all "
-              "(default: all), and detection (the query verdict per source, plain and in "
+              "repeatable or comma-separated: direct, prefill, decoding, templates, conversation "
+              "(multi-turn attacks), benign, all (default: all), and detection (the query verdict per source, plain and in "
               "conversations, and inside wrappers: the held-out ones on --split heldout, else the dev "
               "wrappers kept out of training) and utility "
               "(reference-answer NLL and loop rate, safety on vs --base-model) and adaptive "

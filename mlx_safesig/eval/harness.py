@@ -70,6 +70,11 @@ def own_continuation(model, tokenizer, content: str, n: int, prefill: str = SURE
     return ids
 
 
+def verdict_key(job: Job) -> str:
+    """What a query verdict depends on: the job's messages (one request has several shapes)."""
+    return json.dumps(job.messages, sort_keys=True)
+
+
 def batchable(job: Job) -> bool:
     """Whether mlx-lm's batch generator can run ``job`` with the sequential path's results:
     safety off and greedy (a cached continuation, or an ``off`` job at temperature 0). Sampled
@@ -292,8 +297,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                 if job.key in batched_keys:
                     continue
                 try:
-                    if job.mode == "verdict" and job.content in known_verdicts:
-                        outcome = {"query_p": known_verdicts[job.content]}
+                    if job.mode == "verdict" and verdict_key(job) in known_verdicts:
+                        outcome = {"query_p": known_verdicts[verdict_key(job)]}
                     elif job.mode == "verdict":
                         outcome = {"query_p": score(model, tokenizer, job.messages)}
                     elif job.mode == "continuation":
@@ -321,7 +326,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
         jobs += suite_jobs
     # a safety-on generation already computed the query verdict of its message (the same prefill
     # and probe as score()): reuse it rather than prefill long template prompts again
-    known_verdicts.update({j.content: log.rows[j.key]["query_p"] for j in jobs
+    known_verdicts.update({verdict_key(j): log.rows[j.key]["query_p"] for j in jobs
                            if j.mode == "on" and log.rows[j.key].get("query_p") is not None})
     verdicts = plan_verdicts(settings.suites, data, settings.limit, settings.model_name)
     run(verdicts, "[CLS] query verdicts")

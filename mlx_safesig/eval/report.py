@@ -110,7 +110,7 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
         if suite == "decoding":
             groups = {sweep: [r for a, rs in attacks.items() if sweep in sweeps[a] for r in rs]
                       for sweep in ("temperature", "top-p", "top-k")}
-        if suite in ("prefill", "decoding", "templates"):
+        if suite in ("prefill", "decoding", "templates", "conversation"):
             groups["any"] = [r for rs in attacks.values() for r in rs]
         if len(per_source) > 1:  # held-out reports are per source: the worst one counts
             name = "benign" if suite == "benign" else "direct" if suite == "direct" else "any"
@@ -134,7 +134,9 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
 
 SUITE_TITLES = {
     "direct": "direct requests", "prefill": "prefill attack", "decoding": "decoding-parameter attack",
-    "templates": "jailbreak templates, GCG, AutoDAN, DAN", "benign": "benign prompts (over-refusal)",
+    "templates": "jailbreak templates, GCG, AutoDAN, DAN",
+    "conversation": "multi-turn: the request split across turns, then \"continue\", in the system prompt",
+    "benign": "benign prompts (over-refusal)",
 }
 
 

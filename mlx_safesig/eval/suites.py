@@ -29,8 +29,8 @@ import numpy as np
 from ..model import SafesigError
 from .judges import KEYWORDS_FILE, KeywordList, read_keywords
 
-SUITES = ("direct", "prefill", "decoding", "templates", "benign")
-HARMFUL_SUITES = ("direct", "prefill", "decoding", "templates")
+SUITES = ("direct", "prefill", "decoding", "templates", "conversation", "benign")
+HARMFUL_SUITES = ("direct", "prefill", "decoding", "templates", "conversation")
 MODES = ("off", "on")
 PREFILL_KS = (5, 10, 20, 40)
 SURE = "Sure, here is"
@@ -43,7 +43,8 @@ DATA_FILES = {
     "dan": "dan.jsonl",
 }
 NEEDS = {"direct": ("harmful",), "prefill": ("harmful",), "decoding": ("harmful",),
-         "templates": ("harmful", *TEMPLATE_ATTACKS.values()), "benign": ("benign",)}
+         "templates": ("harmful", *TEMPLATE_ATTACKS.values()), "conversation": ("harmful",),
+         "benign": ("benign",)}
 
 
 def read_jsonl(path: Path) -> List[dict]:
@@ -160,7 +161,9 @@ def template_attacks(data: EvalData, request: dict, model_name: str) -> Dict[str
 @dataclass
 class Job:
     """One generation (mode ``on`` / ``off``), one query verdict (mode ``verdict``) or one cached
-    continuation (mode ``continuation``). ``content`` and ``prefill`` are never logged."""
+    continuation (mode ``continuation``). ``content`` (the request, what a judge is shown),
+    ``turns`` (a multi-turn attack's messages, else the request is one user message) and
+    ``prefill`` are never logged."""
 
     suite: str
     attack: str
@@ -173,6 +176,7 @@ class Job:
     sampling: Optional[dict] = None
     sweeps: tuple = ()
     source: str = ""  # the data row's source: per-source counts in the report, not in the key
+    turns: tuple = field(default=(), repr=False)
 
     @property
     def key(self) -> str:
@@ -180,7 +184,19 @@ class Job:
 
     @property
     def messages(self) -> List[dict]:
+        if self.turns:
+            return [dict(m) for m in self.turns]
         return [{"role": "user", "content": self.content}]
+
+
+def conversation_attacks(request: dict) -> Dict[str, tuple]:
+    """Shape -> messages of the multi-turn attacks on one harmful request: split across two user
+    turns, followed by a compliant turn and "continue", placed in the system prompt (the shapes
+    of the detection suite's conversations, ``detection.conversation_rows``)."""
+    from .detection import conversation_rows
+
+    return {row["source"].rsplit("+", 1)[1]: tuple(row["messages"])
+            for row in conversation_rows([dict(request, source="")], [])}
 
 
 def _pair(suite, attack, pid, content, modes, **kw) -> List[Job]:
@@ -204,6 +220,10 @@ def plan_suite(suite: str, data: EvalData, modes: Sequence[str], limit: Optional
             for attack, (prefill, k) in prefill_texts(tokenizer, continuations[pid]).items():
                 jobs += _pair(suite, attack, pid, text, modes, prefill=prefill, prefill_tokens=k,
                               sampling=sampling, source=src)
+        elif suite == "conversation":
+            for shape, turns in conversation_attacks(r).items():
+                jobs += _pair(suite, shape, pid, text, modes, turns=turns, sampling=sampling,
+                              source=src)
         elif suite == "decoding":
             for s in decoding_grid(grid_size):
                 jobs += _pair(suite, s["name"], pid, text, modes, sweeps=tuple(s["sweeps"]),
@@ -231,6 +251,11 @@ def plan_verdicts(suites: Sequence[str], data: EvalData, limit: Optional[int],
             for attack, (variant, content) in template_attacks(data, r, model_name).items():
                 jobs.append(Job("detection", attack, str(r["id"]), "verdict", content, variant=variant,
                                 source=r.get("source", "")))
+    if "conversation" in suites:
+        for r in data.sets["harmful"][:limit]:
+            for shape, turns in conversation_attacks(r).items():
+                jobs.append(Job("detection", shape, str(r["id"]), "verdict", r["text"],
+                                source=r.get("source", ""), turns=turns))
     return jobs
 
 
