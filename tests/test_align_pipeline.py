@@ -130,7 +130,8 @@ def test_the_card_names_sources_licenses_and_the_eval_results_numbers(finished):
         for src, s in counts["sources"].items():
             kind = "harmful" if s["label"] else "benign"
             assert f"| {suite} | `{src}` | {kind} | {pct(s['flagged'], s['n'])} |" in card
-    for suite in ("direct", "prefill"):
+    assert "`mlx-safesig eval --suite direct,prefill,conversation --split heldout`" in card
+    for suite in ("direct", "prefill", "conversation"):
         attacks = results["suites"][suite]["attacks"]
         per_source = [a for a in attacks if " / " in a]
         assert per_source  # the five held-out requests come from both harmful held-out sources

@@ -151,9 +151,10 @@ def generation_rows(results: dict) -> list[tuple[str, str, str, dict, dict]]:
 def generation_section(results: dict) -> list[str]:
     c = results["config"]
     lines = ["## Held-out generation attacks", "",
-             f"`mlx-safesig eval --suite direct,prefill --split heldout`: {c['limit'] or 'all'} "
-             f"held-out harmful requests per suite, greedy, {c['max_tokens']} tokens; ASR = share "
-             "of requests the judge saw answered (prefill: broken by any of its prefills). Judges:", ""]
+             f"`mlx-safesig eval --suite {','.join(c['suites'])} --split heldout`: "
+             f"{c['limit'] or 'all'} held-out harmful requests per suite, greedy, "
+             f"{c['max_tokens']} tokens; ASR = share of requests the judge saw answered (prefill, "
+             "conversation: broken by any of its prefills / shapes). Judges:", ""]
     lines += [f"- `{j}`: {results['judges'][j]}" for j in CARD_JUDGES if j in results["judges"]]
     lines += ["", "| suite | set | judge | ASR safety off | ASR safety on |", "|---|---|---|---|---|"]
     worst = None

@@ -33,6 +33,7 @@ from ..model import SafesigError
 from .sources import HELDOUT_SOURCES, PROMPTS_DIR, prompt_sources
 
 STAGES = ("data", "rows", "train", "harden", "fuse", "eval", "card")
+EVAL_SUITES = ("direct", "prefill", "conversation")  # the eval stage's held-out generation suites
 TITLES = {"data": "build and split the data", "rows": "training rows with the base model's answers",
           "train": "LoRA + [CLS] + head with window supervision",
           "harden": "adversarial suffixes against the verdict, trained on", "fuse": "fuse the adapters",
@@ -98,7 +99,7 @@ class Recipe:
     keep_verdict: str = "flagged"
     # eval
     detection_limit: Optional[int] = None  # held-out requests per source and detection suite
-    eval_limit: Optional[int] = 24  # held-out harmful requests of the direct and prefill suites
+    eval_limit: Optional[int] = 24  # held-out harmful requests per EVAL_SUITES suite
     eval_max_tokens: int = 48
     eval_batch_size: int = 8  # no effect on the results
 
@@ -400,7 +401,7 @@ class Run:
         else:
             self.log("held-out detection: the [CLS] query verdict per source")
             detect_split(model, tokenizer, self.out / "data", "heldout", folder, r.detection_limit)
-        settings = EvalSettings(suites=("direct", "prefill"), split="heldout", limit=r.eval_limit,
+        settings = EvalSettings(suites=EVAL_SUITES, split="heldout", limit=r.eval_limit,
                                 max_tokens=r.eval_max_tokens, batch_size=r.eval_batch_size)
         run_eval(model, tokenizer, self.out / "data", folder / "generation", settings,
                  model_id=f"align: {self.out / 'model'}", resume=True)

@@ -77,7 +77,8 @@ fuse_options = options(
 eval_options = options(
     click.option("--detection-limit", type=click.IntRange(1), default=None,
                  help="Held-out requests per source and detection suite (default: all)."),
-    _opt("--eval-limit", "Held-out harmful requests of the direct and prefill suites.",
+    _opt("--eval-limit", "Held-out harmful requests of each generation suite (direct, prefill, "
+         "conversation).",
          type=click.IntRange(1)),
     _opt("--eval-max-tokens", "Tokens per evaluated answer.", type=click.IntRange(1)),
     _opt("--eval-batch-size", "Greedy evaluation generations run together (same results).",
