@@ -341,7 +341,7 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
             answer = trimmed
         # sized without its framing or wrapper: a benign row is kept exactly when its plain row
         # is, else long wrappers would survive only around harmful requests and the verdict
-        # would learn the wrapper's length as a label (v17: 54 of 272 wrapped benign rows kept)
+        # would learn the wrapper's length as a label (v17: 54 of 290 wrapped benign rows kept)
         asked = sum(len(m["content"]) for m in prompt_messages(r)) - r.get("framing_chars", 0)
         if not answer.strip() or asked + len(answer) > MAX_BENIGN_CHARS:
             continue
