@@ -336,8 +336,9 @@ class Run:
         config = TrainConfig(iters=r.iters, batch_size=r.batch_size, learning_rate=r.learning_rate,
                              lam=r.lam, num_layers=r.num_layers, lora_rank=r.lora_rank,
                              probes=r.probes, max_seq_length=r.max_seq_length, warmup=r.warmup,
-                             seed=r.seed, steps_per_eval=r.iters, val_batches=-1,
-                             save_every=r.save_every)
+                             seed=r.seed, steps_per_eval=r.iters,
+                             val_batches=25,  # 200 dev rows, once at the end: a log line, not a
+                             save_every=r.save_every)  # choice (the whole set cost ~15 min here)
         if iters is not None:
             config.iters, config.steps_per_eval = iters, iters
             config.learning_rate = r.learning_rate * LR_FACTOR
