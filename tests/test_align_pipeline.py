@@ -354,6 +354,7 @@ def test_a_leave_out_run_trains_without_the_source_and_scores_all_its_rows(left_
     assert "leave-one-source-out study model, trained without `advbench`, `edgy_extra`" in card
     assert (f"| `advbench` | harmful | plain | {pct(flagged, len(advbench))} |") in card
     assert "the held-out sources were not evaluated" in card and "placeholder" not in card.casefold()
+    assert "threshold 0.5; up to 50 rows per source and suite (by a hash of the id) of" in card
 
 
 def test_the_loso_table_names_each_left_out_source_and_the_worst_of_each_label(left_out, inputs):
@@ -366,6 +367,7 @@ def test_the_loso_table_names_each_left_out_source_and_the_worst_of_each_label(l
     assert (f"- worst left-out harmful source (plain rows): `advbench` (run advbench), "
             f"{pct(s['flagged'], s['n'])} flagged") in r.stdout
     assert "- worst left-out benign source (plain rows): `edgy_extra` (run advbench)" in r.stdout
+    assert "is tested on up to 50 rows per source and suite (by a hash of the id) of what" in r.stdout
     r = cli("align", "--loso-table", inputs / "run")
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
         f"Error: {inputs / 'run'} holds no leave-one-source-out run")

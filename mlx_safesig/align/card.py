@@ -34,6 +34,18 @@ def left_out_lines(report: dict) -> list[str]:
     return lines
 
 
+def left_out_scope(run: Path) -> str:
+    """Which rows of the left-out sources a run scored: all, or ``--detection-limit`` per source
+    and suite (read from the run's recorded eval options)."""
+    from .pipeline import STATE_FILE
+
+    state = Path(run) / STATE_FILE
+    limit = (_read_json(state)["options"].get("eval", {}).get("--detection-limit")
+             if state.is_file() else None)
+    return (f"up to {limit} rows per source and suite (by a hash of the id)" if limit
+            else "all rows")
+
+
 def _read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -195,8 +207,9 @@ def model_card(out: Path, options: dict, base: str) -> str:
                f"{names} to measure how the recipe does on a source it never saw "
                "(`mlx-safesig align --loso-table`). It was not evaluated on the held-out sources.", ""]
         results = ["## Left-out sources: [CLS] query verdict", "",
-                   f"Judge: {report['judge']}, threshold {report['threshold']:g}; all rows of "
-                   f"{names} (every split), as they are and in conversations.", "",
+                   f"Judge: {report['judge']}, threshold {report['threshold']:g}; "
+                   f"{left_out_scope(out)} of {names} (every split), as they are and in "
+                   "conversations.", "",
                    "| source | label | suite | flagged |", "|---|---|---|---|",
                    *left_out_lines(report), ""]
     else:

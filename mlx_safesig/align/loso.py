@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..model import SafesigError
-from .card import LEFT_OUT_FILE, LEFT_OUT_SUITES, left_out_lines, pct
+from .card import LEFT_OUT_FILE, LEFT_OUT_SUITES, left_out_lines, left_out_scope, pct
 from .rows import EXTRA_SOURCE, read_prompt_rows
 from .sources import HELDOUT_SOURCES, prompt_sources
 
@@ -93,9 +93,11 @@ def loso_table(root) -> list[str]:
                            f"{root}/SOURCE`.")
     reports = {p.name: json.loads((p / "eval" / LEFT_OUT_FILE).read_text()) for p in runs}
     first = next(iter(reports.values()))
+    scopes = sorted({left_out_scope(p) for p in runs})
     lines = [f"Judge: {first['judge']}, threshold {first['threshold']:g}. Each run trained on "
              "every training source but the one(s) it left out (same recipe otherwise), was tuned "
-             "on nothing, and is tested on all rows of what it left out (every split).", "",
+             f"on nothing, and is tested on {' or '.join(scopes)} of what it left out (every "
+             "split).", "",
              "| run | left-out source | label | suite | flagged |", "|---|---|---|---|---|"]
     worst: dict = {}
     for run, report in reports.items():
