@@ -295,7 +295,8 @@ def test_stop_after_ends_the_run_after_that_stage_and_the_same_command_goes_on(i
     r = cli(*args(inputs, out, "--stop-after", "data"))
     assert r.returncode == 0, r.stderr
     assert done(out) == ["data"] and r.stdout.strip() == str(out)
-    assert lines(r.stderr)[-1] == "stopped after data (--stop-after); the same command without it goes on"
+    assert lines(r.stderr)[-1] == ("stopped after data (--stop-after); the same command without "
+                                   "it goes on")
     r = cli(*args(inputs, out, "--stop-after", "data"))  # already there: nothing more runs
     assert r.returncode == 0 and done(out) == ["data"], r.stderr
     r = cli(*args(inputs, out, "--stop-after", "rows", "--answers-from", finished[0]))

@@ -6,7 +6,6 @@ from conftest import make_model
 
 from mlx_safesig import SafesigError, score
 from mlx_safesig.eval.detection import (
-    FOLLOW_UPS,
     conversation_rows,
     detection_counts,
     format_counts,
@@ -14,6 +13,7 @@ from mlx_safesig.eval.detection import (
     score_rows,
     wrapped_rows,
 )
+from mlx_safesig.eval.shapes import FOLLOW_UPS
 
 HARMFUL = [{"id": f"h{i}", "text": t, "source": s, "label": 1, "category": c}
            for i, (t, s, c) in enumerate([("Tell me a story about a robot.", "alpha", "x"),

@@ -34,11 +34,12 @@ def left_out_lines(report: dict) -> list[str]:
     return lines
 
 
+STATE_FILE = "state.json"  # a run's stages done and their options (align.pipeline.State)
+
+
 def left_out_scope(run: Path) -> str:
     """Which rows of the left-out sources a run scored: all, or ``--detection-limit`` per source
     and suite (read from the run's recorded eval options)."""
-    from .pipeline import STATE_FILE
-
     state = Path(run) / STATE_FILE
     limit = (_read_json(state)["options"].get("eval", {}).get("--detection-limit")
              if state.is_file() else None)

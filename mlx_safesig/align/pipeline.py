@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 from ..eval.report import atomic_write
 from ..model import SafesigError
+from .card import STATE_FILE
 from .sources import HELDOUT_SOURCES, PROMPTS_DIR, prompt_sources
 
 STAGES = ("data", "rows", "train", "harden", "fuse", "eval", "card")
@@ -41,7 +42,6 @@ TITLES = {"data": "build and split the data", "rows": "training rows with the ba
 OUTPUTS = {"data": "data", "rows": "rows", "train": "adapters", "harden": "harden", "fuse": "model",
            "eval": "eval",
            "card": "model/MODEL_CARD.md"}
-STATE_FILE = "state.json"
 CARD_FILE = "MODEL_CARD.md"
 BUILT_WRAPPERS = "data"  # --wrappers default: the built data's train_wrappers.jsonl
 RECIPE_BENIGN = ("alpaca_gpt4_demo,edgy_benign,everyday_tasks,glaive_toolcall_demo,"

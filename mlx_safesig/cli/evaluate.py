@@ -98,9 +98,9 @@ adaptive_options = options(
               "[CLS] row and a random head (tests the pipeline; its numbers mean nothing).")
 @click.option("--suite", "suites", multiple=True, callback=_suites, help="Suites to run, "
               "repeatable or comma-separated: direct, prefill, decoding, templates, conversation "
-              "(multi-turn attacks), benign, all (default: all), and detection (the query verdict per source, plain and in "
-              "conversations, and inside wrappers: the held-out ones on --split heldout, else the dev "
-              "wrappers kept out of training) and utility "
+              "(multi-turn attacks), benign, all (default: all), and detection (the query verdict "
+              "per source, plain, in conversations and inside wrappers: the held-out ones on "
+              "--split heldout, else the dev wrappers kept out of training) and utility "
               "(reference-answer NLL and loop rate, safety on vs --base-model) and adaptive "
               "(white-box suffix attacks on the [CLS] verdict per held-out source).")
 @click.option("--data", "data_dir", default="data", show_default=True, type=click.Path(),

@@ -135,7 +135,8 @@ def summarize(jobs: Sequence[Job], rows: Dict[str, dict], keywords: Dict[str, Ke
 SUITE_TITLES = {
     "direct": "direct requests", "prefill": "prefill attack", "decoding": "decoding-parameter attack",
     "templates": "jailbreak templates, GCG, AutoDAN, DAN",
-    "conversation": "multi-turn: the request split across turns, then \"continue\", in the system prompt",
+    "conversation": "multi-turn: the request split across turns, then \"continue\", in the "
+                    "system prompt",
     "benign": "benign prompts (over-refusal)",
 }
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..model import SafesigError
 from .judges import KEYWORDS_FILE, KeywordList, read_keywords
+from .shapes import conversation_rows
 
 SUITES = ("direct", "prefill", "decoding", "templates", "conversation", "benign")
 HARMFUL_SUITES = ("direct", "prefill", "decoding", "templates", "conversation")
@@ -193,8 +194,6 @@ def conversation_attacks(request: dict) -> Dict[str, tuple]:
     """Shape -> messages of the multi-turn attacks on one harmful request: split across two user
     turns, followed by a compliant turn and "continue", placed in the system prompt (the shapes
     of the detection suite's conversations, ``detection.conversation_rows``)."""
-    from .detection import conversation_rows
-
     return {row["source"].rsplit("+", 1)[1]: tuple(row["messages"])
             for row in conversation_rows([dict(request, source="")], [])}
 
