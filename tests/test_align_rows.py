@@ -334,7 +334,7 @@ def test_conversation_rows_cover_every_shape_with_both_labels():
 
 def test_training_conversation_wording_is_not_the_evaluations():
     from mlx_safesig.align import conversations as train
-    from mlx_safesig.eval import detection as held_out
+    from mlx_safesig.eval import shapes as held_out
 
     train_words = set().union(train.SPLIT_ASSISTANT, train.COMPLY_ASSISTANT, train.CONTINUE_USER,
                               train.SYSTEM_USER, train.FOLLOW_UPS)
