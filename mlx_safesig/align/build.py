@@ -170,8 +170,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return hashlib.sha256(data.encode("utf-8")).hexdigest()
 
 
-
-
 def _by_source(rows: list[dict]) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in rows:

@@ -25,6 +25,7 @@ BENIGN_ASSISTANT = "Here is a short answer to your question."
 
 
 def pick(options: Sequence, *salt: str):
+    """One of ``options``, chosen by a hash of ``salt``: the same on every run."""
     digest = hashlib.sha256("|".join(salt).encode()).hexdigest()
     return options[int(digest[:12], 16) % len(options)]
 

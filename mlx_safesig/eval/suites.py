@@ -28,7 +28,7 @@ import numpy as np
 
 from ..model import SafesigError
 from .judges import KEYWORDS_FILE, KeywordList, read_keywords
-from .shapes import conversation_rows
+from .shapes import conversation_rows, pick
 
 SUITES = ("direct", "prefill", "decoding", "templates", "conversation", "benign")
 HARMFUL_SUITES = ("direct", "prefill", "decoding", "templates", "conversation")
@@ -138,15 +138,10 @@ def prefill_texts(tokenizer, continuation: Sequence[int], ks: Sequence[int] = PR
     return out
 
 
-def _pick(rows: Sequence[dict], *salt: str) -> dict:
-    digest = hashlib.sha256("|".join(salt).encode()).hexdigest()
-    return rows[int(digest[:12], 16) % len(rows)]
-
-
 def template_attacks(data: EvalData, request: dict, model_name: str) -> Dict[str, tuple]:
     """Attack name -> (variant id, user message) for one harmful request."""
     text, pid = request["text"], str(request["id"])
-    t, g, a, d = (_pick(data.sets[name], name, pid) for name in TEMPLATE_ATTACKS.values())
+    t, g, a, d = (pick(data.sets[name], name, pid) for name in TEMPLATE_ATTACKS.values())
     autodan = (a["text"].replace("[PROMPT]", text).replace("ChatGPT", model_name)
                .replace("ModelKeeper", f"{model_name}'s developers"))
     return {
