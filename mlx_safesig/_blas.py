@@ -8,14 +8,22 @@ Measured finding (glibc 2.36, CPython 3.11): a *late* load, after ``import mlx.c
 effect even if no BLAS call happened yet. CPython dlopens extension modules with RTLD_NOW
 (``sys.getdlopenflags() == 2``), so libmlx's BLAS PLT slots are bound at import time
 (``LD_DEBUG=bindings``). We still load it then (harmless) but stay quiet.
+
+A library is used only once a child process has run a few sgemm/sgemv calls through it
+(``_works``): some builds are compiled for one CPU family without dispatch (cmeel-openblas 0.3.31
+and 0.3.23 run AVX-512 code in ``sgemm_small_kernel`` and die of SIGILL on an AVX2-only AMD EPYC;
+0.3.29 and Debian's DYNAMIC_ARCH build work there), and a crash in libmlx cannot be caught. The
+verdict is cached per library file and CPU, so only the first import on a machine pays for it.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
 import struct
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -75,21 +83,30 @@ def _set_soname(elf: bytearray, name: bytes) -> bool:
     return True
 
 
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "mlx-safesig", "blas")
+
+
+def _write_atomic(dst: str, data: bytes):
+    """Write ``data`` to ``dst`` atomically (racing writers write identical bytes)."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def _materialize(elf: bytes, name: str) -> str:
     """Write ``elf`` to the per-user cache (atomic vs. concurrent processes) or else a memfd."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    dst = os.path.join(base, "mlx-safesig", "blas", f"{len(elf)}-{name}")
+    dst = os.path.join(_cache_dir(), f"{len(elf)}-{name}")
     try:
         if not (os.path.isfile(dst) and os.path.getsize(dst) == len(elf)):
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dst), prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(elf)
-                os.replace(tmp, dst)  # racing writers produce identical bytes; last one wins
-            except BaseException:
-                os.unlink(tmp)
-                raise
+            _write_atomic(dst, elf)
         return dst
     except OSError:  # read-only home etc.; the fd stays open for the life of the process
         fd = os.memfd_create(name)
@@ -143,6 +160,73 @@ def _load(path: str) -> bool:
         return False
 
 
+# Run in a child by ``_works``: load the library as preload would, then a few products through it
+# (the small-matrix kernels, the blocked ones and gemv, which decode uses), checked.
+_PROBE = r"""
+import ctypes, importlib.util, sys
+spec = importlib.util.spec_from_file_location("_blas_probe", sys.argv[1])
+b = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(b)
+if not b._load(sys.argv[2]):
+    sys.exit(3)
+lib = ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL)
+one, zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+for n in (4, 64, 300):
+    a, c = (ctypes.c_float * (n * n))(*([1.0] * (n * n))), (ctypes.c_float * (n * n))()
+    lib.cblas_sgemm(101, 111, 111, n, n, n, one, a, n, a, n, zero, c, n)
+    y = (ctypes.c_float * n)()
+    lib.cblas_sgemv(101, 111, n, n, one, a, n, a, 1, zero, y, 1)
+    if (c[0], c[n * n - 1], y[0], y[n - 1]) != (n, n, n, n):
+        sys.exit(4)
+print("ok")
+"""
+_PROBE_VERSION = 1
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and feature flags (what decides which instructions run)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return ""
+
+
+def _works(path: str) -> tuple[bool, str]:
+    """Whether ``path`` loads and computes correctly in a child process on this CPU: (ok, why
+    not). Cached per library file, CPU and probe version under ``~/.cache/mlx-safesig/blas``."""
+    try:
+        st = os.stat(path)
+        ident = f"{_PROBE_VERSION}|{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|"
+    except OSError:
+        ident = f"{_PROBE_VERSION}|{path}|"  # a bare soname: probed every time
+    key = hashlib.sha1((ident + _cpu_signature()).encode()).hexdigest()[:16]
+    memo = os.path.join(_cache_dir(), f"probe-{key}")
+    try:
+        with open(memo) as f:
+            ok, why = f.read().split("\n", 1)
+            return ok == "ok", why
+    except (OSError, ValueError):
+        pass
+    try:
+        r = subprocess.run([sys.executable, "-c", _PROBE, os.path.abspath(__file__), path],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode == 0 and r.stdout.strip() == "ok":
+            ok, why = True, ""
+        elif r.returncode < 0:
+            ok, why = False, f"it crashed on this CPU (signal {-r.returncode})"
+        else:
+            ok, why = False, f"a test product through it failed (exit {r.returncode})"
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, f"it could not be tested ({e})"
+    try:
+        _write_atomic(memo, f"{'ok' if ok else 'bad'}\n{why}".encode())
+    except OSError:
+        pass
+    return ok, why
+
+
 def preload_openblas() -> str | None:
     """Load OpenBLAS RTLD_GLOBAL; return its path or None. Never raises; memoized per process.
 
@@ -156,19 +240,26 @@ def preload_openblas() -> str | None:
     env = os.environ.get(_ENV, "").strip()
     if not sys.platform.startswith("linux") or env.lower() == "off":
         return None
+    rejected = []
     try:
         for path in [env] if env else _candidates():
-            if path and (os.path.exists(path) or "/" not in path) and _load(path):
+            if not path or not (os.path.exists(path) or "/" not in path):
+                continue
+            ok, why = _works(path)
+            if not ok:
+                rejected.append(f"{_ENV}={env} is not used: {why}; " if env
+                                else f"skipped {path}: {why}; ")
+            elif _load(path):
                 _state["path"] = path
                 return path
     except Exception:
         pass
     if "mlx.core" not in sys.modules:
-        hint = f"{_ENV}={env} could not be loaded; " if env else ""
+        hint = "".join(rejected) or (f"{_ENV}={env} could not be loaded; " if env else "")
         print(
-            f"mlx-safesig: {hint}no OpenBLAS found, mlx falls back to its slow reference BLAS "
-            "(decode/training slower); fix: pip install cmeel-openblas (or apt-get install "
-            f"libopenblas0-pthread), or set {_ENV}=off to silence.",
+            f"mlx-safesig: {hint}no working OpenBLAS found, mlx falls back to its slow reference "
+            "BLAS (decode/training slower); fix: apt-get install libopenblas0-pthread (or pip "
+            f"install cmeel-openblas), or set {_ENV}=off to silence.",
             file=sys.stderr,
         )
     return None
