@@ -78,6 +78,7 @@ class Recipe:
     trim_loops: bool = False  # benign answers cut before they loop (rows.without_loop)
     leave_out: str = ""  # training sources left out (leave-one-source-out runs; loso.py)
     answers_from: Optional[Path] = None  # another run whose cached base-model answers to reuse
+    gen_workers: Optional[int] = None  # processes generating them (None: answers.default_workers)
     # train
     iters: int = 375
     batch_size: int = 8
@@ -202,6 +203,7 @@ def check_chat_template(model_dir: Path, name: str):
 
 def rows_options(recipe: Recipe, out: Path):
     """The recipe's ``rows.RowsOptions`` (the built wrappers resolved under ``out``)."""
+    from .answers import default_workers
     from .rows import RowsOptions
 
     wrappers = {"": None, BUILT_WRAPPERS: out / "data" / "train_wrappers.jsonl"}.get(
@@ -213,7 +215,8 @@ def rows_options(recipe: Recipe, out: Path):
         framings=Path(recipe.framings) if recipe.framings else None,
         framed_harmful=recipe.framed_harmful, framed_benign=recipe.framed_benign,
         wrappers=Path(wrappers) if wrappers else None, conversations=recipe.conversations,
-        leave_out=recipe.leave_out, trim_loops=recipe.trim_loops)
+        leave_out=recipe.leave_out, trim_loops=recipe.trim_loops,
+        workers=recipe.gen_workers or default_workers())
 
 
 class _RowsErrors:

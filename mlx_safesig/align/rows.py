@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .answers import answer_batches, model_fingerprint
 from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
@@ -104,28 +105,15 @@ def full_sentences(text: str) -> str:
     return text[: ends[-1]].rstrip() if ends else ""
 
 
-def model_fingerprint(model_dir) -> str:
-    """sha256 (16 hex digits) of a model folder's config and weights, in name order: the same
-    model gives the same key on any machine and under any path."""
-    h = hashlib.sha256()
-    files = sorted(p for p in Path(model_dir).iterdir()
-                   if p.name == "config.json" or p.suffix == ".safetensors")
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int,
-                     model_key: str, log=None):
+                     model_key: str, log=None, workers: int = 1):
     """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
     ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file. Cache rows
     record their ``max_tokens`` and ``model`` (``model_fingerprint``): rows made with another
     limit or base model (or before these were recorded) are not used, so one folder serves every
     limit and model. A line torn by a killed run is cut off: the run goes on after the last whole
-    one."""
+    one. ``workers`` processes generate whole batches (``answers.answer_batches``: the same
+    answers)."""
     log = log or _log
     cache, finished = {}, {}
     if cache_path.exists():
@@ -142,23 +130,19 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
                   key=lambda r: sum(len(m["content"]) for m in prompt_messages(r)))
     if not todo:
         return cache, finished
-    import mlx_safesig  # noqa: F401, I001  (OpenBLAS before mlx on Linux)
-    from mlx_lm import batch_generate, load
-
-    model, tok = load(model_dir)
+    chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
+    batches = [[prompt_messages(r) for r in chunk] for chunk in chunks]
+    done = 0
     with open(cache_path, "a") as out:
-        for i in range(0, len(todo), batch):
-            chunk = todo[i : i + batch]
-            prompts = [tok.apply_chat_template(prompt_messages(r), add_generation_prompt=True)
-                       for r in chunk]
-            result = batch_generate(model, tok, prompts, max_tokens=max_tokens,
-                                    return_token_ids=True)
-            for r, text, ids in zip(chunk, result.texts, result.token_ids):
-                cache[r["id"]], finished[r["id"]] = text, len(ids) < max_tokens
+        for chunk, (texts, lengths) in zip(chunks, answer_batches(model_dir, batches, max_tokens,
+                                                                  workers)):
+            for r, text, n in zip(chunk, texts, lengths):
+                cache[r["id"]], finished[r["id"]] = text, n < max_tokens
                 out.write(json.dumps({"id": r["id"], "text": text, "finished": finished[r["id"]],
                                       "max_tokens": max_tokens, "model": model_key}) + "\n")
             out.flush()
-            log(f"generated {min(i + batch, len(todo))}/{len(todo)}")
+            done += len(chunk)
+            log(f"generated {done}/{len(todo)}")
     return cache, finished
 
 
@@ -398,6 +382,7 @@ class RowsOptions:
     conversations: float = 0.0
     leave_out: str = ""  # comma-separated sources whose rows are not trained on (loso.py)
     trim_loops: bool = False  # benign answers cut before they loop (``without_loop``)
+    workers: int = 1  # processes generating the base model's answers (the same answers)
 
 
 EXTRA_SOURCE = "edgy_extra"  # the source of --extra-benign's rows
@@ -412,6 +397,8 @@ def option_error(opts: RowsOptions) -> Optional[str]:
     for opt in ("extra_benign", "framings", "wrappers"):
         if getattr(opts, opt) and not Path(getattr(opts, opt)).is_file():
             return f"--{opt.replace('_', '-')}: no such file: {getattr(opts, opt)}"
+    if opts.workers < 1:
+        return f"--workers must be at least 1, got {opts.workers}"
     for opt in SHARES:
         if not 0 <= getattr(opts, opt) <= 1:
             return f"--{opt.replace('_', '-')} must be between 0 and 1, got {getattr(opts, opt)}"
@@ -479,11 +466,12 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
         sources = set(filter(None, opts.window_sources.split(",")))
         gen, _ = generate_missing([r for r in harmful if window_source(r, sources)],
                                   out / HARMFUL_CACHE, model_dir, opts.max_tokens, opts.batch,
-                                  model_key, log)
+                                  model_key, log, opts.workers)
         gen = {r["id"]: gen[r["id"]] for r in harmful if window_source(r, sources)}
         texts, finished = generate_missing([r for r in benign if not r.get("response")],
                                            out / BENIGN_CACHE, model_dir,
-                                           opts.benign_max_tokens, opts.batch, model_key, log)
+                                           opts.benign_max_tokens, opts.batch, model_key, log,
+                                           opts.workers)
         answers = {k: (t, finished[k]) for k, t in texts.items()}
         if framings and split == "train":
             attack_texts = [r["text"] for f in ("templates", "autodan", "dan", "gcg")
@@ -524,7 +512,8 @@ def make_rows(data: Path, out: Path, model_dir: str, opts: RowsOptions, log=_log
                      else c for c in convs]
             own = [r for r in convs if r["label"] == 0 and r["answer_of"] is None]
             more, more_finished = generate_missing(own, out / BENIGN_CACHE, model_dir,
-                                                   opts.benign_max_tokens, opts.batch, model_key, log)
+                                                   opts.benign_max_tokens, opts.batch, model_key,
+                                                   log, opts.workers)
             answers.update({k: (t, more_finished[k]) for k, t in more.items()})
             log(f"conversations: {sum(r['label'] == 1 for r in convs)} harmful and "
                 f"{sum(r['label'] == 0 for r in convs)} benign")
@@ -547,6 +536,9 @@ def main():
     ap.add_argument("--benign-max-tokens", type=int, default=192,
                     help="tokens per base-model answer to a benign prompt")
     ap.add_argument("--batch", type=int, default=16, help="prompts generated together")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes generating the base model's answers, each a whole batch (the "
+                         "same answers; default: one per CPU core up to 4, one with Metal)")
     ap.add_argument("--benign-sources", default=BENIGN_SOURCES,
                     help="comma-separated benign sources to train on (the builder's train sources: "
                          + ", ".join(sorted(BENIGN_TRAIN_SOURCES)) + ")")
@@ -586,6 +578,10 @@ def main():
                          "to their last full sentence")
     args = vars(ap.parse_args())
     data, out, model = Path(args.pop("data")), Path(args.pop("out")), args.pop("model")
+    if args["workers"] is None:
+        from .answers import default_workers
+
+        args["workers"] = default_workers()
     opts = RowsOptions(**args)
     if message := option_error(opts):
         ap.error(message)

@@ -43,6 +43,9 @@ rows_options = options(
     click.option("--answers-from", type=click.Path(exists=True, file_okay=False), default=None,
                  help="Another align run whose cached base-model answers this run starts from "
                  "(same base model: they are keyed by it), so it does not generate them again."),
+    click.option("--gen-workers", type=click.IntRange(1), default=None,
+                 help="Processes generating the base model's answers, a batch each (the same "
+                 "answers; default: one per CPU core up to 4, one with Metal)."),
 )
 train_options = options(
     _opt("--iters", "Training steps.", type=click.IntRange(1)),
