@@ -67,6 +67,9 @@ def main(argv=None):
     ap.add_argument("--data", required=True, help="A built data folder (its dev split is read).")
     ap.add_argument("--attacks", nargs="*", default=[], help="adaptive.rows.jsonl files of dev runs.")
     ap.add_argument("--per-source", type=int, default=20, help="Benign and harmful rows per source.")
+    ap.add_argument("--gate", type=float, nargs="*", default=[9.0],
+                    help="Gate thresholds (nats): count the benign rows of each source above each "
+                         "(what a surprisal gate at that threshold would refuse).")
     ap.add_argument("--out", default=None, help="Write the numbers here as JSON.")
     args = ap.parse_args(argv)
 
@@ -94,7 +97,11 @@ def main(argv=None):
         by_source = defaultdict(list)
         for (src, s) in features["benign"]:
             by_source[src].append(max_window_mean(s, w))
-        entry["benign_sources"] = {src: summary(v) for src, v in sorted(by_source.items())}
+        entry["benign_sources"] = {src: dict(summary(v), above={
+            str(t): sum(x > t for x in v) for t in args.gate}) for src, v in sorted(by_source.items())}
+        for t in args.gate:
+            print(f"window {w}, gate {t}: benign above it, per source: " + ", ".join(
+                f"{src} {e['above'][str(t)]}/{e['n']}" for src, e in entry["benign_sources"].items()))
         if "suffixed" in per:
             top = max(per["benign"])
             entry["suffixed_above_benign_max"] = sum(v > top for v in per["suffixed"])
