@@ -37,7 +37,8 @@ def test_progress_counts_rows_in_order(tmp_path, plain_model_dir):
     said = []
     md.generate_missing(prompt_rows(5), tmp_path / "g.jsonl", plain_model_dir, 3, 2, "m",
                         log=said.append, workers=2)
-    assert said == ["generated 2/5", "generated 4/5", "generated 5/5"]
+    assert said == ["generating 5 answers of the base model in 2 processes", "generated 2/5",
+                    "generated 4/5", "generated 5/5"]
     assert [json.loads(ln)["max_tokens"] for ln in (tmp_path / "g.jsonl").open()] == [3] * 5
 
 

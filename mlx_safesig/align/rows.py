@@ -132,6 +132,9 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
         return cache, finished
     chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
     batches = [[prompt_messages(r) for r in chunk] for chunk in chunks]
+    workers = max(1, min(workers, len(chunks)))
+    log(f"generating {len(todo)} answers of the base model in {workers} process"
+        + ("es" if workers > 1 else ""))
     done = 0
     with open(cache_path, "a") as out:
         for chunk, (texts, lengths) in zip(chunks, answer_batches(model_dir, batches, max_tokens,
