@@ -4,9 +4,11 @@ engine runs it as a batch of one row (``engine.SafeBatchGenerator``; cache layou
 safety off it is mlx-lm's own loop.
 """
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx_lm
@@ -73,17 +75,32 @@ def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]])
 SCORE_BATCH_TOKENS = 4096  # padded prompt tokens per batched verdict forward
 
 
+def verdict_key(ids: Sequence[int], slots: Sequence[int]) -> str:
+    """A verdict input's key (sha256, 24 hex digits, of its token ids and query slots): what a
+    ``score_many`` cache is keyed by, so a kept p is reused only for the same tokens."""
+    return hashlib.sha256(json.dumps([list(ids), list(slots)]).encode()).hexdigest()[:24]
+
+
 def score_many(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict]]],
-               batch_size: int = 16, progress: Optional[Callable[[int], None]] = None
-               ) -> List[float]:
+               batch_size: int = 16, progress: Optional[Callable[[int], None]] = None,
+               cache: Optional[MutableMapping[str, float]] = None) -> List[float]:
     """``score`` of each item, several per forward: prompts of similar length are left-padded
     into one batch (``prefill_batch_with_verdict``; at most ``batch_size`` rows and about
     ``SCORE_BATCH_TOKENS`` padded tokens), the same p as one by one to float tolerance. Prompts
-    longer than one prefill chunk run alone. ``progress(n)`` after each forward."""
+    longer than one prefill chunk run alone. ``progress(n)`` after each forward (and once for the
+    items ``cache`` held). ``cache``: p by ``verdict_key``; items it holds are not run, and each
+    new p is stored in it as its forward finishes (``eval.store.VerdictCache`` keeps them on disk)."""
     tokenizer = wrap_tokenizer(tokenizer)
     inputs = [_verdict_input(model, tokenizer, item) for item in items]
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i][0]))
-    scores: List[float] = [0.0] * len(inputs)
+    scores: List[Optional[float]] = [None] * len(inputs)
+    keys = [verdict_key(*x) for x in inputs] if cache is not None else []
+    for i, key in enumerate(keys):
+        if key in cache:
+            scores[i] = cache[key]
+    kept = sum(p is not None for p in scores)
+    if kept and progress:
+        progress(kept)
+    order = sorted((i for i, p in enumerate(scores) if p is None), key=lambda i: len(inputs[i][0]))
     done = 0
     while done < len(order):
         longest = len(inputs[order[done]][0])
@@ -105,6 +122,8 @@ def score_many(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict
         mx.eval(ps)
         for i, p in zip(group, ps):
             scores[i] = p.item()
+            if cache is not None:
+                cache[keys[i]] = scores[i]
         done += len(group)
         if progress:
             progress(len(group))

@@ -634,10 +634,8 @@ def test_exclude_category_leaves_those_harmful_rows_out(tmp_path):
     assert fp["exclude_categories"] == ["drop"]  # a resume must use the same exclusion
 
 
-def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, data_dir, tmp_path):
-    from mlx_safesig import load, score
-
-    d = tmp_path / "data"
+def detection_data(data_dir, d):
+    """``data_dir`` with sources: harmful x and y, benign z, on dev and heldout."""
     d.mkdir()
     for f in data_dir.iterdir():
         (d / f.name).write_bytes(f.read_bytes())
@@ -647,6 +645,13 @@ def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, 
         write_jsonl(d / f"benign.{split}.jsonl", [
             {"id": f"b{i}", "text": t, "source": "z"} for i, t in enumerate(BENIGN)])
     write_jsonl(d / "heldout.jsonl", [])
+    return d
+
+
+def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, data_dir, tmp_path):
+    from mlx_safesig import load, score
+
+    d = detection_data(data_dir, tmp_path / "data")
     net, tok = load(str(model_dir))
     p = {t: score(net, tok, [{"role": "user", "content": t}]) for t in HARMFUL + BENIGN}
     r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "o", "--suite", "detection",
@@ -691,6 +696,39 @@ def test_detection_suite_counts_the_verdict_per_source_and_writes_it(model_dir, 
     assert {r["wrapper"] for r in rows} <= {"w7", "w11", "w17"} and len(rows) == 6
     assert all(r["text"].startswith("Role ") for r in rows)
     assert not any(t in r.stdout for t in HARMFUL + BENIGN)
+
+
+def test_detection_resume_reuses_the_verdicts_of_the_same_model_only(model_dir, data_dir, tmp_path,
+                                                                    tokenizer):
+    """Each verdict is kept as it is computed; a run killed part way continues with --resume to
+    the same report; another model's verdicts are never reused (one clear error)."""
+    out, data_dir = tmp_path / "o", detection_data(data_dir, tmp_path / "data")
+    r = cli("--model", model_dir, "--data", data_dir, "--out", out, "--suite", "detection", "--json")
+    assert r.exit_code == 0, r.output
+    whole = json.loads(r.stdout)
+    kept = (out / "detection.verdicts.jsonl").read_text().splitlines()
+    n = sum(map(len, detection_plan_sizes(data_dir)))
+    assert len(kept) - 1 == len({json.loads(x)["key"] for x in kept[1:]}) <= n
+    (out / "detection.verdicts.jsonl").write_text("\n".join(kept[:3]) + "\n")  # killed after 2
+    (out / "detection.json").unlink()
+    r = cli("--model", model_dir, "--data", data_dir, "--out", out, "--suite", "detection",
+            "--json", "--resume")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == whole
+    assert "[detection: 2 verdicts reused from " in r.stderr
+    assert (out / "detection.verdicts.jsonl").read_text().splitlines()[0] == kept[0]
+    other = write_model_dir(tmp_path / "other", make_model(seed=1), tokenizer)
+    r = cli("--model", other, "--data", data_dir, "--out", out, "--suite", "detection", "--resume")
+    assert r.exit_code == 1 and "was made with other settings (model)" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = cli("--model", other, "--data", data_dir, "--out", out, "--suite", "detection", "--json")
+    assert r.exit_code == 0 and "reused" not in r.stderr  # without --resume: starts over
+
+
+def detection_plan_sizes(data_dir):
+    from mlx_safesig.eval.detection import detection_plan
+
+    return list(detection_plan(data_dir, "dev").values())
 
 
 def test_utility_suite_compares_reference_nll_and_loops_with_the_base(model_dir, tmp_path):

@@ -120,6 +120,28 @@ def test_score_many_equals_score_of_each_item_in_any_batch_shape(tokenizer, monk
     with pytest.raises(SafesigError, match="empty"):
         score_many(model, tokenizer, ["ok", ""])
 
+def test_score_many_keeps_each_p_in_its_cache_and_reuses_it(tokenizer):
+    """A cache holds p by verdict input (token ids + query slots): held items are not run (their
+    kept p is returned as is), new ones are stored as their forward finishes, and the same text
+    as a string or in messages are different inputs."""
+    from mlx_safesig.generate import _verdict_input, verdict_key
+    from mlx_safesig.prompt import wrap_tokenizer
+
+    model = make_model()
+    items = ["the sea", MSGS, "hi"]
+    want = score_many(model, tokenizer, items)
+    cache = {}
+    assert score_many(model, tokenizer, items, cache=cache) == pytest.approx(want, abs=1e-6)
+    keys = [verdict_key(*_verdict_input(model, wrap_tokenizer(tokenizer), x)) for x in items]
+    assert sorted(cache) == sorted(keys) and [cache[k] for k in keys] == pytest.approx(want)
+    cache[keys[1]] = 0.123  # a kept p is trusted, not recomputed
+    seen = []
+    got = score_many(model, tokenizer, items + ["new text"], cache=cache, progress=seen.append)
+    assert got[:3] == [cache[keys[0]], 0.123, cache[keys[2]]] and len(cache) == 4
+    assert seen == [3, 1]  # the kept ones at once, then the one forward
+    assert verdict_key([1, 2], [0, 1]) != verdict_key([1, 2], [1])
+
+
 # -- the decoding rules end to end, with a scripted head ---------------------------------------
 
 class ScriptedHead:

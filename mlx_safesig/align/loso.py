@@ -62,16 +62,19 @@ def detect_left_out(model, tokenizer, data_dir, names: Sequence[str], out_dir,
     """The query verdict on the left-out sources' rows, as they are and in conversations
     (``detection.run_detection``); written to ``out_dir/left-out.json`` and returned."""
 
-    from ..eval.detection import SWEEP, held_out_rows, run_detection
+    from ..eval.detection import SWEEP, VERDICTS_FILE, held_out_rows, run_detection
     from ..eval.report import atomic_write
+    from ..eval.store import VerdictCache
     from ..progress import progress_bar
 
     rows = left_out_rows(data_dir, names, extra_benign)
     if not rows:
         raise SafesigError(f"{data_dir} has no rows of {', '.join(names)} to score.")
     plan = {suite: held_out_rows(rows, [], [suite], limit) for suite in LEFT_OUT_SUITES}
+    cache = VerdictCache(Path(out_dir) / VERDICTS_FILE, model, resume=True)  # a killed stage reruns
     with progress_bar(sum(map(len, plan.values())), "verdicts", "row") as bar:
-        report = run_detection(model, tokenizer, plan, "left-out", sweep=SWEEP, progress=bar.update)
+        report = run_detection(model, tokenizer, plan, "left-out", sweep=SWEEP, progress=bar.update,
+                               cache=cache)
     report["left_out"] = list(names)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(out_dir) / LEFT_OUT_FILE, json.dumps(report, indent=1))

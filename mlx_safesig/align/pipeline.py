@@ -404,7 +404,8 @@ class Run:
             self.log(f"held-out detection: done ({folder / DETECTION_FILE}), kept")
         else:
             self.log("held-out detection: the [CLS] query verdict per source")
-            detect_split(model, tokenizer, self.out / "data", "heldout", folder, r.detection_limit)
+            detect_split(model, tokenizer, self.out / "data", "heldout", folder, r.detection_limit,
+                         resume=True, log=self.log)
         settings = EvalSettings(suites=EVAL_SUITES, split="heldout", limit=r.eval_limit,
                                 max_tokens=r.eval_max_tokens, batch_size=r.eval_batch_size)
         run_eval(model, tokenizer, self.out / "data", folder / "generation", settings,

@@ -130,7 +130,8 @@ adaptive_options = options(
               "on, run this many at a time, same responses; 1 = one by one. Sampled generations "
               "always run one by one.")
 @adaptive_options
-@click.option("--resume", is_flag=True, help="Continue the run in --out, skipping finished rows.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out, skipping finished rows "
+              "(for detection: reusing the verdicts the same model already computed there).")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of "
               "the Markdown report.")
 @user_errors
@@ -177,7 +178,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     net, tokenizer = load_model(model, add_safety=add_safety)
     if "detection" in extra:
         _detection(net, tokenizer, data_dir, split, limit, threshold, exclude_categories,
-                   Path(out_dir), as_json)
+                   Path(out_dir), resume, as_json)
     if "adaptive" in extra:
         config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
                                window_query, keep_verdict, False, None)
@@ -207,10 +208,11 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
 
 
 def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_dir: Path,
-               as_json: bool):
+               resume: bool, as_json: bool):
     from ..eval.detection import DETECTION_FILE, detect_split, format_counts
 
-    report = detect_split(net, tokenizer, data_dir, split, out_dir, limit, threshold, exclude)
+    report = detect_split(net, tokenizer, data_dir, split, out_dir, limit, threshold, exclude,
+                          resume=resume, log=say)
     if as_json:
         click.echo(json.dumps(report))
         return

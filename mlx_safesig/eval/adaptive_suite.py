@@ -32,6 +32,7 @@ from ..model import SafesigError
 from .adaptive import Attack, AttackSettings, allowed_tokens, inserts_refusal
 from .detection import detection_counts, held_out_rows, row_messages, split_rows
 from .report import atomic_write
+from .store import RowStore
 from .surprisal import max_window_mean, query_surprisal
 
 ADAPTIVE_FILE = "adaptive.json"
@@ -47,37 +48,6 @@ def _hash(*parts) -> int:
 
 def _order(rows: Sequence[dict], salt: str) -> List[dict]:
     return sorted(rows, key=lambda r: _hash(salt, r["id"]))
-
-
-class RowStore:
-    """``adaptive.rows.jsonl``: a header with the run's fingerprint, then one row per finished
-    unit of work keyed by ``(kind, key, id)``; ``resume`` keeps the rows of a run with the same
-    fingerprint, otherwise the file starts over."""
-
-    def __init__(self, path: Path, fingerprint: dict, resume: bool):
-        self.path, self.rows = path, {}
-        if resume and path.is_file():
-            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            old = dict(lines[0].get("fingerprint") or {}) if lines else {}
-            old.pop("universal", None)  # files before the universal rows carried their own count
-            if lines and old != fingerprint:
-                diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-                raise SafesigError(f"{path} was made with other settings ({', '.join(diff)}); "
-                                   "use another --out or run without --resume.")
-            self.rows = {(r["kind"], r["key"], r["id"]): r for r in lines[1:]}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps({"fingerprint": fingerprint}) + "\n" + "".join(
-            json.dumps(r) + "\n" for r in self.rows.values()))
-
-    def get(self, kind: str, key: str, rid: str) -> Optional[dict]:
-        return self.rows.get((kind, key, str(rid)))
-
-    def put(self, row: dict) -> dict:
-        row = dict(row, id=str(row["id"]))
-        self.rows[(row["kind"], row["key"], row["id"])] = row
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        return row
 
 
 def _rate(k: int, n: int) -> float:

@@ -16,7 +16,7 @@ evaluation-only: no training-row builder may use them.
 
 import hashlib
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, MutableMapping, Optional, Sequence
 
 from ..generate import score_many
 from ..model import SafesigError
@@ -36,9 +36,12 @@ def row_messages(row: dict) -> List[dict]:
 
 
 def score_rows(model, tokenizer, rows: Sequence[dict],
-               progress: Optional[Callable[[int], None]] = None) -> List[float]:
-    """p(malicious) of each row's query verdict (``score`` of its messages, batched)."""
-    return score_many(model, tokenizer, [row_messages(row) for row in rows], progress=progress)
+               progress: Optional[Callable[[int], None]] = None,
+               cache: Optional[MutableMapping[str, float]] = None) -> List[float]:
+    """p(malicious) of each row's query verdict (``score`` of its messages, batched; ``cache``
+    as ``score_many``'s)."""
+    return score_many(model, tokenizer, [row_messages(row) for row in rows], progress=progress,
+                      cache=cache)
 
 
 def _rate(flagged: int, n: int) -> float:
@@ -207,6 +210,7 @@ def dev_wrapper_templates(data_dir) -> List[dict]:
 
 
 DETECTION_FILE = "detection.json"
+VERDICTS_FILE = "detection.verdicts.jsonl"  # each verdict as it is computed (``VerdictCache``)
 
 
 def split_rows(data_dir, split: str, exclude: Sequence[str] = ()) -> List[dict]:
@@ -237,13 +241,15 @@ def detection_plan(data_dir, split: str, limit: Optional[int] = None,
 
 def run_detection(model, tokenizer, plan: Dict[str, List[dict]], split: str,
                   threshold: Optional[float] = None, sweep: Sequence[float] = (),
-                  progress: Optional[Callable[[int], None]] = None) -> Dict:
-    """The query verdict per source on each suite of ``plan`` (``detection_plan``). Returns
-    ``{"split", "judge", "threshold", "suites": {suite: detection_counts(...)}}``."""
+                  progress: Optional[Callable[[int], None]] = None,
+                  cache: Optional[MutableMapping[str, float]] = None) -> Dict:
+    """The query verdict per source on each suite of ``plan`` (``detection_plan``; ``cache`` as
+    ``score_many``'s). Returns ``{"split", "judge", "threshold", "suites": {suite:
+    detection_counts(...)}}``."""
     threshold = model.args.safesig["threshold"] if threshold is None else threshold
     report = {"split": split, "judge": JUDGE, "threshold": threshold, "suites": {}}
     for suite, suite_rows in plan.items():
-        scores = score_rows(model, tokenizer, suite_rows, progress=progress)
+        scores = score_rows(model, tokenizer, suite_rows, progress=progress, cache=cache)
         report["suites"][suite] = detection_counts(suite_rows, scores, threshold, sweep)
     return report
 
@@ -252,19 +258,25 @@ SWEEP = (0.3, 0.7, 0.9)  # thresholds reported beside the model's
 
 
 def detect_split(model, tokenizer, data_dir, split: str, out_dir, limit: Optional[int] = None,
-                 threshold: Optional[float] = None, exclude: Sequence[str] = ()) -> Dict:
+                 threshold: Optional[float] = None, exclude: Sequence[str] = (),
+                 resume: bool = False, log: Optional[Callable[[str], None]] = None) -> Dict:
     """``eval --suite detection``: the query verdict on every detection suite of ``split``
     (``detection_plan``), with a progress bar on stderr; the report (``run_detection``, swept at
-    ``SWEEP``) is written to ``out_dir/detection.json`` and returned."""
+    ``SWEEP``) is written to ``out_dir/detection.json`` and returned. Each verdict is kept in
+    ``out_dir/detection.verdicts.jsonl`` as it is computed; ``resume`` reuses those of the same
+    model (an interrupted run continues; ``log`` says how many), otherwise the file starts over."""
     import json
 
     from ..progress import progress_bar
     from .report import atomic_write
+    from .store import VerdictCache
 
     plan = detection_plan(data_dir, split, limit, exclude)
+    cache = VerdictCache(Path(out_dir) / VERDICTS_FILE, model, resume)
     with progress_bar(sum(map(len, plan.values())), "verdicts", "row") as bar:
         report = run_detection(model, tokenizer, plan, split, threshold, sweep=SWEEP,
-                               progress=bar.update)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+                               progress=bar.update, cache=cache)
+    if log and cache.reused:
+        log(f"[detection: {cache.reused} verdicts reused from {Path(out_dir) / VERDICTS_FILE}]")
     atomic_write(Path(out_dir) / DETECTION_FILE, json.dumps(report, indent=1))
     return report
