@@ -73,13 +73,18 @@ def _one_blas_thread():
             os.environ.pop("OPENBLAS_NUM_THREADS", None)
 
 
+def pool_size(workers: int, n_batches: int) -> int:
+    """The processes ``answer_batches`` runs for ``n_batches``: ``workers``, at most one per batch."""
+    return max(1, min(workers, n_batches))
+
+
 def answer_batches(model_dir: str, batches: Sequence[Batch], max_tokens: int,
                    workers: int = 1) -> Iterator[Tuple[List[str], List[int]]]:
     """(texts, token counts) of each batch, in order, as they finish; ``workers`` > 1 runs that
-    many spawned processes (the batches go to whichever is free)."""
+    many spawned processes (``pool_size``; the batches go to whichever is free)."""
     if not batches:
         return
-    workers = max(1, min(workers, len(batches)))
+    workers = pool_size(workers, len(batches))
     if workers == 1:
         _load(model_dir)
         try:

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .answers import answer_batches, model_fingerprint
+from .answers import answer_batches, model_fingerprint, pool_size
 from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
@@ -132,7 +132,7 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
         return cache, finished
     chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
     batches = [[prompt_messages(r) for r in chunk] for chunk in chunks]
-    workers = max(1, min(workers, len(chunks)))
+    workers = pool_size(workers, len(chunks))
     log(f"generating {len(todo)} answers of the base model in {workers} process"
         + ("es" if workers > 1 else ""))
     done = 0
