@@ -1,6 +1,6 @@
 """How much faster align's rows stage makes the base model's answers with more worker processes.
 
-Times ``rows.generate_missing`` (what the rows stage calls) on the same prompts with 1 and with N
+Times ``answers.generate_missing`` (what the rows stage calls) on the same prompts with 1 and with N
 workers, each into a fresh cache, in one run (ratios, not wall-clock: these machines are noisy;
 pause other jobs first), and checks both gave the same answers. Prompts: the first ``--prompts``
 benign dev prompts of a built data folder by a hash of their id (counts only are printed).
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import mlx_safesig  # noqa: F401  (preloads OpenBLAS on Linux: must come before mlx)
-from mlx_safesig.align.rows import RowsOptions, generate_missing, model_fingerprint
+from mlx_safesig.align.answers import generate_missing, model_fingerprint
+from mlx_safesig.align.rows import RowsOptions
 from mlx_safesig.default_model import default_base_model
 
 

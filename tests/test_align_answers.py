@@ -25,8 +25,8 @@ def test_workers_give_the_answers_of_one_process(tmp_path, plain_model_dir):
     answers, written to the cache in the same order."""
     rows = prompt_rows(7)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    a, fa = md.generate_missing(rows, one, plain_model_dir, 6, 2, "m", log=lambda m: None)
-    b, fb = md.generate_missing(rows, two, plain_model_dir, 6, 2, "m", log=lambda m: None,
+    a, fa = answers.generate_missing(rows, one, plain_model_dir, 6, 2, "m", log=lambda m: None)
+    b, fb = answers.generate_missing(rows, two, plain_model_dir, 6, 2, "m", log=lambda m: None,
                                 workers=2)
     assert a == b and fa == fb and set(a) == {r["id"] for r in rows}
     assert one.read_text() == two.read_text()
@@ -35,7 +35,7 @@ def test_workers_give_the_answers_of_one_process(tmp_path, plain_model_dir):
 
 def test_progress_counts_rows_in_order(tmp_path, plain_model_dir):
     said = []
-    md.generate_missing(prompt_rows(5), tmp_path / "g.jsonl", plain_model_dir, 3, 2, "m",
+    answers.generate_missing(prompt_rows(5), tmp_path / "g.jsonl", plain_model_dir, 3, 2, "m",
                         log=said.append, workers=2)
     assert said == ["generating 5 answers of the base model in 2 processes", "generated 2/5",
                     "generated 4/5", "generated 5/5"]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from mlx_safesig.align import answers
 from mlx_safesig.align import rows as md
 from mlx_safesig.align.sources import PROMPTS_DIR, text_id
 
@@ -133,14 +134,14 @@ def test_generation_cache_is_keyed_by_token_limit_and_model(tmp_path, monkeypatc
     monkeypatch.setattr(mlx_lm, "load", lambda path: (None, Tok()))
     monkeypatch.setattr(mlx_lm, "batch_generate", fake_batch_generate)
     rows = [{"id": "a", "text": "qa"}, {"id": "b", "text": "qb"}]
-    texts, finished = md.generate_missing(rows, cache, "model", 128, 16, "m1")
+    texts, finished = answers.generate_missing(rows, cache, "model", 128, 16, "m1")
     assert texts == {"a": "a128", "b": "new"} and finished == {"a": True, "b": True}
     assert asked == [(1, 128)]
-    texts, _ = md.generate_missing(rows, cache, "model", 48, 16, "m1")
+    texts, _ = answers.generate_missing(rows, cache, "model", 48, 16, "m1")
     assert texts == {"a": "a48", "b": "new"} and asked == [(1, 128), (1, 48)]
-    texts, _ = md.generate_missing(rows, cache, "model", 128, 16, "m1")  # all cached now
+    texts, _ = answers.generate_missing(rows, cache, "model", 128, 16, "m1")  # all cached now
     assert texts == {"a": "a128", "b": "new"} and len(asked) == 2
-    texts, _ = md.generate_missing(rows, cache, "model", 128, 16, "m2")
+    texts, _ = answers.generate_missing(rows, cache, "model", 128, 16, "m2")
     assert texts == {"a": "new", "b": "b-other-model"} and asked[2:] == [(1, 128)]
     assert json.loads(cache.read_text().splitlines()[-1])["model"] == "m2"
 
@@ -167,7 +168,7 @@ def test_missing_answers_are_generated_shortest_prompts_first(tmp_path, monkeypa
     monkeypatch.setattr(mlx_lm, "batch_generate", fake_batch_generate)
     texts = ["x" * n for n in (50, 3, 400, 7, 60, 1)]
     rows = [{"id": f"r{i}", "text": t} for i, t in enumerate(texts)]
-    got, _ = md.generate_missing(rows, tmp_path / "g.jsonl", "model", 8, 2, "m")
+    got, _ = answers.generate_missing(rows, tmp_path / "g.jsonl", "model", 8, 2, "m")
     assert batches == [["x", "xxx"], ["x" * 7, "x" * 50], ["x" * 60, "x" * 400]]
     assert got == {f"r{i}": f"answer to {t}" for i, t in enumerate(texts)}
 

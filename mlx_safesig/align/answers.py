@@ -1,4 +1,5 @@
-"""The base model's greedy answers to batches of prompts, in this process or in worker processes.
+"""The base model's greedy answers to batches of prompts, in this process or in worker processes,
+and their cache (``generate_missing``: what the rows stage calls).
 
 On a CPU one generation uses about one core (MLX's own ops run on one thread; OpenBLAS helps
 only the matrix products of a small batch), so the rows stage runs ``workers`` processes, each
@@ -8,7 +9,9 @@ one process.
 """
 
 import hashlib
+import json
 import os
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from multiprocessing import get_context
@@ -101,3 +104,51 @@ def answer_batches(model_dir: str, batches: Sequence[Batch], max_tokens: int,
         yield from results
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int,
+                     model_key: str, log=None, workers: int = 1):
+    """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
+    ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file. Cache rows
+    record their ``max_tokens`` and ``model`` (``model_fingerprint``): rows made with another
+    limit or base model (or before these were recorded) are not used, so one folder serves every
+    limit and model. A line torn by a killed run is cut off: the run goes on after the last whole
+    one. ``workers`` processes generate whole batches (``answer_batches``: the same answers)."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    cache, finished = {}, {}
+    if cache_path.exists():
+        whole = cache_path.read_bytes()
+        if not whole.endswith(b"\n") and whole:
+            with open(cache_path, "r+b") as f:
+                f.truncate(whole.rfind(b"\n") + 1)
+        for r in (json.loads(x) for x in cache_path.read_text().splitlines() if x.strip()):
+            if r.get("max_tokens") == max_tokens and r.get("model") == model_key:
+                cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
+    # shortest prompts first: a batch is left-padded to its longest prompt, so one long prompt
+    # among short ones costs the whole batch its length (the cache is keyed by id: order-free)
+    todo = sorted((r for r in rows if r["id"] not in cache),
+                  key=lambda r: sum(len(m["content"]) for m in prompt_messages(r)))
+    if not todo:
+        return cache, finished
+    chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
+    batches = [[prompt_messages(r) for r in chunk] for chunk in chunks]
+    workers = pool_size(workers, len(chunks))
+    log(f"generating {len(todo)} answers of the base model in {workers} process"
+        + ("es" if workers > 1 else ""))
+    done = 0
+    with open(cache_path, "a") as out:
+        for chunk, (texts, lengths) in zip(chunks, answer_batches(model_dir, batches, max_tokens,
+                                                                  workers)):
+            for r, text, n in zip(chunk, texts, lengths):
+                cache[r["id"]], finished[r["id"]] = text, n < max_tokens
+                out.write(json.dumps({"id": r["id"], "text": text, "finished": finished[r["id"]],
+                                      "max_tokens": max_tokens, "model": model_key}) + "\n")
+            out.flush()
+            done += len(chunk)
+            log(f"generated {done}/{len(todo)}")
+    return cache, finished
+
+
+def prompt_messages(row) -> list:
+    """The chat messages a row asks: its ``messages`` (a conversation), else one user turn."""
+    return row.get("messages") or [{"role": "user", "content": row["text"]}]

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .answers import answer_batches, model_fingerprint, pool_size
+from .answers import generate_missing, model_fingerprint, prompt_messages
 from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
@@ -103,55 +103,6 @@ def full_sentences(text: str) -> str:
     """``text`` up to its last sentence end (. ! ? or a line break), or "" if it has none."""
     ends = [m.end() for m in re.finditer(r"(?<![0-9])[.!?](?=\s|$)|\n", text)]
     return text[: ends[-1]].rstrip() if ends else ""
-
-
-def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, batch: int,
-                     model_key: str, log=None, workers: int = 1):
-    """Base-model answers (safety off, greedy) for rows not yet in the cache: id -> text, with
-    ``finished`` (ended on its own, not by ``max_tokens``) kept in the cache file. Cache rows
-    record their ``max_tokens`` and ``model`` (``model_fingerprint``): rows made with another
-    limit or base model (or before these were recorded) are not used, so one folder serves every
-    limit and model. A line torn by a killed run is cut off: the run goes on after the last whole
-    one. ``workers`` processes generate whole batches (``answers.answer_batches``: the same
-    answers)."""
-    log = log or _log
-    cache, finished = {}, {}
-    if cache_path.exists():
-        whole = cache_path.read_bytes()
-        if not whole.endswith(b"\n") and whole:
-            with open(cache_path, "r+b") as f:
-                f.truncate(whole.rfind(b"\n") + 1)
-        for r in read_jsonl(cache_path):
-            if r.get("max_tokens") == max_tokens and r.get("model") == model_key:
-                cache[r["id"]], finished[r["id"]] = r["text"], r.get("finished")
-    # shortest prompts first: a batch is left-padded to its longest prompt, so one long prompt
-    # among short ones costs the whole batch its length (the cache is keyed by id: order-free)
-    todo = sorted((r for r in rows if r["id"] not in cache),
-                  key=lambda r: sum(len(m["content"]) for m in prompt_messages(r)))
-    if not todo:
-        return cache, finished
-    chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
-    batches = [[prompt_messages(r) for r in chunk] for chunk in chunks]
-    workers = pool_size(workers, len(chunks))
-    log(f"generating {len(todo)} answers of the base model in {workers} process"
-        + ("es" if workers > 1 else ""))
-    done = 0
-    with open(cache_path, "a") as out:
-        for chunk, (texts, lengths) in zip(chunks, answer_batches(model_dir, batches, max_tokens,
-                                                                  workers)):
-            for r, text, n in zip(chunk, texts, lengths):
-                cache[r["id"]], finished[r["id"]] = text, n < max_tokens
-                out.write(json.dumps({"id": r["id"], "text": text, "finished": finished[r["id"]],
-                                      "max_tokens": max_tokens, "model": model_key}) + "\n")
-            out.flush()
-            done += len(chunk)
-            log(f"generated {done}/{len(todo)}")
-    return cache, finished
-
-
-def prompt_messages(row) -> list:
-    """The chat messages a row asks: its ``messages`` (a conversation), else one user turn."""
-    return row.get("messages") or [{"role": "user", "content": row["text"]}]
 
 
 def fail(message: str):
