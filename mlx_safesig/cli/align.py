@@ -103,6 +103,10 @@ eval_options = options(
       "English held-out sources (held out); '' for none.")
 @_opt("--translate-share", "With --translate: share of each training source's rows translated.",
       type=SHARE)
+@_opt("--add-sources", "Also build these comma-separated optional sources (their packages are "
+      "downloaded then; a benign one is trained on when also in --benign-sources): nq_open, "
+      "truthfulqa, quac_followups, medicationqa, chitchat, exams_es, exams_fr, exams_de, "
+      "forgelm_probes; '' for none.")
 @click.option("--no-verify", is_flag=True, hidden=True,
               help="Skip the artefacts' sha256 check (tests with fake artefacts only).")
 @click.option("--restart-from", type=click.Choice(STAGES), default=None,
