@@ -224,7 +224,7 @@ def build(paths: dict[str, Path], out: Path, edgy: Path = DEFAULT_EDGY, holdout:
     """Read, normalize, dedup, guard, split and write everything; return the manifest dict.
     ``translate``: languages to machine-translate into (``translate.py``; needs Apertium);
     ``add_sources``: optional sources to build too (sources_added.py; ``paths`` must hold their
-    artefacts, ``sources.artefacts_for``)."""
+    artefacts, ``artefacts_for``)."""
     add_sources = check_added(add_sources)
     harmful_sources, benign_sources = (HARMFUL_SOURCES + _optional(1, add_sources),
                                        BENIGN_SOURCES + _optional(0, add_sources))
