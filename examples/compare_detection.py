@@ -63,14 +63,15 @@ def checks(old: dict, new: dict) -> list:
              if old[k][0] == 0 and rate(*new[k][1:]) > rate(*old[k][1:]) + 2]
     out.append(("2 benign sources", not rises, "more than 2 points higher: "
                 + (", ".join(f"{s} {a:.1f}->{b:.1f}" for s, a, b in rises) or "none")))
+    common = set(old) & set(new)  # a source only one run has (a new one) takes no part
     for lang in LANGS:
-        a = summed(old, lambda k, lang=lang: k[0] == "plain" and k[1].endswith(lang))
-        b = summed(new, lambda k, lang=lang: k[0] == "plain" and k[1].endswith(lang))
+        a = summed(old, lambda k, lang=lang: k in common and k[0] == "plain" and k[1].endswith(lang))
+        b = summed(new, lambda k, lang=lang: k in common and k[0] == "plain" and k[1].endswith(lang))
         ok = rate(*b[1]) >= rate(*a[1]) and rate(*b[0]) <= rate(*a[0])
         out.append((f"3 {lang[1:]}", ok, f"harmful {a[1][0]}/{a[1][1]} -> {b[1][0]}/{b[1][1]}, "
                     f"benign {a[0][0]}/{a[0][1]} -> {b[0][0]}/{b[0][1]}"))
-    a = summed(old, lambda k: k[0] == "wrapped")
-    b = summed(new, lambda k: k[0] == "wrapped")
+    a = summed(old, lambda k: k in common and k[0] == "wrapped")
+    b = summed(new, lambda k: k in common and k[0] == "wrapped")
     ok = rate(*b[0]) < rate(*a[0]) and rate(*b[1]) >= rate(*a[1]) - 5
     out.append(("4 wrapped", ok, f"benign {a[0][0]}/{a[0][1]} -> {b[0][0]}/{b[0][1]}, "
                 f"harmful {a[1][0]}/{a[1][1]} -> {b[1][0]}/{b[1][1]}"))
@@ -96,6 +97,10 @@ def main(argv=None):
             (label, f0, n0), (_, f1, n1) = old[key], new[key]
             print(f"{key[0]:<13} {key[1]:<42} {'harmful' if label else 'benign':<8} "
                   f"{f0:>4}/{n0:<4} -> {f1:>4}/{n1:<4}")
+    for key in sorted(set(new) - set(old)):  # sources the shipped run did not have: no rule
+        label, f1, n1 = new[key]
+        print(f"{key[0]:<13} {key[1]:<42} {'harmful' if label else 'benign':<8} "
+              f"{'-':>9} -> {f1:>4}/{n1:<4} (new)")
     results = checks(old, new)
     for rule, ok, detail in results:
         print(f"rule {rule}: {'pass' if ok else 'FAIL'} ({detail})")
