@@ -709,7 +709,8 @@ def test_detection_resume_reuses_the_verdicts_of_the_same_model_only(model_dir, 
     kept = (out / "detection.verdicts.jsonl").read_text().splitlines()
     n = sum(map(len, detection_plan_sizes(data_dir)))
     assert len(kept) - 1 == len({json.loads(x)["key"] for x in kept[1:]}) <= n
-    (out / "detection.verdicts.jsonl").write_text("\n".join(kept[:3]) + "\n")  # killed after 2
+    # killed after 2 verdicts, in the middle of writing the third
+    (out / "detection.verdicts.jsonl").write_text("\n".join(kept[:3]) + "\n" + kept[3][:9])
     (out / "detection.json").unlink()
     r = cli("--model", model_dir, "--data", data_dir, "--out", out, "--suite", "detection",
             "--json", "--resume")

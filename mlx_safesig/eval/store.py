@@ -20,7 +20,10 @@ class RowStore:
     def __init__(self, path: Path, fingerprint: dict, resume: bool):
         self.path, self.rows = path, {}
         if resume and path.is_file():
-            lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # a line torn by a killed run: cut it off
+                text = text[: text.rfind("\n") + 1]
+            lines = [json.loads(x) for x in text.splitlines() if x.strip()]
             old = dict(lines[0].get("fingerprint") or {}) if lines else {}
             old.pop("universal", None)  # adaptive files before the universal rows carried a count
             if lines and old != fingerprint:
