@@ -18,6 +18,8 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterator, List, Sequence, Tuple
 
+from .records import row_messages
+
 Batch = Sequence[Sequence[dict]]  # chat messages of each prompt of one batch
 _loaded: dict = {}  # this process's model and tokenizer
 
@@ -127,11 +129,11 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
     # shortest prompts first: a batch is left-padded to its longest prompt, so one long prompt
     # among short ones costs the whole batch its length (the cache is keyed by id: order-free)
     todo = sorted((r for r in rows if r["id"] not in cache),
-                  key=lambda r: sum(len(m["content"]) for m in prompt_messages(r)))
+                  key=lambda r: sum(len(m["content"]) for m in row_messages(r)))
     if not todo:
         return cache, finished
     chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
-    batches = [[prompt_messages(r) for r in chunk] for chunk in chunks]
+    batches = [[row_messages(r) for r in chunk] for chunk in chunks]
     workers = pool_size(workers, len(chunks))
     log(f"generating {len(todo)} answers of the base model in {workers} process"
         + ("es" if workers > 1 else ""))
@@ -149,6 +151,3 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
     return cache, finished
 
 
-def prompt_messages(row) -> list:
-    """The chat messages a row asks: its ``messages`` (a conversation), else one user turn."""
-    return row.get("messages") or [{"role": "user", "content": row["text"]}]

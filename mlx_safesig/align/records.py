@@ -31,3 +31,11 @@ def make_row(text: str, source: str, **extra) -> dict:
     ``category``, ...)."""
     t = normalize(text)
     return {"id": text_id(t), "text": t, "source": source, **extra}
+
+
+def row_messages(row: dict) -> list:
+    """The chat messages a row asks (and is judged as): its ``messages`` (a conversation), else
+    one user turn of its ``text``."""
+    if "messages" in row:
+        return row["messages"]
+    return [{"role": "user", "content": row["text"]}]

@@ -59,11 +59,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .answers import generate_missing, model_fingerprint, prompt_messages
+from .answers import generate_missing, model_fingerprint
 from .archive import BuildError
 from .build import BENIGN_SOURCES as BENIGN_TRAIN_SOURCES
 from .build import near_copy, words
 from .conversations import BENIGN_SHAPES, HARMFUL_SHAPES, conversation_prompts
+from .records import row_messages
 from .sources import base_source, read_prompts, text_id
 
 PROG = "mlx_safesig.align.rows"
@@ -258,7 +259,7 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
     for r in rows_h:
         prefix = refusal_prefix.lstrip("\n") if learn_prefix else refusal_prefix
         row = {
-            "messages": prompt_messages(r) + [
+            "messages": row_messages(r) + [
                 {"role": "assistant", "content": prefix + pick(r["id"], JUSTIFICATIONS)}],
             "label": 1, "source": r.get("source"),
         }
@@ -280,11 +281,11 @@ def build(rows_h, rows_b, gen, answers, refusal_prefix, learn_prefix=True, misma
         # sized without its framing or wrapper: a benign row is kept exactly when its plain row
         # is, else long wrappers would survive only around harmful requests and the verdict
         # would learn the wrapper's length as a label (v17: 54 of 290 wrapped benign rows kept)
-        asked = sum(len(m["content"]) for m in prompt_messages(r)) - r.get("framing_chars", 0)
+        asked = sum(len(m["content"]) for m in row_messages(r)) - r.get("framing_chars", 0)
         if not answer.strip() or asked + len(answer) > MAX_BENIGN_CHARS:
             continue
         row = {
-            "messages": prompt_messages(r) + [{"role": "assistant", "content": answer}],
+            "messages": row_messages(r) + [{"role": "assistant", "content": answer}],
             "label": 0, "source": r.get("source"),
         }
         if harmful_texts and in_share(r["id"], "mismatched", mismatched):

@@ -18,6 +18,7 @@ import hashlib
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, MutableMapping, Optional, Sequence
 
+from ..align.records import row_messages
 from ..generate import score_many
 from ..model import SafesigError
 from .shapes import conversation_rows
@@ -26,13 +27,6 @@ from .shapes import pick as _pick
 JUDGE = "[CLS] query verdict, p >= threshold"
 
 NO_NEAR_TRAINING = " (no near-training rows)"  # suffix of the source counted without those rows
-
-
-def row_messages(row: dict) -> List[dict]:
-    """The chat messages a row is judged as."""
-    if "messages" in row:
-        return row["messages"]
-    return [{"role": "user", "content": row["text"]}]
 
 
 def score_rows(model, tokenizer, rows: Sequence[dict],
