@@ -149,5 +149,3 @@ def generate_missing(rows, cache_path: Path, model_dir: str, max_tokens: int, ba
             done += len(chunk)
             log(f"generated {done}/{len(todo)}")
     return cache, finished
-
-
