@@ -3,7 +3,7 @@ prompt? (Issue 26: a token-level anomaly signal; measure before building a defen
 
 For each prompt (built as the product builds it: ``prepare_prompt``), the model's per-token
 surprisal (negative log-probability in nats of each query-slot token given everything before it,
-template included; ``mlx_safesig.eval.surprisal``) is averaged over every window of ``w``
+template included; ``mlx_safesig.surprisal``) is averaged over every window of ``w``
 consecutive query tokens; the feature is the highest window mean (the whole query's mean when it
 is shorter than ``w``).
 
@@ -32,7 +32,7 @@ import numpy as np
 import mlx_safesig  # noqa: F401  (preloads OpenBLAS on Linux: must come before mlx)
 from mlx_safesig.eval.adaptive_suite import suffixed_messages
 from mlx_safesig.eval.detection import row_messages
-from mlx_safesig.eval.surprisal import max_window_mean, query_surprisal
+from mlx_safesig.surprisal import max_window_mean, query_surprisal
 
 WINDOWS = (4, 8, 12)
 

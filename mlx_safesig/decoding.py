@@ -29,7 +29,7 @@ probed so that tau consecutive verdicts arrive without delay):
   openings are decided in the first tokens, so the checks are spent there.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import List, Optional, Sequence
 
 REFUSAL_PREFIX = "\nSorry, I can't fulfill your request because"
@@ -38,7 +38,8 @@ SCHEDULES = ("each", "first", "periodic:N", "annealing")
 
 # the SafetyConfig fields a model's (or an adapter's) ``safesig`` block may set
 MODEL_DEFAULTS = ("threshold", "window_threshold", "tau", "min_window", "window_query", "r1", "r2",
-                  "r3", "refusal_prefix", "keep_verdict")
+                  "r3", "refusal_prefix", "keep_verdict", "surprisal_gate", "surprisal_window")
+SURPRISAL_WINDOW = 8
 
 
 @dataclass
@@ -67,7 +68,14 @@ class SafetyConfig:
     (the paper's mask) or ``"flagged"`` (only when the query verdict is malicious; a benign
     verdict's ``[CLS]`` leaves the cache and the response is the language model's own, at the same
     positions). None: the model's value, else ``"always"``. On the default model the kept benign
-    verdict sent some answers into loops that the same weights without it do not write."""
+    verdict sent some answers into loops that the same weights without it do not write.
+
+    ``surprisal_gate`` [ours, issue 26]: insert the refusal at once when the query's highest mean
+    surprisal (nats per token, the model's own, ``surprisal.py``) over ``surprisal_window``
+    consecutive query tokens is above this, whatever the verdict: optimised adversarial suffixes
+    are text no one writes. None: the model's value, else off. ``surprisal_window``: None: the
+    model's value, else 8. Off by default: on dev text it also stops some machine-translated
+    benign prompts (MODEL_CARD.md)."""
 
     enabled: bool = True
     threshold: Optional[float] = None
@@ -82,6 +90,8 @@ class SafetyConfig:
     refusal_prefix: Optional[str] = None
     rollback: bool = False
     keep_verdict: Optional[str] = None
+    surprisal_gate: Optional[float] = None
+    surprisal_window: Optional[int] = None
 
     def __post_init__(self):
         parse_schedule(self.schedule)
@@ -91,7 +101,9 @@ class SafetyConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}.")
-        for name in ("tau", "min_window", "r1", "r2", "r3"):
+        if self.surprisal_gate is not None and not self.surprisal_gate > 0:
+            raise ValueError(f"surprisal_gate must be above 0, got {self.surprisal_gate}.")
+        for name in ("tau", "min_window", "r1", "r2", "r3", "surprisal_window"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -110,7 +122,17 @@ class SafetyConfig:
             values["min_window"] = 1
         values["window_query"] = bool(values["window_query"])
         values["keep_verdict"] = values["keep_verdict"] or "always"
+        values["surprisal_window"] = values["surprisal_window"] or SURPRISAL_WINDOW
         return SafetyConfig(**values)
+
+
+def config_fingerprint(config: SafetyConfig) -> dict:
+    """A config's fields as recorded beside evaluation rows (a resume must match them); the gate's
+    only with a gate, so runs recorded before it existed still resume."""
+    out = asdict(config)
+    if config.surprisal_gate is None:
+        out.pop("surprisal_gate"), out.pop("surprisal_window")
+    return out
 
 
 def parse_schedule(schedule: str):
@@ -148,12 +170,14 @@ def scheduled(schedule: str, t: int) -> bool:
 @dataclass
 class SafetyEvent:
     """Something a UI can show. kind: ``probe`` | ``flip`` | ``flip-cleared`` |
-    ``refusal-inserted`` | ``retracted``; ``step`` is a response index."""
+    ``surprisal-gate`` (the query's window surprisal, ``nats``, is above the gate) |
+    ``refusal-inserted`` | ``retracted``; ``step`` is a response index (-1: the query)."""
 
     kind: str
     step: int
     p: Optional[float] = None
     text: Optional[str] = None
+    nats: Optional[float] = None
 
 
 @dataclass
@@ -176,15 +200,21 @@ class SafetyMonitor:
         self.latest_p: Optional[float] = None
         self.query_p: Optional[float] = None
 
-    def start(self, p0: float) -> Decision:
-        """The query verdict (the ``[CLS]`` over the query span at prefill)."""
+    def start(self, p0: float, peak: Optional[float] = None) -> Decision:
+        """The query verdict (the ``[CLS]`` over the query span at prefill) and, with a surprisal
+        gate, the query's highest window surprisal ``peak``: above the gate, the refusal goes in
+        although the verdict may be benign (``query_malicious`` stays the verdict's)."""
         self.latest_p = self.query_p = p0
         self.query_malicious = p0 >= self.config.threshold
         events = [SafetyEvent("probe", -1, p0)]
-        if self.query_malicious:
+        gate = self.config.surprisal_gate
+        gated = gate is not None and peak is not None and peak > gate
+        if gated:
+            events.append(SafetyEvent("surprisal-gate", -1, nats=peak))
+        if self.query_malicious or gated:
             self.inserted = True
             events.append(SafetyEvent("refusal-inserted", self.n_prefill, p0))
-        return Decision(insert=self.query_malicious, events=events)
+        return Decision(insert=self.inserted, events=events)
 
     def wants_probe(self, t: int) -> bool:
         """Is the token at response index ``t`` checked? Never after the insertion (at most one,

@@ -56,7 +56,7 @@ from .prefill import (
     PromptCache,
     cls_logits_mask,
     prefill_batch_with_verdict,
-    prefill_with_verdict,
+    prefill_query,
     probe,
     probe_position,
     token_table,
@@ -64,6 +64,7 @@ from .prefill import (
 from .prompt import PreparedPrompt, prompt_with_prefill, special_ids, wrap_tokenizer
 from .sampling import seeded_sampler  # noqa: F401  (the engine's rows' samplers)
 from .steps import RetractStep, SafetySignal, Step, TokenStep
+from .surprisal import query_peak
 
 
 @dataclass
@@ -234,8 +235,12 @@ class SafeBatchGenerator:
             else self.tokenizer.encode(config.refusal_prefix, add_special_tokens=False)
         prefilled = [None] * n
         if n > 1 and all(len(p.ids) <= PREFILL_STEP for p, _ in prompts):
-            prefilled = prefill_batch_with_verdict(self.model, [p.ids for p, _ in prompts],
-                                                   [p.query_slots for p, _ in prompts])
+            slots = [p.query_slots for p, _ in prompts]
+            nats = [{} for _ in prompts]  # filled with a gate only
+            gated = nats if config.surprisal_gate is not None else None
+            rows = prefill_batch_with_verdict(self.model, [p.ids for p, _ in prompts], slots, gated)
+            prefilled = [(*row, query_peak(got, s, config.surprisal_window) if gated else None)
+                         for row, got, s in zip(rows, nats, slots)]
         uids = []
         for (prompt, prefill_ids), m, s, procs, pre in zip(
                 prompts, max_tokens, samplers or [None] * n, logits_processors or [None] * n,
@@ -262,27 +267,20 @@ class SafeBatchGenerator:
                config: SafetyConfig, refusal: List[int], prefilled: Optional[tuple] = None):
         """Prefill one row on its own cache: the prompt (reusing a conversation cache's common
         prefix) and the kept query verdict (or take them ``prefilled``: its cache, the last
-        prompt token's hidden state and the verdict), the prefill and its window probe, the
-        refusal if due; then sample its first token. It joins the batch at the next step."""
+        prompt token's hidden state, the verdict and the surprisal peak), the prefill and its
+        window probe, the refusal if due; then sample its first token. It joins the batch at
+        the next step."""
         model = self.model
-        if prefilled is not None:
-            cache, h, verdict = prefilled
-        else:
-            if prompt_cache is not None:
-                cache, start = prompt_cache.layers, prompt_cache.reuse(prompt.ids, safety=True)
-            else:
-                cache, start = model.make_cache(), 0
-            h, verdict = prefill_with_verdict(model, prompt.ids[start:], cache,
-                                              prompt.query_slots, start_position=start + 1)
-        if prompt_cache is not None:
-            prompt_cache.ids = list(prompt.ids)
+        cache, h, verdict, peak = prefilled or prefill_query(
+            model, prompt.ids, prompt.query_slots, prompt_cache,
+            None if config.surprisal_gate is None else config.surprisal_window)
         self._maybe_quantize(cache)
         logits = model.logits(h[None])
         monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))
         row = _Row(uid, prompt, monitor, sampler, processors, max_tokens, cache,
                    mx.array(prompt.ids) if processors else None, refusal,
                    conversation=prompt_cache)
-        decision = monitor.start(verdict.item())
+        decision = monitor.start(verdict.item(), peak)
         row.events = decision.events
         if config.keep_verdict == "flagged" and not monitor.query_malicious:
             trim_prompt_cache(cache, 1)

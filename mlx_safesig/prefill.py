@@ -12,6 +12,7 @@ from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
 
 from .attention import prompt_verdict_mask, window_row
 from .model import Model, SafesigError
+from .surprisal import query_peak, slot_surprisal
 
 PREFILL_STEP = 2048
 
@@ -31,15 +32,22 @@ def prefill_prompt(model: Model, ids: Sequence[int], cache, start_position: int 
 
 
 def prefill_with_verdict(model: Model, ids: Sequence[int], cache, slots: Sequence[int],
-                         start_position: int = 1):
+                         start_position: int = 1, nats: Optional[dict] = None):
     """``prefill_prompt`` with the query verdict riding on the last chunk: the ``[CLS]`` row goes
     in after the prompt's last token in the same forward (it sees ``slots`` and itself; the prompt
     rows are causal and never see it), so admitting a prompt costs one forward, not two. Its
     keys/values stay in the cache (the kept verdict). Returns (the last prompt token's hidden
-    state [D], p(malicious) of the verdict)."""
-    done, offset = 0, cache[0].offset
+    state [D], p(malicious) of the verdict). ``nats``: a dict to fill with the surprisal of the
+    query ``slots`` this call runs (slot -> nats, ``surprisal.slot_surprisal``; the first token
+    after what the cache held is left out: its predictor is not run here)."""
+    done, offset, before = 0, cache[0].offset, None
     while len(ids) - done > PREFILL_STEP:
-        prefill_prompt(model, ids[done : done + PREFILL_STEP], cache, start_position + done)
+        chunk = list(ids[done : done + PREFILL_STEP])
+        h = model.hidden(mx.array(chunk)[None], cache, positions=start_position + done)[0]
+        if nats is not None:
+            nats.update(slot_surprisal(model, h, chunk, offset + done, slots, before))
+            before = h[-1]
+        mx.eval([c.state for c in cache] + ([before] if before is not None else []))
         done += PREFILL_STEP
     tail = list(ids[done:])
     n, L = offset + done, len(tail)  # slots before the chunk; its prompt tokens
@@ -48,15 +56,43 @@ def prefill_with_verdict(model: Model, ids: Sequence[int], cache, slots: Sequenc
         probe_position(model, n + L)]
     h = model.hidden(mx.array(tail + [model.cls_token_id])[None], cache, mask=mx.array(mask),
                      positions=mx.array(positions))
+    if nats is not None:
+        nats.update(slot_surprisal(model, h[0, :L], tail, n, slots, before))
     return h[0, L - 1], model.safety_prob(h[0, L])
 
 
+def prefill_query(model: Model, ids: Sequence[int], slots: Sequence[int],
+                  prompt_cache: Optional["PromptCache"] = None,
+                  window: Optional[int] = None) -> tuple:
+    """Admit a prompt: ``prefill_with_verdict`` on a fresh cache, or on a conversation's cache
+    reusing the prefix it shares with ``ids`` (``PromptCache``). With a surprisal ``window``
+    (a gate is on) also the query's highest mean surprisal over that many query tokens. Returns
+    (cache, the last prompt token's hidden state [D], p(malicious) of the verdict, peak or None)."""
+    nats = None if window is None else {}
+    if prompt_cache is not None:
+        cache = prompt_cache.layers
+        start = prompt_cache.reuse(ids, safety=True, need=slots if window is not None else ())
+        if nats is not None:
+            nats.update(prompt_cache.nats)
+    else:
+        cache, start = model.make_cache(), 0
+    h, p = prefill_with_verdict(model, ids[start:], cache, slots, start_position=start + 1,
+                                nats=nats)
+    if prompt_cache is not None:
+        prompt_cache.ids = list(ids)
+        if nats is not None:
+            prompt_cache.nats = dict(nats)
+    return cache, h, p, None if nats is None else query_peak(nats, slots, window)
+
+
 def prefill_batch_with_verdict(model: Model, prompts: Sequence[Sequence[int]],
-                               slot_sets: Sequence[Sequence[int]]) -> List[tuple]:
+                               slot_sets: Sequence[Sequence[int]],
+                               nats: Optional[Sequence[dict]] = None) -> List[tuple]:
     """``prefill_with_verdict`` for several prompts (each at most ``PREFILL_STEP`` tokens) in one
     forward, left-padded in mlx-lm's ``BatchKVCache`` (a padded slot is seen by no real token),
     each ``[CLS]`` after its own prompt. Returns per prompt (its own caches, unpadded, the last
-    prompt token's hidden state [D], p(malicious) of its verdict)."""
+    prompt token's hidden state [D], p(malicious) of its verdict). ``nats``: one dict per prompt
+    to fill with its query slots' surprisal."""
     B, L = len(prompts), max(len(ids) for ids in prompts)
     pads = [L - len(ids) for ids in prompts]
     tokens = np.zeros((B, L + 1), dtype=np.int64)
@@ -71,6 +107,8 @@ def prefill_batch_with_verdict(model: Model, prompts: Sequence[Sequence[int]],
     cache = [BatchKVCache(pads) for _ in model.layers]
     h = model.hidden(mx.array(tokens), cache, mask=mx.array(mask), positions=mx.array(positions))
     ps = model.safety_prob(h[:, L])
+    for b, out in enumerate(nats or []):
+        out.update(slot_surprisal(model, h[b, pads[b] : L], prompts[b], 0, slot_sets[b]))
     return [([c.extract(b) for c in cache], h[b, L - 1], ps[b]) for b in range(B)]
 
 
@@ -127,22 +165,30 @@ class PromptCache:
         self.layers = model.make_cache()
         self.ids: List[int] = []  # the prompt whose keys/values lead the cache
         self.safety: Optional[bool] = None
+        self.nats: dict = {}  # surprisal of query slots among ``ids`` (slot -> nats), if known
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset
 
-    def reuse(self, ids: Sequence[int], safety: bool) -> int:
+    def reuse(self, ids: Sequence[int], safety: bool, need: Sequence[int] = ()) -> int:
         """Trim the cache to the longest prefix it shares with ``ids`` (one token at least is left
-        to run, for the logits) and return that prefix's length."""
+        to run, for the logits) and return that prefix's length. ``need``: slots whose surprisal
+        the caller needs (a surprisal gate): the prefix ends before the first one the cache
+        does not know, so that the prefill computes it (a slot's predictor is the slot before)."""
         n = 0
         if self.safety == safety:
             for a, b in zip(self.ids, ids):
                 if a != b:
                     break
                 n += 1
+        known = {s: v for s, v in self.nats.items() if s < n}  # same token, same context
         n = min(n, len(ids) - 1)
+        unknown = [s for s in need if s <= n and s not in known]
+        if unknown:
+            n = max(min(unknown) - 1, 0)
         trim_prompt_cache(self.layers, self.offset - n)
+        self.nats = {s: v for s, v in known.items() if s <= n}
         self.ids, self.safety = [], safety  # set again once the new prompt is in
         return n
 
@@ -153,6 +199,7 @@ class PromptCache:
             self.layers[:] = layers
         trim_prompt_cache(self.layers, self.offset - len(ids))
         self.ids = list(ids)
+        self.nats = {s: v for s, v in self.nats.items() if s < len(ids)}
 
 
 def make_prompt_cache(model: Model, max_kv_size: Optional[int] = None) -> PromptCache:

@@ -33,8 +33,11 @@ class Reply:
         """Take one ``GenerationResult`` of ``stream_generate``."""
         for e in r.safety.events:
             self.trace.append({"kind": e.kind, "step": e.step, "p": e.p,
-                               **({"chars": len(e.text)} if e.text is not None else {})})
-            if e.kind == "refusal-inserted":
+                               **({"chars": len(e.text)} if e.text is not None else {}),
+                               **({"nats": e.nats} if e.nats is not None else {})})
+            if e.kind == "surprisal-gate":
+                self.mark(f"[surprisal gate: {e.nats:.1f} nats]", "red")
+            elif e.kind == "refusal-inserted":
                 self.mark(f"[refusal inserted, p={e.p:.2f}]", "red")
             elif e.kind == "retracted":
                 self.mark(f"[retracted {len(e.text or '')} chars]", "yellow")

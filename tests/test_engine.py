@@ -314,7 +314,8 @@ def test_a_conversation_without_a_kept_verdict_runs_only_the_new_turn(tokenizer)
     safety = SafetyConfig(schedule="each", keep_verdict="flagged", **NEVER)
     cache, history, reused_prefix, lengths = make_prompt_cache(model), [], [], []
     reuse = cache.reuse
-    cache.reuse = lambda ids, safety: reused_prefix.append(reuse(ids, safety)) or reused_prefix[-1]
+    cache.reuse = lambda ids, safety, **kw: reused_prefix.append(reuse(ids, safety, **kw)) or \
+        reused_prefix[-1]
     for question in ["Tell me a story", "Write a poem about the sea", "What is the capital"]:
         history.append({"role": "user", "content": question})
         reused = list(stream_generate(model, tokenizer, history, 12, prompt_cache=cache,

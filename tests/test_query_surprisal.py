@@ -1,4 +1,4 @@
-"""mlx_safesig.eval.surprisal and examples/query_surprisal.py on the tiny model: the surprisal
+"""mlx_safesig.surprisal and examples/query_surprisal.py on the tiny model: the surprisal
 is the model's own next-token log-probability of each query token, the window feature is exact,
 and a rows file made on the frozen held-out split is refused."""
 
@@ -12,8 +12,8 @@ import pytest
 from conftest import make_model, write_model_dir
 
 from mlx_safesig import load
-from mlx_safesig.eval.surprisal import max_window_mean, query_surprisal, window_peaks
 from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
+from mlx_safesig.surprisal import max_window_mean, query_surprisal, window_peaks
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "query_surprisal.py"
 spec = importlib.util.spec_from_file_location("query_surprisal", SCRIPT)

@@ -126,6 +126,13 @@ decoding_rule_options = options(
     click.option("--keep-verdict", type=click.Choice(["always", "flagged"]), default=None,
                  help="When the response attends to the query verdict's [CLS]: always (the "
                  "paper) or only when it is flagged (default: the model's, else always)."),
+    click.option("--surprisal-gate", type=click.FloatRange(0, min_open=True), default=None,
+                 help="Refuse at once when the query's highest mean surprisal (nats per token, "
+                 "the model's own) over --surprisal-window query tokens is above this, whatever "
+                 "the verdict: optimised adversarial suffixes are text no one writes (default: "
+                 "the model's, else off; 9 is measured in MODEL_CARD.md)."),
+    click.option("--surprisal-window", type=click.IntRange(1), default=None,
+                 help="Query tokens per window of --surprisal-gate (default: the model's, else 8)."),
 )
 
 safety_options = options(
@@ -188,13 +195,14 @@ def load_model(model, **kwargs):
 
 
 def safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window, window_query,
-                   keep_verdict, rollback, refusal_prefix):
+                  keep_verdict, surprisal_gate, surprisal_window, rollback, refusal_prefix):
     from ..decoding import SafetyConfig
 
     return SafetyConfig(enabled=not no_safety, schedule=schedule, threshold=threshold,
                         window_threshold=window_threshold, tau=tau, min_window=min_window,
                         window_query=window_query, keep_verdict=keep_verdict, rollback=rollback,
-                        refusal_prefix=refusal_prefix)
+                        refusal_prefix=refusal_prefix, surprisal_gate=surprisal_gate,
+                        surprisal_window=surprisal_window)
 
 
 def sampling_kwargs(temp, top_p, top_k, min_p, seed):

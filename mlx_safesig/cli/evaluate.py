@@ -1,6 +1,7 @@
 """`mlx-safesig eval`: attack suites, held-out detection per source, utility, adaptive attacks."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -78,13 +79,6 @@ adaptive_options = options(
     click.option("--response-tokens", type=click.IntRange(1), default=16, show_default=True,
                  help="For --suite adaptive: response tokens the windows objective covers and the "
                  "success check generates with safety on."),
-    click.option("--surprisal-gate", type=click.FloatRange(0, min_open=True), default=None,
-                 help="For --suite adaptive: attack as if a gate refused queries whose highest mean "
-                 "surprisal (nats per token, the model's own) over --surprisal-window tokens "
-                 "exceeds this: swaps stay among fluent tokens, and a success must pass the gate. "
-                 "Measures what such a gate would cost an attacker (decoding has no gate yet)."),
-    click.option("--surprisal-window", type=click.IntRange(1), default=8, show_default=True,
-                 help="For --suite adaptive with --surprisal-gate: query tokens per window."),
     click.option("--loss-floor", type=click.FloatRange(0, 1, max_open=True), default=0.05,
                  show_default=True, help="For --suite adaptive: each check's p(malicious) below "
                  "this earns the attacker nothing more, so one check pushed ever lower cannot "
@@ -137,15 +131,16 @@ adaptive_options = options(
 @user_errors
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, temp, top_p, top_k, seed, grid_size, safety, schedule, threshold,
-                 window_threshold, tau, min_window, window_query, keep_verdict, base_model,
-                 judge_model, batch_size, attacks, objectives, step_budgets, suffix_len,
-                 time_budget, universal_requests, response_tokens, surprisal_gate,
-                 surprisal_window, loss_floor, resume, as_json):
+                 window_threshold, tau, min_window, window_query, keep_verdict, surprisal_gate,
+                 surprisal_window, base_model, judge_model, batch_size, attacks, objectives,
+                 step_budgets, suffix_len, time_budget, universal_requests, response_tokens,
+                 loss_floor, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     The sampling options apply to every suite but decoding (which sweeps its own grid). Greedy
     generations are batched, safety on and off (--batch-size, same responses as one by one);
-    sampled generations run one by one."""
+    sampled generations run one by one. With --surprisal-gate the adaptive suite's attacker
+    knows the gate: swaps stay among fluent tokens, and a success must pass it."""
     from ..default_model import default_model_path
     from ..eval.detection import split_rows
     from ..eval.harness import EvalSettings, run_eval
@@ -162,8 +157,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         modes=MODES if safety is None else (("on",) if safety else ("off",)),
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
         threshold=threshold, window_threshold=window_threshold, tau=tau, min_window=min_window,
-        window_query=window_query, keep_verdict=keep_verdict,
-        model_name=Path(model).name if model else "Assistant",
+        window_query=window_query, keep_verdict=keep_verdict, surprisal_gate=surprisal_gate,
+        surprisal_window=surprisal_window, model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
     if suites:  # bad data fails before the model loads
@@ -173,7 +168,7 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     if "adaptive" in extra:
         adaptive = _adaptive_plan(data_dir, split, limit, exclude_categories, attacks, objectives,
                                   step_budgets, suffix_len, time_budget, response_tokens,
-                                  surprisal_gate, surprisal_window, loss_floor)
+                                  loss_floor)
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
     if "detection" in extra:
@@ -181,13 +176,15 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
                    Path(out_dir), resume, as_json)
     if "adaptive" in extra:
         config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
-                               window_query, keep_verdict, False, None)
+                               window_query, keep_verdict, surprisal_gate, surprisal_window,
+                               False, None)
         _adaptive(net, tokenizer, adaptive, config, step_budgets, seed, universal_requests,
                   resume, str(model) if model else f"default ({default_model_path().name})",
                   split, limit, Path(out_dir), as_json)
     if "utility" in extra:
         config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
-                               window_query, keep_verdict, False, None)
+                               window_query, keep_verdict, surprisal_gate, surprisal_window,
+                               False, None)
         _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tokens,
                  Path(out_dir), as_json)
     if not suites:
@@ -244,8 +241,7 @@ def _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tok
 
 
 def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets, suffix_len,
-                   time_budget, response_tokens, surprisal_gate=None, surprisal_window=8,
-                   loss_floor=0.05):
+                   time_budget, response_tokens, loss_floor=0.05):
     """The rows and the attack runs, checked before the model loads."""
     from ..eval.adaptive import AttackSettings
     from ..eval.adaptive_suite import adaptive_rows
@@ -253,7 +249,6 @@ def _adaptive_plan(data_dir, split, limit, exclude, attacks, objectives, budgets
     harmful, benign = adaptive_rows(data_dir, split, limit, exclude)
     runs = [AttackSettings(attack=a, objective=o, suffix_len=suffix_len, steps=budgets[-1],
                            time_budget=time_budget, n_response=response_tokens,
-                           surprisal_gate=surprisal_gate, surprisal_window=surprisal_window,
                            loss_floor=loss_floor or None)
             for a in attacks for o in objectives]
     return harmful, benign, runs
@@ -266,6 +261,9 @@ def _adaptive(net, tokenizer, plan, config, budgets, seed, universal, resume, mo
 
     harmful, benign, runs = plan
     config = config.resolved(net.args.safesig)
+    if config.surprisal_gate is not None:  # the attacker knows the decoding gate
+        runs = [replace(s, surprisal_gate=config.surprisal_gate,
+                        surprisal_window=config.surprisal_window) for s in runs]
     total = len(harmful) + len(benign) + (len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
     with progress_bar(total, "adaptive", "step") as bar:
         report = run_adaptive(net, tokenizer, harmful, benign, config, runs, budgets, out_dir,

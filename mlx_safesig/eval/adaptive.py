@@ -24,11 +24,12 @@ Two published attacks search the suffix:
   only if it lowers the loss. Same evaluations per step as GCG, so the two compare the value of
   the gradient at a fixed budget.
 
-Under ``surprisal_gate`` (what a surprisal gate would let through, ``surprisal.py``) the
-attacker keeps the highest mean surprisal over ``surprisal_window`` consecutive query tokens at or
-below the gate: candidates are ranked by how far they exceed it first and by the loss second,
+Under ``surprisal_gate`` (the decoding gate, ``SafetyConfig.surprisal_gate``: ``surprisal.py``)
+the attacker keeps the highest mean surprisal over ``surprisal_window`` consecutive query tokens at
+or below the gate: candidates are ranked by how far they exceed it first and by the loss second,
 swaps draw from the ``fluent_k`` tokens the language model finds most probable at that position
-(ordered by the gradient for ``gcg``), and a success needs the gate passed too.
+(ordered by the gradient for ``gcg``), and a success is checked only within the gate (the check, a
+real generation with the config's gate on, would refuse the others).
 
 Tokens a suffix may hold: not special, not ``[CLS]``, printable ASCII, not whitespace only; and a
 candidate suffix is kept only if rendering the chat with its text and tokenizing again gives back
@@ -49,7 +50,7 @@ from ..decoding import SafetyConfig, SafetyMonitor
 from ..model import Model, SafesigError
 from ..prefill import cls_logits_mask, prefill_with_verdict, probe_position
 from ..prompt import PreparedPrompt, prepare_prompt, special_ids, wrap_tokenizer
-from .surprisal import token_surprisal, window_peaks
+from ..surprisal import token_surprisal, window_peaks
 
 ATTACKS = ("gcg", "random")
 OBJECTIVES = ("verdict", "windows")

@@ -16,14 +16,14 @@ own. Sampled generations (per-job seeds) run one by one.
 """
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
-from ..decoding import SafetyConfig, parse_schedule
+from ..decoding import SafetyConfig, config_fingerprint, parse_schedule
 from ..generate import score, stream_generate, streamed_text
 from ..model import SafesigError
 from ..prompt import prompt_with_prefill, wrap_tokenizer
@@ -198,6 +198,8 @@ class EvalSettings:
     min_window: Optional[int] = None
     window_query: Optional[bool] = None
     keep_verdict: Optional[str] = None
+    surprisal_gate: Optional[float] = None
+    surprisal_window: Optional[int] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -258,11 +260,13 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     safety = SafetyConfig(schedule=settings.schedule, threshold=settings.threshold,
                           window_threshold=settings.window_threshold, tau=settings.tau,
                           min_window=settings.min_window, window_query=settings.window_query,
-                          keep_verdict=settings.keep_verdict)
+                          keep_verdict=settings.keep_verdict,
+                          surprisal_gate=settings.surprisal_gate,
+                          surprisal_window=settings.surprisal_window)
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
-    fingerprint = settings.fingerprint(model_id, asdict(resolved))
+    fingerprint = settings.fingerprint(model_id, config_fingerprint(resolved))
     _check_resume(out, fingerprint, resume)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RUN_FILE, json.dumps(fingerprint, indent=1))
@@ -343,6 +347,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                          "threshold": threshold, "window_threshold": resolved.window_threshold,
                          "tau": resolved.tau, "min_window": resolved.min_window,
                          "window_query": resolved.window_query,
-                         "keep_verdict": resolved.keep_verdict, "judge_model": judge_id or None}
+                         "keep_verdict": resolved.keep_verdict,
+                         "surprisal_gate": resolved.surprisal_gate,
+                         "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results

@@ -21,8 +21,8 @@ import numpy as np
 from ..model import SafesigError
 from ..prefill import prefill_prompt, probe
 from ..prompt import prepare_prompt, wrap_tokenizer
+from ..surprisal import token_surprisal
 from .detection import row_messages
-from .surprisal import token_surprisal
 
 
 def _nll(logits: mx.array, targets: Sequence[int]) -> float:

@@ -202,11 +202,13 @@ def parse_request(body: dict, chat: bool, model_id: str, defaults: Sampling) -> 
 def event_dict(event: SafetyEvent, dropped: int = 0) -> dict:
     """A safety event on the wire: ``kind``, ``step`` (response index; -1 is the query verdict),
     ``p``; a ``retracted`` event adds ``chars``, how many characters the client drops from the
-    end of what it received."""
+    end of what it received; a ``surprisal-gate`` event ``nats``, the query's window surprisal."""
     out = {"kind": event.kind, "step": event.step,
            "p": None if event.p is None else round(float(event.p), 6)}
     if event.kind == "retracted":
         out["chars"] = dropped
+    if event.nats is not None:
+        out["nats"] = round(float(event.nats), 4)
     return out
 
 
