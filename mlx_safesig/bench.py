@@ -26,11 +26,11 @@ import mlx.core as mx
 import mlx_lm
 from mlx_lm.generate import BatchGenerator
 
-from .decoding import SafetyConfig
+from .decoding import SURPRISAL_WINDOW, SafetyConfig
 from .engine import SafeBatchGenerator
 from .generate import stream_generate
 from .loading import SAFETY_FILE, load, resolve_model_path
-from .prefill import make_prompt_cache, prefill_prompt, probe
+from .prefill import make_prompt_cache, prefill_query
 from .prompt import prepare_prompt
 
 BENCH_PROMPT = (
@@ -39,6 +39,7 @@ BENCH_PROMPT = (
     "village, and let the story unfold over several days."
 )
 NO_INSERTION = dict(threshold=0.999999, tau=10**9)
+NEVER_GATE = 1e9  # a surprisal gate no query reaches: its cost without its refusals
 BATCH_TOPICS = ("a lighthouse keeper", "a mountain village", "a river boat", "a city garden",
                 "an old library", "a desert caravan", "a winter market", "an island school")
 # one chat turn: about 60 tokens from the user and up to CHAT_REPLY_TOKENS from the model
@@ -59,8 +60,11 @@ def bench(
     chat_turns: Optional[int] = None,
     server_concurrency: Optional[int] = None,
     keep_verdict: Optional[str] = None,
+    surprisal_gate: bool = False,
 ) -> dict:
-    """Decode tok/s and prefill tok/s of plain mlx-lm and of safesig per schedule.
+    """Decode tok/s and prefill tok/s of plain mlx-lm and of safesig per schedule (and with
+    ``surprisal_gate``, of the last schedule with the gate on, as ``"safesig+gate"``; a gate it
+    never reaches, so the tokens are the same and the cost is computing the query's surprisal).
 
     Returns ``{"runs": [{"name": "mlx-lm", "decode_tok_s", "prefill_tok_s"},
     {"name": "safesig", "schedule", "decode_tok_s", "prefill_tok_s", "decode_ratio",
@@ -83,9 +87,9 @@ def bench(
             pass
         return r.generation_tps
 
-    def safe_decode(schedule):
+    def safe_decode(schedule, gate=None):
         r = None
-        config = SafetyConfig(schedule=schedule, **NO_INSERTION)
+        config = SafetyConfig(schedule=schedule, surprisal_gate=gate, **NO_INSERTION)
         for r in stream_generate(model, tokenizer, messages, max_tokens, safety=config):
             pass
         return r.generation_tps
@@ -100,16 +104,17 @@ def bench(
         mx.eval(plain(mx.array(long_ids)[None], cache=cache)[:, -1])
         return len(long_ids) / (time.perf_counter() - tic)
 
-    def safe_prefill():
-        cache = model.make_cache()
+    def safe_prefill(gate=None):  # the engine's admission of a prompt (``prefill_query``)
         slots = prepare_prompt(tokenizer, long_ids).query_slots
         tic = time.perf_counter()
-        h = prefill_prompt(model, long_ids, cache)
-        p = probe(model, cache, slots, keep=True)
+        _, h, p, peak = prefill_query(model, long_ids, slots,
+                                      window=None if gate is None else SURPRISAL_WINDOW)
         mx.eval(model.logits(h[None]), p)
         return len(long_ids) / (time.perf_counter() - tic)
 
     configs = [("mlx-lm", None)] + [("safesig", s) for s in schedules]
+    if surprisal_gate and schedules:
+        configs.append(("safesig+gate", schedules[-1]))
     samples = {c: {"decode": [], "prefill": []} for c in configs}
     plain_decode(), safe_decode(schedules[0] if schedules else "first")  # warm-up
     for rep in range(repeats):
@@ -120,8 +125,9 @@ def bench(
                 samples[(name, schedule)]["decode"].append(plain_decode())
                 samples[(name, schedule)]["prefill"].append(plain_prefill())
             else:
-                samples[(name, schedule)]["decode"].append(safe_decode(schedule))
-                samples[(name, schedule)]["prefill"].append(safe_prefill())
+                gate = NEVER_GATE if name == "safesig+gate" else None
+                samples[(name, schedule)]["decode"].append(safe_decode(schedule, gate))
+                samples[(name, schedule)]["prefill"].append(safe_prefill(gate))
     runs = []
     for name, schedule in configs:
         s = samples[(name, schedule)]

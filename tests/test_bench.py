@@ -11,10 +11,11 @@ from mlx_safesig.bench import bench, format_table
 def test_batch_and_chat_rows(tmp_path: Path, tokenizer):
     path = write_model_dir(tmp_path / "m", make_model(max_position_embeddings=8192), tokenizer)
     result = bench(str(path), schedules=("each",), max_tokens=4, prefill_tokens=16, repeats=1,
-                   batch_size=2, chat_turns=2)
+                   batch_size=2, chat_turns=2, surprisal_gate=True)
     runs = result["runs"]
-    assert [(r["name"], r.get("schedule")) for r in runs[:2]] == [("mlx-lm", None),
-                                                                   ("safesig", "each")]
+    assert [(r["name"], r.get("schedule")) for r in runs[:3]] == [
+        ("mlx-lm", None), ("safesig", "each"), ("safesig+gate", "each")]
+    assert runs[2]["prefill_ratio"] > 0 and runs[2]["decode_ratio"] > 0
     batch = [r for r in runs if "batch_size" in r]
     assert [(r["name"], r.get("schedule"), r["batch_size"]) for r in batch] == [
         ("mlx-lm", None, 2), ("safesig", "each", 2)]
@@ -25,3 +26,4 @@ def test_batch_and_chat_rows(tmp_path: Path, tokenizer):
     assert all(r["ttft_ms"] > 0 for r in runs if "turn" in r)
     table = format_table(result)
     assert "safesig (each) x2" in table and "chat turn" in table
+    assert "safesig+gate (each)" in table

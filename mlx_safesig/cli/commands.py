@@ -82,10 +82,12 @@ def convert(hf_path, mlx_path, quantize, q_bits, dtype, add_safety, head_key, ve
               "the model's); with flagged a benign turn's reply stays in the reused cache.")
 @click.option("--concurrency", type=click.IntRange(1), default=8, show_default=True,
               help="Concurrent clients with --server (two requests each).")
+@click.option("--surprisal-gate", is_flag=True, help="Also time the last --schedule with the "
+              "surprisal gate on (one no query reaches: same tokens, the cost of computing it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @user_errors
 def bench(model, schedules, max_tokens, prefill_tokens, repeats, batch_size, chat_turns,
-          servers, keep_verdict, concurrency, as_json):
+          servers, keep_verdict, concurrency, surprisal_gate, as_json):
     """Decode and prefill speed, safety on (per schedule) vs plain mlx-lm, same process."""
     from ..bench import bench as run_bench
     from ..bench import format_table
@@ -94,7 +96,7 @@ def bench(model, schedules, max_tokens, prefill_tokens, repeats, batch_size, cha
                        prefill_tokens=prefill_tokens, repeats=repeats, progress=say,
                        batch_size=batch_size, chat_turns=chat_turns,
                        server_concurrency=concurrency if servers else None,
-                       keep_verdict=keep_verdict)
+                       keep_verdict=keep_verdict, surprisal_gate=surprisal_gate)
     click.echo(json.dumps(result) if as_json else format_table(result))
 
 
