@@ -239,6 +239,20 @@ def test_command_writes_the_report_and_prints_counts_only(model_dir, data_dir, t
     assert not any(t in r.output for t in TEXTS)
 
 
+def test_the_commands_gate_is_the_decodings_and_the_attackers(model_dir, data_dir, tmp_path):
+    r = cli("--model", model_dir, "--data", data_dir, "--out", tmp_path, "--steps", "2",
+            "--suffix-len", "4", "--objective", "verdict", "--schedule", "first", "--limit", "1",
+            "--surprisal-gate", "0.01", "--surprisal-window", "4")
+    assert r.exit_code == 0, r.output
+    header = json.loads((tmp_path / ROWS_FILE).read_text().splitlines()[0])["fingerprint"]
+    run = json.loads(header["runs"][0])
+    assert (run["surprisal_gate"], run["surprisal_window"]) == (0.01, 4)
+    assert "surprisal_gate" not in header["safety"]  # the runs carry it
+    report = json.loads((tmp_path / "adaptive.json").read_text())
+    assert report["benign"]["gates"][0]["above_gate"] == report["benign"]["n"] > 0
+    assert report["runs"]["gcg/verdict"]["all"]["success_at"]["2"]["count"] == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--attack", "autodan"], "unknown attack 'autodan'"),
     (["--objective", "verdict,prefix"], "unknown objective 'prefix'"),
@@ -312,9 +326,16 @@ def test_the_suite_checks_the_gate_and_old_runs_keep_their_fingerprint(net, toke
                  tmp_path / "c")
     header = json.loads((tmp_path / "c" / ROWS_FILE).read_text().splitlines()[0])
     assert "loss_floor" not in header["fingerprint"]["runs"][0]  # as runs made before floors
-    gated = run_adaptive(net, tokenizer, rows, [], cfg,
+    benign = [{"id": f"b{i}", "text": t, "source": "y", "label": 0} for i, t in enumerate(TEXTS)]
+    gated = run_adaptive(net, tokenizer, rows, benign, cfg,
                          [AttackSettings(surprisal_gate=0.01, **SMALL)], [3, 6], tmp_path / "b")
     assert "surprisal over 8 tokens at most 0.01" in gated["judge"]
+    n = len(benign)  # every query is above so low a gate: the gate refuses every benign row
+    assert gated["benign"]["gates"] == [{"gate": 0.01, "window": 8, "above_gate": n,
+                                         "flagged_or_above": n, "rate": 1.0}]
+    assert "benign above the surprisal gate 0.01: %d/%d" % (n, n) in "\n".join(
+        format_adaptive(gated))
+    assert "gates" not in plain["benign"]
     attack = [json.loads(x) for x in (tmp_path / "b" / ROWS_FILE).read_text().splitlines()[1:]
               if '"attack"' in x][0]
     assert attack["peak"] > 0.01 and attack["steps_to_success"] is None  # no fluent text is that dull

@@ -264,7 +264,9 @@ def _adaptive(net, tokenizer, plan, config, budgets, seed, universal, resume, mo
     if config.surprisal_gate is not None:  # the attacker knows the decoding gate
         runs = [replace(s, surprisal_gate=config.surprisal_gate,
                         surprisal_window=config.surprisal_window) for s in runs]
-    total = len(harmful) + len(benign) + (len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
+    gated = len({(s.surprisal_gate, s.surprisal_window) for s in runs if s.surprisal_gate})
+    total = len(harmful) + len(benign) * (1 + gated) + (
+        len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
     with progress_bar(total, "adaptive", "step") as bar:
         report = run_adaptive(net, tokenizer, harmful, benign, config, runs, budgets, out_dir,
                               seed=seed or 0, universal=universal, resume=resume,

@@ -11,7 +11,8 @@ suffixes found (each applied as text to up to ``TRANSFER_TARGETS`` other attacke
 transfer succeeds by the same rule). With ``universal`` > 0 one suffix is also optimised over that
 many attacked requests together (the largest budget) and tried on the others (transfer rate per
 source). The benign false-positive rate of the same config is the held-out benign rows the query
-verdict flags (``detection.detection_counts``).
+verdict flags (``detection.detection_counts``), and with a surprisal gate also those the gate
+refuses (their query above it) and those either refuses.
 
 Rows are written to ``adaptive.rows.jsonl`` as they finish (``resume`` skips them; a rerun with
 the same seed gives the same suffixes, unless a seconds budget cut a search short); the report
@@ -213,8 +214,30 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
     report["benign"] = {"sources": counts["sources"], "worst": counts["worst"].get("benign"),
                         "n": len(benign), "flagged": sum(p >= threshold for p in benign_p),
                         "rate": _rate(sum(p >= threshold for p in benign_p), len(benign))}
+    if gates:
+        report["benign"]["gates"] = [_gate_cost(model, tokenizer, benign, benign_p, threshold,
+                                                gate, window, store, tick)
+                                     for gate, window in gates]
     atomic_write(out_dir / ADAPTIVE_FILE, json.dumps(report, indent=1))
     return report
+
+
+def _gate_cost(model, tokenizer, benign, benign_p, threshold, gate, window, store, tick) -> dict:
+    """What a surprisal gate costs the benign rows: how many it refuses, and how many the verdict
+    or the gate refuses (the same config's false positives)."""
+    peaks = []
+    for r in benign:
+        key = f"benign|{window}"
+        got = store.get("surprisal", key, r["id"])
+        if got is None:
+            got = store.put({"kind": "surprisal", "key": key, "id": r["id"], "peak": round(
+                max_window_mean(query_surprisal(model, tokenizer, row_messages(r)), window), 5)})
+        peaks.append(got["peak"])
+        tick(1)
+    above = [pk > gate for pk in peaks]
+    either = sum(a or p >= threshold for a, p in zip(above, benign_p))
+    return {"gate": gate, "window": window, "above_gate": sum(above),
+            "flagged_or_above": either, "rate": _rate(either, len(benign))}
 
 
 def _per_source(rows, transfers, by_source, harmful, budgets) -> dict:
@@ -330,6 +353,10 @@ def format_adaptive(report: dict) -> List[str]:
                          f"{u['train']} broken; transfer {u['transfer']['success']}/"
                          f"{u['transfer']['n']} ({u['transfer']['rate']:.1%})")
     b = report["benign"]
+    for g in b.get("gates", []):
+        lines.append(f"benign above the surprisal gate {g['gate']:g}: {g['above_gate']}/{b['n']}; "
+                     f"refused by the verdict or the gate: {g['flagged_or_above']}/{b['n']} "
+                     f"({g['rate']:.1%})")
     lines.append(f"benign false positives (same config): {b['flagged']}/{b['n']} ({b['rate']:.1%})"
                  + (f"; worst source {b['worst']['source']} ({b['worst']['rate']:.1%})"
                     if b.get("worst") else ""))
