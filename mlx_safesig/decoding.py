@@ -11,7 +11,9 @@ Rules (r1, r2, r3 and tau from ``SafetyConfig``):
    to S and the r3 after it); a benign verdict there drops back to rule 2;
 4. special tokens (PAD, BOS, template) are never in a window;
 [ours] no check of the generated text before the response holds ``min_window`` tokens;
-[ours] with ``window_query`` the probes of rules 2-3 see the query span too.
+[ours] with ``window_query`` the probes of rules 2-3 see the query span too;
+[ours] with ``surprisal_gate`` a query whose highest window surprisal is above it is refused as a
+malicious verdict is (``start``'s ``peak``, computed by the prefill: ``surprisal.py``).
 The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
