@@ -32,7 +32,8 @@ import numpy as np
 import mlx_safesig  # noqa: F401  (preloads OpenBLAS on Linux: must come before mlx)
 from mlx_safesig.eval.adaptive_suite import suffixed_messages
 from mlx_safesig.eval.detection import row_messages
-from mlx_safesig.surprisal import max_window_mean, query_surprisal
+from mlx_safesig.generate import query_surprisal
+from mlx_safesig.surprisal import max_window_mean
 
 WINDOWS = (4, 8, 12)
 

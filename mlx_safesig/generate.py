@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator, List, MutableMapping, Optional, Sequ
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 from mlx_lm.sample_utils import make_sampler
 
 from .decoding import SafetyConfig, SafetyEvent
@@ -70,6 +71,17 @@ def score(model: Model, tokenizer, text_or_messages: Union[str, Sequence[dict]])
     ids, slots = _verdict_input(model, wrap_tokenizer(tokenizer), text_or_messages)
     _, p = prefill_with_verdict(model, ids, model.make_cache(), slots)
     return p.item()
+
+
+def query_surprisal(model: Model, tokenizer,
+                    text_or_messages: Union[str, Sequence[dict]]) -> np.ndarray:
+    """The surprisal (nats, the model's own) of each query-slot token of what ``score`` reads, in
+    slot order, as the prefill computes it for the surprisal gate (``surprisal.py``); a token
+    without one before it (slot 0) has none."""
+    ids, slots = _verdict_input(model, wrap_tokenizer(tokenizer), text_or_messages)
+    nats: dict = {}
+    prefill_with_verdict(model, ids, model.make_cache(), slots, nats=nats)
+    return np.array([nats[s] for s in slots if s in nats])
 
 
 SCORE_BATCH_TOKENS = 4096  # padded prompt tokens per batched verdict forward

@@ -6,9 +6,9 @@ included), in nats. The surprisal gate (``SafetyConfig.surprisal_gate``) refuses
 highest mean surprisal over ``surprisal_window`` consecutive query tokens (``max_window_mean``)
 is above the gate. The prefill computes it from its own hidden states
 (``prefill.prefill_with_verdict(nats=...)``, ``slot_surprisal``), so the gate costs the LM-head
-rows of the query tokens, not a second forward. ``query_surprisal`` gives the same numbers for a
-chat prompt; ``eval --suite adaptive --surprisal-gate`` attacks a gated model (``eval/adaptive.py``)
-and ``examples/query_surprisal.py`` measures the feature on dev rows.
+rows of the query tokens, not a second forward. ``generate.query_surprisal`` gives the same
+numbers for a prompt; ``eval --suite adaptive --surprisal-gate`` attacks a gated model
+(``eval/adaptive.py``) and ``examples/query_surprisal.py`` measures the feature on dev rows.
 """
 
 from typing import Dict, Optional, Sequence
@@ -40,19 +40,6 @@ def slot_surprisal(model, h: mx.array, ids: Sequence[int], lo: int, slots: Seque
     targets = mx.array([ids[s - lo] for s in want])
     nats = token_surprisal(model.logits(rows[idx]), targets)
     return dict(zip(want, np.array(nats, dtype=np.float64).tolist()))
-
-
-def query_surprisal(model, tokenizer, messages: Sequence[dict]) -> np.ndarray:
-    """Surprisal of each query-slot token of the prompt built from ``messages``, in slot order
-    (computed as the prefill computes it for the gate)."""
-    from .prefill import prefill_with_verdict
-    from .prompt import prepare_prompt, wrap_tokenizer
-
-    prepared = prepare_prompt(wrap_tokenizer(tokenizer), messages)
-    nats: Dict[int, float] = {}
-    prefill_with_verdict(model, prepared.ids, model.make_cache(), prepared.query_slots,
-                         nats=nats)
-    return np.array([nats[s] for s in prepared.query_slots if s in nats])
 
 
 def query_peak(nats: Dict[int, float], slots: Sequence[int], w: int) -> float:

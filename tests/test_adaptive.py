@@ -273,7 +273,8 @@ def test_bad_input_is_one_line_and_exit_1(model_dir, data_dir, tmp_path, args, m
 
 def test_the_batched_surprisal_peak_is_the_querys_own(net, tokenizer):
     from mlx_safesig.eval.adaptive import batch_losses
-    from mlx_safesig.surprisal import max_window_mean, query_surprisal
+    from mlx_safesig.generate import query_surprisal
+    from mlx_safesig.surprisal import max_window_mean
 
     allowed = allowed_tokens(net, tokenizer)
     attack = Attack(net, tokenizer, config(net), AttackSettings(surprisal_gate=1e9, **SMALL),
@@ -291,7 +292,8 @@ def test_the_batched_surprisal_peak_is_the_querys_own(net, tokenizer):
 
 
 def test_a_gated_attack_stays_under_the_gate_and_succeeds_only_there(net, tokenizer):
-    from mlx_safesig.surprisal import max_window_mean, query_surprisal
+    from mlx_safesig.generate import query_surprisal
+    from mlx_safesig.surprisal import max_window_mean
 
     allowed = allowed_tokens(net, tokenizer)
     free = Attack(net, tokenizer, config(net), AttackSettings(**SMALL), [MESSAGES], allowed, 0)

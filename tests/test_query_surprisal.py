@@ -12,8 +12,9 @@ import pytest
 from conftest import make_model, write_model_dir
 
 from mlx_safesig import load
+from mlx_safesig.generate import query_surprisal
 from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
-from mlx_safesig.surprisal import max_window_mean, query_surprisal, window_peaks
+from mlx_safesig.surprisal import max_window_mean, window_peaks
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "query_surprisal.py"
 spec = importlib.util.spec_from_file_location("query_surprisal", SCRIPT)

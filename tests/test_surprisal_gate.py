@@ -15,10 +15,11 @@ from mlx_safesig import SafeBatchGenerator, SafetyConfig, make_prompt_cache, str
 from mlx_safesig import prefill as prefill_module
 from mlx_safesig.cli import main
 from mlx_safesig.decoding import SafetyMonitor
+from mlx_safesig.generate import query_surprisal
 from mlx_safesig.prefill import prefill_batch_with_verdict, prefill_with_verdict
 from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
 from mlx_safesig.server.api import event_dict
-from mlx_safesig.surprisal import max_window_mean, query_surprisal
+from mlx_safesig.surprisal import max_window_mean
 
 NEVER = dict(threshold=0.999999)  # the random head never reaches it
 CHAT = [{"role": "system", "content": "You are terse."},

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..decoding import SafetyConfig, config_fingerprint
-from ..generate import score
+from ..generate import query_surprisal, score
 from ..model import SafesigError
-from ..surprisal import max_window_mean, query_surprisal
+from ..surprisal import max_window_mean
 from .adaptive import Attack, AttackSettings, allowed_tokens, inserts_refusal
 from .detection import detection_counts, held_out_rows, row_messages, split_rows
 from .report import atomic_write
