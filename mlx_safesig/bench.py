@@ -107,8 +107,8 @@ def bench(
     def safe_prefill(gate=None):  # the engine's admission of a prompt (``prefill_query``)
         slots = prepare_prompt(tokenizer, long_ids).query_slots
         tic = time.perf_counter()
-        _, h, p, peak = prefill_query(model, long_ids, slots,
-                                      window=None if gate is None else SURPRISAL_WINDOW)
+        _, h, p, _ = prefill_query(model, long_ids, slots,
+                                   window=None if gate is None else SURPRISAL_WINDOW)
         mx.eval(model.logits(h[None]), p)
         return len(long_ids) / (time.perf_counter() - tic)
 

@@ -338,6 +338,11 @@ def test_the_suite_checks_the_gate_and_old_runs_keep_their_fingerprint(net, toke
     assert "benign above the surprisal gate 0.01: %d/%d" % (n, n) in "\n".join(
         format_adaptive(gated))
     assert "gates" not in plain["benign"]
+    from_decoding = run_adaptive(net, tokenizer, rows, benign, config(net, surprisal_gate=0.01),
+                                 [AttackSettings(**SMALL)], [3, 6], tmp_path / "d")
+    assert from_decoding["benign"]["gates"] == gated["benign"]["gates"]  # the attacker knows it
+    header = json.loads((tmp_path / "d" / ROWS_FILE).read_text().splitlines()[0])
+    assert json.loads(header["fingerprint"]["runs"][0])["surprisal_gate"] == 0.01
     attack = [json.loads(x) for x in (tmp_path / "b" / ROWS_FILE).read_text().splitlines()[1:]
               if '"attack"' in x][0]
     assert attack["peak"] > 0.01 and attack["steps_to_success"] is None  # no fluent text is that dull

@@ -1,7 +1,6 @@
 """`mlx-safesig eval`: attack suites, held-out detection per source, utility, adaptive attacks."""
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -261,10 +260,7 @@ def _adaptive(net, tokenizer, plan, config, budgets, seed, universal, resume, mo
 
     harmful, benign, runs = plan
     config = config.resolved(net.args.safesig)
-    if config.surprisal_gate is not None:  # the attacker knows the decoding gate
-        runs = [replace(s, surprisal_gate=config.surprisal_gate,
-                        surprisal_window=config.surprisal_window) for s in runs]
-    gated = len({(s.surprisal_gate, s.surprisal_window) for s in runs if s.surprisal_gate})
+    gated = config.surprisal_gate is not None  # the attacker knows it (``run_adaptive``)
     total = len(harmful) + len(benign) * (1 + gated) + (
         len(harmful) + (universal > 0)) * budgets[-1] * len(runs)
     with progress_bar(total, "adaptive", "step") as bar:

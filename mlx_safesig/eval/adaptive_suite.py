@@ -89,13 +89,15 @@ def _check(model, tokenizer, config: SafetyConfig, settings: AttackSettings,
     return out
 
 
-def gated(config: SafetyConfig, settings: AttackSettings) -> SafetyConfig:
-    """The decoding config a run's successes are checked with: an attack against a surprisal gate
-    (``settings.surprisal_gate``) meets that gate in decoding."""
-    if settings.surprisal_gate is None:
-        return config
-    return replace(config, surprisal_gate=settings.surprisal_gate,
-                   surprisal_window=settings.surprisal_window)
+def gated(config: SafetyConfig, settings: AttackSettings) -> tuple:
+    """A run's decoding config and attack settings sharing one surprisal gate: a gate in decoding
+    is one the attacker knows, and an attack against a gate meets it in decoding (the settings'
+    gate first). Returns (config, settings)."""
+    source = settings if settings.surprisal_gate is not None else config
+    if source.surprisal_gate is None:
+        return config, settings
+    gate = dict(surprisal_gate=source.surprisal_gate, surprisal_window=source.surprisal_window)
+    return replace(config, **gate), replace(settings, **gate)
 
 
 def suffixed_messages(messages: Sequence[dict], text: str) -> List[dict]:
@@ -132,6 +134,7 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
     attack steps (a request broken early or never attacked counts its whole budget)."""
     out_dir = Path(out_dir)
     budgets = sorted(set(budgets))
+    runs = [gated(config, s)[1] for s in runs]
     threshold = config.threshold
     # the universal suffix's rows are keyed by its request count, so a resumed run may add, drop
     # or change --universal-requests without redoing the per-request attacks
@@ -175,7 +178,7 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
               "budgets": budgets, "safety": fp["safety"], "seed": seed, "runs": {}}
     for settings in runs:
         key = f"{settings.attack}/{settings.objective}"
-        run_config = gated(config, settings)
+        run_config = gated(config, settings)[0]
         rows = []
         for r in flagged:
             row = store.get("attack", key, r["id"])
@@ -225,9 +228,8 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
 def _gate_cost(model, tokenizer, benign, benign_p, threshold, gate, window, store, tick) -> dict:
     """What a surprisal gate costs the benign rows: how many it refuses, and how many the verdict
     or the gate refuses (the same config's false positives)."""
-    peaks = []
+    peaks, key = [], f"benign|{window}"
     for r in benign:
-        key = f"benign|{window}"
         got = store.get("surprisal", key, r["id"])
         if got is None:
             got = store.put({"kind": "surprisal", "key": key, "id": r["id"], "peak": round(
