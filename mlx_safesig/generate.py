@@ -26,6 +26,7 @@ from .prefill import (
 )
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
 from .steps import RetractStep, SafetySignal, Step, TokenStep
+from .surprisal import query_peak
 
 
 @dataclass
@@ -102,24 +103,38 @@ def score_many(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict
     longer than one prefill chunk run alone. ``progress(n)`` after each forward (and once for the
     items ``cache`` held). ``cache``: p by ``verdict_key``; items it holds are not run, and each
     new p is stored in it as its forward finishes (``eval.store.VerdictCache`` keeps them on disk)."""
+    return [p for p, _ in _verdicts(model, tokenizer, items, batch_size, progress, cache, None)]
+
+
+def score_and_peaks(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict]]],
+                    window: int, batch_size: int = 16,
+                    progress: Optional[Callable[[int], None]] = None,
+                    cache: Optional[MutableMapping[str, float]] = None) -> List[tuple]:
+    """``score_many`` and, from the same forwards, what the surprisal gate reads of each item:
+    (p, the query's highest mean surprisal over ``window`` consecutive query tokens), the peak
+    equal to ``query_surprisal``'s. ``cache`` keeps the peaks too (key ``verdict_key|peak<w>``)."""
+    return _verdicts(model, tokenizer, items, batch_size, progress, cache, window)
+
+
+def _verdicts(model, tokenizer, items, batch_size, progress, cache, window) -> List[tuple]:
+    """(p, peak) of each item (peak None without a ``window``): ``score_many``'s batching."""
     tokenizer = wrap_tokenizer(tokenizer)
     inputs = [_verdict_input(model, tokenizer, item) for item in items]
-    scores: List[Optional[float]] = [None] * len(inputs)
+    out: List[Optional[tuple]] = [None] * len(inputs)
     keys = [verdict_key(*x) for x in inputs] if cache is not None else []
+    suffix = f"|peak{window}"
     for i, key in enumerate(keys):
-        if key in cache:
-            scores[i] = cache[key]
-    kept = sum(p is not None for p in scores)
+        if key in cache and (window is None or key + suffix in cache):
+            out[i] = (cache[key], None if window is None else cache[key + suffix])
+    kept = sum(o is not None for o in out)
     if kept and progress:
         progress(kept)
-    order = sorted((i for i, p in enumerate(scores) if p is None), key=lambda i: len(inputs[i][0]))
+    order = sorted((i for i, o in enumerate(out) if o is None), key=lambda i: len(inputs[i][0]))
     done = 0
     while done < len(order):
-        longest = len(inputs[order[done]][0])
-        if longest > PREFILL_STEP:
+        alone = len(inputs[order[done]][0]) > PREFILL_STEP  # a long prompt runs chunked, alone
+        if alone:
             group = [order[done]]
-            ids, slots = inputs[group[0]]
-            ps = [prefill_with_verdict(model, ids, model.make_cache(), slots)[1]]
         else:
             group = []
             for i in order[done:]:
@@ -128,18 +143,26 @@ def score_many(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict
                               or longest > PREFILL_STEP):
                     break
                 group.append(i)
-            out = prefill_batch_with_verdict(model, [inputs[i][0] for i in group],
-                                             [inputs[i][1] for i in group])
-            ps = [p for _, _, p in out]
+        nats = [None if window is None else {} for _ in group]
+        if alone:
+            ids, slots = inputs[group[0]]
+            ps = [prefill_with_verdict(model, ids, model.make_cache(), slots, nats=nats[0])[1]]
+        else:
+            ps = [p for _, _, p in prefill_batch_with_verdict(
+                model, [inputs[i][0] for i in group], [inputs[i][1] for i in group],
+                nats=None if window is None else nats)]
         mx.eval(ps)
-        for i, p in zip(group, ps):
-            scores[i] = p.item()
+        for i, p, d in zip(group, ps, nats):
+            peak = None if d is None else query_peak(d, inputs[i][1], window)
+            out[i] = (p.item(), peak)
             if cache is not None:
-                cache[keys[i]] = scores[i]
+                cache[keys[i]] = out[i][0]
+                if peak is not None:
+                    cache[keys[i] + suffix] = peak
         done += len(group)
         if progress:
             progress(len(group))
-    return scores
+    return out
 
 
 def streamed_text(tokenizer, ids: Sequence[int], finish: str) -> str:

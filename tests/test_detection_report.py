@@ -145,3 +145,34 @@ def test_the_model_card_names_the_worst_language():
     lines = detection_section({"judge": report["judge"], "threshold": 0.5, "suites": {"plain": report}})
     assert any(ln.startswith("- worst benign language, plain: `de`, ") for ln in lines)
     assert "| plain | `cb_es` | benign |" in "\n".join(lines)
+
+
+def test_with_a_surprisal_gate_each_count_says_what_the_gate_refuses():
+    """A row is refused by the gate when its query peak is above it; ``flagged_or_above`` counts
+    the rows the verdict or the gate refuses (the config's real false positives on benign rows)."""
+    rows = HARMFUL + BENIGN + LANG
+    scores = [0.9, 0.2, 0.7, 0.6, 0.1, 0.4, 0.1, 0.1, 0.9, 0.1]
+    peaks = [3.0, 9.5, 2.0, 9.5, 12.0, 4.0, 10.0, 1.0, 1.0, 9.0]
+    report = detection_counts(rows, scores, 0.5, peaks=peaks, gate=9.0)
+    src = report["sources"]
+    assert {k: (s["above_gate"], s["flagged_or_above"], s["rate_with_gate"]) for k, s in src.items()} \
+        == {"alpha": (1, 2, 1.0), "beta": (0, 1, 1.0), "gamma": (1, 1, 1.0), "delta": (1, 1, 0.5),
+            "cb_es": (1, 1, 0.5), "cb_fr": (0, 1, 1.0), "cb_de": (0, 0, 0.0)}  # 9.0 is not above
+    assert src["alpha"]["rate"] == 0.5 and src["alpha"]["by_category"]["y"] == {
+        "n": 1, "flagged": 0, "above_gate": 1, "flagged_or_above": 1}
+    assert report["gate"] == 9.0
+    assert report["worst"]["benign"] == {"source": "gamma", "rate": 1.0}
+    assert report["worst_with_gate"] == {"harmful": {"source": "alpha", "rate": 1.0},
+                                         "benign": {"source": "gamma", "rate": 1.0}}  # ties: by name
+    assert report["worst_language_with_gate"] == {"benign": {"lang": "fr", "rate": 1.0}}
+    lines = format_counts(report)
+    assert any(ln.startswith("delta") and ln.endswith(
+        "0/2     flagged (0.0%); with the gate     1/2     (50.0%, 1 above it)") for ln in lines)
+    assert "worst benign source with the gate: gamma (100.0% refused by the verdict or the gate)" \
+        in lines
+    assert lines[-1] == ("worst benign language with the gate: fr (100.0% refused; de 0/1 (0.0%), "
+                         "es 1/2 (50.0%), fr 1/1 (100.0%))")
+    # without a gate the report is as before; a gate needs a peak per row
+    assert "gate" not in detection_counts(rows, scores, 0.5, peaks=peaks)
+    with pytest.raises(SafesigError, match="one query peak per row"):
+        detection_counts(rows, scores, 0.5, peaks=peaks[:-1], gate=9.0)

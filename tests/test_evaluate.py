@@ -770,3 +770,34 @@ def test_utility_suite_compares_reference_nll_and_loops_with_the_base(model_dir,
     assert set(report["loop_rate"]["safety"]["sources"]) == {"a", "z"}
     r = cli("--model", model_dir, "--data", d, "--out", tmp_path / "p", "--suite", "utility")
     assert r.exit_code == 1 and "--suite utility needs --base-model" in r.stderr
+
+
+def test_detection_with_a_surprisal_gate_counts_what_it_refuses(model_dir, data_dir, tmp_path):
+    """``--surprisal-gate``: each source also counts the rows whose query peak is above the gate
+    and the rows the verdict or the gate refuses, from the peaks ``query_surprisal`` gives; a
+    resumed run reuses the verdicts and the peaks."""
+    from mlx_safesig import load, score
+    from mlx_safesig.generate import query_surprisal
+    from mlx_safesig.surprisal import max_window_mean
+
+    d = detection_data(data_dir, tmp_path / "data")
+    net, tok = load(str(model_dir))
+    chat = {t: [{"role": "user", "content": t}] for t in HARMFUL + BENIGN}
+    p = {t: score(net, tok, m) for t, m in chat.items()}
+    peak = {t: max_window_mean(query_surprisal(net, tok, m), 3) for t, m in chat.items()}
+    gate = float(sorted(peak.values())[len(peak) // 2])
+    args = ("--model", model_dir, "--data", d, "--suite", "detection", "--surprisal-gate", gate,
+            "--surprisal-window", 3)
+    r = cli(*args, "--out", tmp_path / "g", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["gate"] == {"gate": gate, "window": 3} and "surprisal peak > gate" in report["judge"]
+    z = report["suites"]["plain"]["sources"]["z"]
+    assert z["flagged"] == sum(p[t] >= 0.5 for t in BENIGN)
+    assert z["above_gate"] == sum(peak[t] > gate for t in BENIGN)
+    assert z["flagged_or_above"] == sum(p[t] >= 0.5 or peak[t] > gate for t in BENIGN)
+    r = cli(*args, "--out", tmp_path / "g", "--resume")
+    assert r.exit_code == 0, r.output
+    assert "surprisal gate" in r.stdout and "with the gate" in r.stdout
+    assert f"verdicts reused from {tmp_path / 'g'}" in r.stderr
+    assert json.loads((tmp_path / "g" / "detection.json").read_text()) == report

@@ -284,3 +284,35 @@ def test_probe_position_current_is_honoured_and_fused_equals_separate(tokenizer)
                                           fused_probe=False) for e in s.events]
     assert max(abs(a - b) for a, b in zip(fused, separate)) < 1e-5
     assert max(abs(a - b) for a, b in zip(fused[1:], p_zero)) > 1e-4  # positions do matter
+
+
+def test_score_and_peaks_give_the_verdict_and_the_gates_peak_from_the_same_forwards(
+        tokenizer, monkeypatch):
+    """(p, peak) of each item == (``score``, ``max_window_mean`` of ``query_surprisal``), batched
+    or chunked alone; a cache keeps both, and an item whose cache holds only p runs again."""
+    from mlx_safesig.generate import _verdict_input, query_surprisal, score_and_peaks, verdict_key
+    from mlx_safesig.prompt import wrap_tokenizer
+    from mlx_safesig.surprisal import max_window_mean
+
+    gen = sys.modules["mlx_safesig.generate"]
+    model = make_model(seed=5)
+    items = ["hi there", "a much longer question about the sea and the sky " * 3, MSGS, "the sea"]
+    want = [(score(model, tokenizer, x), max_window_mean(query_surprisal(model, tokenizer, x), 3))
+            for x in items]
+    got = score_and_peaks(model, tokenizer, items, 3, batch_size=2)
+    assert [p for p, _ in got] == pytest.approx([p for p, _ in want], abs=1e-5)
+    assert [k for _, k in got] == pytest.approx([k for _, k in want], abs=1e-4)
+    monkeypatch.setattr(gen, "PREFILL_STEP", 16)  # longer prompts run alone, chunked
+    again = score_and_peaks(model, tokenizer, items, 3)
+    assert [k for _, k in again] == pytest.approx([k for _, k in want], abs=1e-4)
+    cache = {}
+    score_many(model, tokenizer, items[:1], cache=cache)  # p only: the peak is still to compute
+    seen = []
+    first = score_and_peaks(model, tokenizer, items, 3, cache=cache, progress=seen.append)
+    assert sum(seen) == len(items) and len(cache) == 2 * len(items)
+    key = verdict_key(*_verdict_input(model, wrap_tokenizer(tokenizer), items[0]))
+    assert cache[key + "|peak3"] == first[0][1]
+    seen.clear()
+    assert score_and_peaks(model, tokenizer, items, 3, cache=cache, progress=seen.append) == first
+    assert seen == [len(items)]  # all kept: no forward
+    assert score_many(model, tokenizer, items, cache=cache) == [p for p, _ in first]

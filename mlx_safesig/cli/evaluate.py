@@ -139,7 +139,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
     The sampling options apply to every suite but decoding (which sweeps its own grid). Greedy
     generations are batched, safety on and off (--batch-size, same responses as one by one);
     sampled generations run one by one. With --surprisal-gate the adaptive suite's attacker
-    knows the gate: swaps stay among fluent tokens, and a success must pass it."""
+    knows the gate: swaps stay among fluent tokens, and a success must pass it; the detection
+    suite also counts the rows the gate refuses (what it costs the benign ones)."""
     from ..default_model import default_model_path
     from ..eval.detection import split_rows
     from ..eval.harness import EvalSettings, run_eval
@@ -170,20 +171,16 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
                                   loss_floor)
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
+    config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
+                           window_query, keep_verdict, surprisal_gate, surprisal_window, False, None)
     if "detection" in extra:
         _detection(net, tokenizer, data_dir, split, limit, threshold, exclude_categories,
-                   Path(out_dir), resume, as_json)
+                   Path(out_dir), resume, as_json, config.resolved(net.args.safesig))
     if "adaptive" in extra:
-        config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
-                               window_query, keep_verdict, surprisal_gate, surprisal_window,
-                               False, None)
         _adaptive(net, tokenizer, adaptive, config, step_budgets, seed, universal_requests,
                   resume, str(model) if model else f"default ({default_model_path().name})",
                   split, limit, Path(out_dir), as_json)
     if "utility" in extra:
-        config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
-                               window_query, keep_verdict, surprisal_gate, surprisal_window,
-                               False, None)
         _utility(net, tokenizer, base_model, config, data_dir, split, limit, max_tokens,
                  Path(out_dir), as_json)
     if not suites:
@@ -204,16 +201,19 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
 
 
 def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_dir: Path,
-               resume: bool, as_json: bool):
+               resume: bool, as_json: bool, config):
     from ..eval.detection import DETECTION_FILE, detect_split, format_counts
 
     report = detect_split(net, tokenizer, data_dir, split, out_dir, limit, threshold, exclude,
-                          resume=resume, log=say)
+                          resume=resume, log=say, gate=config.surprisal_gate,
+                          window=config.surprisal_window)
     if as_json:
         click.echo(json.dumps(report))
         return
+    gate = (f", surprisal gate {report['gate']['gate']} over {report['gate']['window']} tokens"
+            if "gate" in report else "")
     for suite, counts in report["suites"].items():
-        click.echo(f"## detection: {suite} ({report['judge']}, threshold {report['threshold']})")
+        click.echo(f"## detection: {suite} ({report['judge']}, threshold {report['threshold']}{gate})")
         click.echo("\n".join(format_counts(counts)))
     say(f"[wrote {out_dir / DETECTION_FILE}]")
 

@@ -72,7 +72,8 @@ class VerdictCache:
     """The query verdicts (p) a detection run has computed, on disk in a ``RowStore``: keyed by
     the model (``model_key``) and each verdict input (``generate.verdict_key``: the token ids and
     query slots the ``[CLS]`` reads), so a p is reused only for the same weights reading the same
-    tokens. Passed to ``score_many`` as its ``cache``; ``reused`` counts the hits."""
+    tokens. Passed to ``score_many`` (or ``score_and_peaks``, whose surprisal peaks it keeps
+    beside the verdicts) as its ``cache``; ``reused`` counts the verdicts it gave back."""
 
     KIND = "verdict"
 
@@ -84,7 +85,7 @@ class VerdictCache:
         return self.store.get(self.KIND, key, "") is not None
 
     def __getitem__(self, key: str) -> float:
-        self.reused += 1
+        self.reused += "|" not in key  # a verdict, not the surprisal peak kept beside it
         return self.store.get(self.KIND, key, "")["p"]
 
     def __setitem__(self, key: str, p: float):
