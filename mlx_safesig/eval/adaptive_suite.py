@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..decoding import SafetyConfig, config_fingerprint
-from ..generate import query_surprisal, score
+from ..generate import query_surprisal, score, score_and_peaks
 from ..model import SafesigError
 from ..surprisal import max_window_mean
 from .adaptive import Attack, AttackSettings, allowed_tokens, inserts_refusal
@@ -228,14 +228,13 @@ def run_adaptive(model, tokenizer, harmful: Sequence[dict], benign: Sequence[dic
 def _gate_cost(model, tokenizer, benign, benign_p, threshold, gate, window, store, tick) -> dict:
     """What a surprisal gate costs the benign rows: how many it refuses, and how many the verdict
     or the gate refuses (the same config's false positives)."""
-    peaks, key = [], f"benign|{window}"
-    for r in benign:
-        got = store.get("surprisal", key, r["id"])
-        if got is None:
-            got = store.put({"kind": "surprisal", "key": key, "id": r["id"], "peak": round(
-                max_window_mean(query_surprisal(model, tokenizer, row_messages(r)), window), 5)})
-        peaks.append(got["peak"])
-        tick(1)
+    key = f"benign|{window}"
+    todo = [r for r in benign if store.get("surprisal", key, r["id"]) is None]
+    tick(len(benign) - len(todo))
+    for r, (_, peak) in zip(todo, score_and_peaks(model, tokenizer, [row_messages(r) for r in todo],
+                                                 window, progress=tick)):
+        store.put({"kind": "surprisal", "key": key, "id": r["id"], "peak": round(peak, 5)})
+    peaks = [store.get("surprisal", key, r["id"])["peak"] for r in benign]
     above = [pk > gate for pk in peaks]
     either = sum(a or p >= threshold for a, p in zip(above, benign_p))
     return {"gate": gate, "window": window, "above_gate": sum(above),
