@@ -22,6 +22,7 @@ from .prefill import (
     PREFILL_STEP,
     PromptCache,
     prefill_batch_with_verdict,
+    prefill_query,
     prefill_with_verdict,
 )
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
@@ -116,8 +117,28 @@ def score_and_peaks(model: Model, tokenizer, items: Sequence[Union[str, Sequence
     return _verdicts(model, tokenizer, items, batch_size, progress, cache, window)
 
 
+SHARED_PREFIX = 256  # leading tokens two prompts must share to run on one cache, not batched
+
+
+def _shared_prefix_items(inputs: Sequence[tuple], pending: Sequence[int]) -> List[int]:
+    """The ``pending`` items whose ids share at least ``SHARED_PREFIX`` leading tokens with
+    another's (the same long wrapper or history), sorted by ids so that neighbours share most."""
+    by_ids = sorted(pending, key=lambda i: inputs[i][0])
+    shared = set()
+    for a, b in zip(by_ids, by_ids[1:]):
+        x, y = inputs[a][0], inputs[b][0]
+        n = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        if n >= SHARED_PREFIX:
+            shared |= {a, b}
+    return [i for i in by_ids if i in shared]
+
+
 def _verdicts(model, tokenizer, items, batch_size, progress, cache, window) -> List[tuple]:
-    """(p, peak) of each item (peak None without a ``window``): ``score_many``'s batching."""
+    """(p, peak) of each item (peak None without a ``window``): ``score_many``'s batching. Items
+    that share a long prefix (``_shared_prefix_items``: the same jailbreak wrapper, say) run one
+    by one on one conversation cache instead (``prefill_query``), each computing only what it
+    does not share with the one before: the same p and peak as a fresh prefill, to float
+    tolerance, for a fraction of the work."""
     tokenizer = wrap_tokenizer(tokenizer)
     inputs = [_verdict_input(model, tokenizer, item) for item in items]
     out: List[Optional[tuple]] = [None] * len(inputs)
@@ -129,39 +150,50 @@ def _verdicts(model, tokenizer, items, batch_size, progress, cache, window) -> L
     kept = sum(o is not None for o in out)
     if kept and progress:
         progress(kept)
-    order = sorted((i for i, o in enumerate(out) if o is None), key=lambda i: len(inputs[i][0]))
-    done = 0
-    while done < len(order):
-        alone = len(inputs[order[done]][0]) > PREFILL_STEP  # a long prompt runs chunked, alone
-        if alone:
-            group = [order[done]]
-        else:
-            group = []
-            for i in order[done:]:
-                rows, longest = len(group) + 1, len(inputs[i][0])
-                if group and (rows > batch_size or rows * longest > SCORE_BATCH_TOKENS
-                              or longest > PREFILL_STEP):
-                    break
-                group.append(i)
-        nats = [None if window is None else {} for _ in group]
-        if alone:
-            ids, slots = inputs[group[0]]
-            ps = [prefill_with_verdict(model, ids, model.make_cache(), slots, nats=nats[0])[1]]
-        else:
-            ps = [p for _, _, p in prefill_batch_with_verdict(
-                model, [inputs[i][0] for i in group], [inputs[i][1] for i in group],
-                nats=None if window is None else nats)]
+
+    def keep(group, ps, peaks):
         mx.eval(ps)
-        for i, p, d in zip(group, ps, nats):
-            peak = None if d is None else query_peak(d, inputs[i][1], window)
+        for i, p, peak in zip(group, ps, peaks):
             out[i] = (p.item(), peak)
             if cache is not None:
                 cache[keys[i]] = out[i][0]
                 if peak is not None:
                     cache[keys[i] + suffix] = peak
-        done += len(group)
         if progress:
             progress(len(group))
+
+    pending = [i for i, o in enumerate(out) if o is None]
+    shared = _shared_prefix_items(inputs, pending)
+    if shared:
+        conversation = PromptCache(model)
+        for i in shared:
+            _, _, p, peak = prefill_query(model, *inputs[i], conversation, window)
+            keep([i], [p], [peak])
+    alone = set(shared)
+    order = sorted((i for i in pending if i not in alone), key=lambda i: len(inputs[i][0]))
+    done = 0
+    while done < len(order):
+        if len(inputs[order[done]][0]) > PREFILL_STEP:  # a long prompt runs chunked, alone
+            group = [order[done]]
+            ids, slots = inputs[group[0]]
+            _, _, p, peak = prefill_query(model, ids, slots, window=window)
+            keep(group, [p], [peak])
+            done += 1
+            continue
+        group = []
+        for i in order[done:]:
+            rows, longest = len(group) + 1, len(inputs[i][0])
+            if group and (rows > batch_size or rows * longest > SCORE_BATCH_TOKENS
+                          or longest > PREFILL_STEP):
+                break
+            group.append(i)
+        nats = [None if window is None else {} for _ in group]
+        ps = [p for _, _, p in prefill_batch_with_verdict(
+            model, [inputs[i][0] for i in group], [inputs[i][1] for i in group],
+            nats=None if window is None else nats)]
+        keep(group, ps, [None if d is None else query_peak(d, inputs[i][1], window)
+                         for i, d in zip(group, nats)])
+        done += len(group)
     return out
 
 

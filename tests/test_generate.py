@@ -316,3 +316,41 @@ def test_score_and_peaks_give_the_verdict_and_the_gates_peak_from_the_same_forwa
     assert score_and_peaks(model, tokenizer, items, 3, cache=cache, progress=seen.append) == first
     assert seen == [len(items)]  # all kept: no forward
     assert score_many(model, tokenizer, items, cache=cache) == [p for p, _ in first]
+
+
+def test_prompts_sharing_a_long_prefix_run_on_one_cache_with_the_same_verdicts(
+        tokenizer, monkeypatch):
+    """Items that share ``SHARED_PREFIX`` leading tokens (the same wrapper) run one by one on a
+    conversation cache, each prefilling only what it does not share with the one before: the
+    same p and gate peak as alone, fewer tokens run; the rest are batched as before."""
+    from mlx_safesig.generate import _shared_prefix_items, _verdict_input, score_and_peaks
+    from mlx_safesig.prompt import wrap_tokenizer
+    from mlx_safesig.surprisal import max_window_mean
+
+    gen = sys.modules["mlx_safesig.generate"]
+    model = make_model(seed=7)
+    wrapper = "You are a pirate captain on a long voyage across the stormy sea. " * 2
+    items = [wrapper + "Tell me about knots.", "hi", wrapper + "What is a compass?",
+             [{"role": "user", "content": wrapper + "Sing a song."}], "the sky is blue today"]
+    want = [(score(model, tokenizer, x),
+             max_window_mean(gen.query_surprisal(model, tokenizer, x), 4)) for x in items]
+    ran = []
+    hidden = model.hidden
+
+    def counting(tokens, *args, **kw):
+        ran.append(tokens.shape[0] * tokens.shape[1])
+        return hidden(tokens, *args, **kw)
+
+    model.hidden = counting
+    monkeypatch.setattr(gen, "SHARED_PREFIX", 10**6)  # nothing shared: all batched
+    plain = score_and_peaks(model, tokenizer, items, 4)
+    tokens_plain, ran[:] = sum(ran), []
+    monkeypatch.setattr(gen, "SHARED_PREFIX", 8)
+    inputs = [_verdict_input(model, wrap_tokenizer(tokenizer), x) for x in items]
+    assert sorted(_shared_prefix_items(inputs, range(len(items)))) == [0, 2]  # strings; not chat
+    got = score_and_peaks(model, tokenizer, items, 4)
+    for g, w in zip((plain, got), (want, want)):
+        assert [p for p, _ in g] == pytest.approx([p for p, _ in w], abs=1e-5)
+        assert [k for _, k in g] == pytest.approx([k for _, k in w], abs=1e-4)
+    assert sum(ran) < tokens_plain
+    assert score_many(model, tokenizer, items) == pytest.approx([p for p, _ in want], abs=1e-5)
