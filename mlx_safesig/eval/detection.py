@@ -115,15 +115,15 @@ def detection_counts(rows: Sequence[dict], scores: Sequence[float], threshold: f
         report["worst_with_gate"] = _worst(sources, lambda s: s["label"], "source", "rate_with_gate")
     if languages:  # per language, and the worst language of each label (as for sources)
         report["languages"] = {k: dict(sorted(v.items())) for k, v in sorted(languages.items())}
-        for langs in report["languages"].values():
+        for kind, langs in report["languages"].items():
+            label = int(kind == "harmful")
             for c in langs.values():
                 _rates(c)
-        flat = {(kind, lang): dict(c, label=int(kind == "harmful"))
-                for kind, langs in report["languages"].items() for lang, c in langs.items()}
-        for rate, name in (("rate", "worst_language"), ("rate_with_gate", "worst_language_with_gate")):
-            if rate == "rate" or gate is not None:
-                worst = _worst(flat, lambda c: c["label"], "lang", rate)
-                report[name] = {kind: dict(w, lang=w["lang"][1]) for kind, w in worst.items()}
+            for rate, name in (("rate", "worst_language"),
+                               ("rate_with_gate", "worst_language_with_gate")):
+                worst = _worst(langs, lambda c, label=label: label, "lang", rate)
+                if worst:
+                    report.setdefault(name, {})[kind] = worst[kind]
     return report
 
 
