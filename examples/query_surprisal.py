@@ -5,7 +5,10 @@ For each prompt (built as the product builds it: ``prepare_prompt``), the model'
 surprisal (negative log-probability in nats of each query-slot token given everything before it,
 template included; ``mlx_safesig.surprisal``) is averaged over every window of ``w``
 consecutive query tokens; the feature is the highest window mean (the whole query's mean when it
-is shorter than ``w``).
+is shorter than ``w``). A second feature, ``excess``, does the same with each token's surprisal
+minus the entropy of the model's prediction there (what the model expected to be surprised by):
+is an adversarial suffix still an outlier once text the model finds hard everywhere (another
+language, code, names) is discounted? Benign counts above each gate are also given per language.
 
 Groups: the dev split's benign rows (``--per-source`` per source, by a hash of their id), its
 harmful rows, and the suffixed requests of ``eval --suite adaptive`` rows files (``--attacks``:
@@ -13,8 +16,8 @@ each ``attack`` row's suffix appended to its dev request, as the suite pastes it
 held-out split is never read: a rows file made on it is refused. Only counts and numbers are
 printed, never text.
 
-    python examples/query_surprisal.py --model runs/v17/model --data runs/v17/data \\
-        --attacks runs/s20/adaptive-v17-dev-window-query/adaptive.rows.jsonl --out surprisal.json
+    python examples/query_surprisal.py --data runs/v19/data --per-source 40 --gate 5 6 7 8 9 10 11 \\
+        --attacks runs/s30/adaptive-nogate/adaptive.rows.jsonl --out surprisal.json
 """
 
 # ruff: noqa: I001  (import order: mlx_safesig before mlx)
@@ -33,9 +36,32 @@ import mlx_safesig  # noqa: F401  (preloads OpenBLAS on Linux: must come before 
 from mlx_safesig.eval.adaptive_suite import suffixed_messages
 from mlx_safesig.eval.detection import row_messages
 from mlx_safesig.generate import query_surprisal
-from mlx_safesig.surprisal import max_window_mean
+from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
+from mlx_safesig.surprisal import max_window_mean, token_surprisal
 
 WINDOWS = (4, 8, 12)
+FEATURES = ("nats", "excess")
+
+
+def token_stats(model, tokenizer, messages) -> dict:
+    """Per query token (slot order, slot 0 left out as the gate leaves it out): ``nats``, the
+    surprisal, equal to ``query_surprisal``'s (checked), and ``excess``, that minus the entropy
+    of the prediction. One causal forward of the prompt: query tokens never see the ``[CLS]``
+    row, so their predictions are the prefill's."""
+    import mlx.core as mx
+
+    prepared = prepare_prompt(wrap_tokenizer(tokenizer), messages)
+    ids, slots = list(prepared.ids), [s for s in prepared.query_slots if s > 0]
+    logits = model.logits(model.hidden(mx.array(ids)[None], positions=0)[0]).astype(mx.float32)
+    rows = logits[mx.array([s - 1 for s in slots])]
+    nats = token_surprisal(rows, mx.array([ids[s] for s in slots]))
+    logp = rows - mx.logsumexp(rows, axis=-1, keepdims=True)
+    entropy = -(mx.exp(logp) * logp).sum(axis=-1)
+    nats, entropy = np.array(nats, dtype=np.float64), np.array(entropy, dtype=np.float64)
+    check = query_surprisal(model, tokenizer, messages)
+    if not np.allclose(nats, check, atol=1e-2):
+        raise SystemExit("query_surprisal: the causal forward disagrees with the prefill's surprisal.")
+    return {"nats": nats, "excess": nats - entropy}
 
 
 def read_jsonl(path) -> list:
@@ -43,7 +69,7 @@ def read_jsonl(path) -> list:
 
 
 def attacked(files, harmful: dict) -> list:
-    """``(source, messages)`` of every attack row's suffixed request (dev rows files only)."""
+    """``(source, messages, lang)`` of every attack row's suffixed request (dev rows files only)."""
     out = []
     for f in files:
         for row in read_jsonl(f):
@@ -51,7 +77,8 @@ def attacked(files, harmful: dict) -> list:
                 raise SystemExit(f"query_surprisal: {f} attacks the frozen held-out split.")
             if row.get("kind") == "attack" and str(row["id"]) in harmful:
                 request = harmful[str(row["id"])]
-                out.append((request["source"], suffixed_messages(row_messages(request), row["suffix"])))
+                out.append((request["source"], suffixed_messages(row_messages(request), row["suffix"]),
+                            request.get("lang", "en")))
     return out
 
 
@@ -64,7 +91,9 @@ def summary(values) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="A safety model folder (its language model is read).")
+    ap.add_argument("--model", default=None,
+                    help="A safety model folder (its language model is read; default: the embedded "
+                         "default model).")
     ap.add_argument("--data", required=True, help="A built data folder (its dev split is read).")
     ap.add_argument("--attacks", nargs="*", default=[], help="adaptive.rows.jsonl files of dev runs.")
     ap.add_argument("--per-source", type=int, default=20, help="Benign and harmful rows per source.")
@@ -84,38 +113,55 @@ def main(argv=None):
                       key=lambda r: hashlib.sha256(str(r["id"]).encode()).hexdigest())
         for r in rows:
             if len(picked[(name, r["source"])]) < args.per_source:
-                picked[(name, r["source"])].append((r["source"], row_messages(r)))
+                picked[(name, r["source"])].append((r["source"], row_messages(r), r.get("lang", "en")))
     harmful = {str(r["id"]): r for r in read_jsonl(data / "harmful.dev.jsonl")}
     groups = {"benign": [m for (n, _), v in picked.items() if n == "benign" for m in v],
               "harmful": [m for (n, _), v in picked.items() if n == "harmful" for m in v],
               "suffixed": attacked(args.attacks, harmful)}
-    features = {g: [(src, query_surprisal(model, tokenizer, m)) for src, m in rows]
-                for g, rows in groups.items() if rows}
-    report = {"model": args.model, "split": "dev", "windows": {}}
-    for w in WINDOWS:
-        per = {g: [max_window_mean(s, w) for _, s in rows] for g, rows in features.items()}
-        entry = {g: summary(v) for g, v in per.items()}
-        by_source = defaultdict(list)
-        for (src, s) in features["benign"]:
-            by_source[src].append(max_window_mean(s, w))
-        entry["benign_sources"] = {src: dict(summary(v), above={
-            str(t): sum(x > t for x in v) for t in args.gate}) for src, v in sorted(by_source.items())}
-        for t in args.gate:
-            print(f"window {w}, gate {t}: benign above it, per source: " + ", ".join(
-                f"{src} {e['above'][str(t)]}/{e['n']}" for src, e in entry["benign_sources"].items()))
-        if "suffixed" in per:
-            top = max(per["benign"])
-            entry["suffixed_above_benign_max"] = sum(v > top for v in per["suffixed"])
-        report["windows"][str(w)] = entry
-        print(f"window {w}: " + "; ".join(
-            f"{g} n={e['n']} min {e['min']:.2f} p50 {e['p50']:.2f} max {e['max']:.2f}"
-            for g, e in entry.items() if g in features))
-        if "suffixed" in per:
-            print(f"  suffixed above the highest benign value: "
-                  f"{entry['suffixed_above_benign_max']}/{len(per['suffixed'])}")
+    stats = {g: [(src, lang, token_stats(model, tokenizer, m)) for src, m, lang in rows]
+             for g, rows in groups.items() if rows}
+    report = {"model": args.model, "split": "dev", "features": {}}
+    for feature in FEATURES:
+        report["features"][feature] = entry_f = {}
+        for w in WINDOWS:
+            entry_f[str(w)] = window_report(stats, feature, w, args.gate)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return report
+
+
+def window_report(stats: dict, feature: str, w: int, gates) -> dict:
+    """The feature's highest window mean per group, and per benign source and language."""
+    per = {g: [max_window_mean(t[feature], w) for _, _, t in rows] for g, rows in stats.items()}
+    entry = {g: summary(v) for g, v in per.items()}
+    for key, at in (("benign_sources", 0), ("benign_languages", 1)):
+        by = defaultdict(list)
+        for row, v in zip(stats["benign"], per["benign"]):
+            by[row[at]].append(v)
+        entry[key] = {k: dict(summary(v), above={str(t): sum(x > t for x in v) for t in gates})
+                      for k, v in sorted(by.items())}
+    if "suffixed" in per:
+        top = max(per["benign"])
+        entry["suffixed_above_benign_max"] = sum(v > top for v in per["suffixed"])
+        entry["suffixed_above_benign_p99"] = sum(
+            v > float(np.percentile(per["benign"], 99)) for v in per["suffixed"])
+        entry["suffixed_above"] = {str(t): sum(v > t for v in per["suffixed"]) for t in gates}
+    print(f"{feature}, window {w}: " + "; ".join(
+        f"{g} n={e['n']} min {e['min']:.2f} p50 {e['p50']:.2f} p90 {e['p90']:.2f} max {e['max']:.2f}"
+        for g, e in entry.items() if g in per))
+    print("  benign per language, max: " + ", ".join(
+        f"{k} {e['max']:.2f} (n={e['n']})" for k, e in entry["benign_languages"].items()))
+    for t in gates:
+        print(f"  gate {t}: benign above it per language: " + ", ".join(
+            f"{k} {e['above'][str(t)]}/{e['n']}" for k, e in entry["benign_languages"].items()))
+    if "suffixed" in per:
+        print(f"  suffixed above the highest benign value: {entry['suffixed_above_benign_max']}"
+              f"/{len(per['suffixed'])}; above the benign 99th percentile: "
+              f"{entry['suffixed_above_benign_p99']}/{len(per['suffixed'])}")
+        print("  gate: all benign above it, suffixed above it: " + ", ".join(
+            f"{t} {sum(x > t for x in per['benign'])}/{len(per['benign'])} "
+            f"{entry['suffixed_above'][str(t)]}/{len(per['suffixed'])}" for t in gates))
+    return entry
 
 
 if __name__ == "__main__":
