@@ -7,7 +7,9 @@ linker binds libmlx's ``cblas_sgemm`` & co. to it instead: fp32 gemv ~3-6x, gemm
 Measured finding (glibc 2.36, CPython 3.11): a *late* load, after ``import mlx.core``, has no
 effect even if no BLAS call happened yet. CPython dlopens extension modules with RTLD_NOW
 (``sys.getdlopenflags() == 2``), so libmlx's BLAS PLT slots are bound at import time
-(``LD_DEBUG=bindings``). We still load it then (harmless) but stay quiet.
+(``LD_DEBUG=bindings``). So when mlx is already imported we load nothing and say so in one line:
+import ``mlx_safesig`` before ``mlx`` (the test suite's conftest did not, and ran every test on the
+reference BLAS).
 
 A library is used only once a child process has run a few sgemm/sgemv calls through it
 (``_works``): some builds are compiled for one CPU family without dispatch (cmeel-openblas 0.3.31
@@ -231,14 +233,22 @@ def preload_openblas() -> str | None:
     """Load OpenBLAS RTLD_GLOBAL; return its path or None. Never raises; memoized per process.
 
     Must run before ``import mlx.core`` to have any effect (see the module docstring); if mlx is
-    already imported it still loads (and returns the path) but prints no notice.
-    A forced path that cannot be loaded does not fall back: None plus the one-line notice.
+    already imported it loads nothing: None plus a one-line notice saying to import mlx_safesig
+    first. A forced path that cannot be loaded does not fall back: None plus the one-line notice.
     """
     if "path" in _state:
         return _state["path"]
     _state["path"] = None
     env = os.environ.get(_ENV, "").strip()
     if not sys.platform.startswith("linux") or env.lower() == "off":
+        return None
+    if "mlx.core" in sys.modules:
+        print(
+            "mlx-safesig: mlx was imported before mlx_safesig, so its matrix products stay on the "
+            "wheel's slow reference BLAS in this process; import mlx_safesig before mlx (or set "
+            f"{_ENV}=off to silence).",
+            file=sys.stderr,
+        )
         return None
     rejected = []
     try:
@@ -254,12 +264,11 @@ def preload_openblas() -> str | None:
                 return path
     except Exception:
         pass
-    if "mlx.core" not in sys.modules:
-        hint = "".join(rejected) or (f"{_ENV}={env} could not be loaded; " if env else "")
-        print(
-            f"mlx-safesig: {hint}no working OpenBLAS found, mlx falls back to its slow reference "
-            "BLAS (decode/training slower); fix: apt-get install libopenblas0-pthread (or pip "
-            f"install cmeel-openblas), or set {_ENV}=off to silence.",
-            file=sys.stderr,
-        )
+    hint = "".join(rejected) or (f"{_ENV}={env} could not be loaded; " if env else "")
+    print(
+        f"mlx-safesig: {hint}no working OpenBLAS found, mlx falls back to its slow reference "
+        "BLAS (decode/training slower); fix: apt-get install libopenblas0-pthread (or pip "
+        f"install cmeel-openblas), or set {_ENV}=off to silence.",
+        file=sys.stderr,
+    )
     return None

@@ -1,14 +1,19 @@
 """Tiny random safety models and a tiny byte-level BPE tokenizer with a ChatML template, built in
 process so the fast tests need no files and no network."""
 
+# ruff: noqa: I001  (import order: mlx_safesig before mlx, see below)
 import json
 from pathlib import Path
+
+# First: on Linux it loads OpenBLAS, which takes effect only if mlx.core is not imported yet
+# (libmlx's BLAS calls are bound when it is imported; mlx_safesig/_blas.py). Imported after
+# mlx, every test ran on the wheel's reference BLAS.
+import mlx_safesig  # noqa: F401
 
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-import mlx_safesig  # noqa: F401  (loads OpenBLAS before mlx does real work)
 from mlx_safesig.model import Model, ModelArgs
 
 CHATML = (

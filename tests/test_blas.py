@@ -102,10 +102,15 @@ def test_notice_printed_at_most_once():
 
 
 @linux_only
-def test_quiet_when_mlx_already_imported():
-    r = run("import mlx.core\nprint(b.preload_openblas())", MLX_SAFESIG_BLAS="/nonexistent.so")
-    assert r.stdout.strip() == "None"
-    assert r.stderr == ""
+def test_too_late_after_mlx_says_so_once_and_loads_nothing():
+    """mlx binds its BLAS calls when imported: a later preload cannot help, so say how to fix it."""
+    code = "import mlx.core\nprint([b.preload_openblas() for _ in range(2)], mapped('libopenblas.so'))"
+    r = run(code)
+    assert r.stdout.split() == ["[None,", "None]", "False"]
+    assert len(r.stderr.splitlines()) == 1
+    assert "import mlx_safesig before mlx" in r.stderr
+    r = run(code, MLX_SAFESIG_BLAS="off")
+    assert r.stdout.split() == ["[None,", "None]", "False"] and r.stderr == ""
 
 
 def test_non_linux_is_a_no_op():
