@@ -785,7 +785,10 @@ def test_detection_with_a_surprisal_gate_counts_what_it_refuses(model_dir, data_
     chat = {t: [{"role": "user", "content": t}] for t in HARMFUL + BENIGN}
     p = {t: score(net, tok, m) for t, m in chat.items()}
     peak = {t: max_window_mean(query_surprisal(net, tok, m), 3) for t, m in chat.items()}
-    gate = float(sorted(peak.values())[len(peak) // 2])
+    ordered = sorted(peak.values())  # a gate between two peaks: none within float noise of it
+    below, above = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
+    assert above - below > 1e-3
+    gate = float((below + above) / 2)
     args = ("--model", model_dir, "--data", d, "--suite", "detection", "--surprisal-gate", gate,
             "--surprisal-window", 3)
     r = cli(*args, "--out", tmp_path / "g", "--json")

@@ -246,5 +246,9 @@ def test_eval_rows_with_batch_size_4_equal_one_by_one(model, tokenizer, tmp_path
     assert {r["suite"] for r in generations} == {"direct", "prefill", "benign"}
     inserted = [r.get("inserted") for r in generations]
     assert any(inserted) and not all(inserted) and any("error" in r for r in generations)
-    assert rows[4] == rows[1]  # bit-equal on this model: even the rounded probabilities
+    # the same texts, tokens and events; probabilities to float tolerance (with OpenBLAS a
+    # batch's matrix products run through other kernels than one row's)
+    assert rows[4].keys() == rows[1].keys()
+    for key, row in rows[1].items():
+        assert_same(row, rows[4][key])
     assert results[4] == results[1]
