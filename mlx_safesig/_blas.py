@@ -244,9 +244,9 @@ def preload_openblas() -> str | None:
         return None
     if "mlx.core" in sys.modules:
         print(
-            "mlx-safesig: mlx was imported before mlx_safesig, so its matrix products stay on the "
-            "wheel's slow reference BLAS in this process; import mlx_safesig before mlx (or set "
-            f"{_ENV}=off to silence).",
+            "mlx-safesig: mlx was imported before mlx_safesig, so OpenBLAS cannot be preloaded for "
+            "it in this process (the mlx[cpu] wheel's own BLAS is slow); import mlx_safesig before "
+            f"mlx, or set {_ENV}=off to silence.",
             file=sys.stderr,
         )
         return None
