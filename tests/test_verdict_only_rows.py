@@ -1,0 +1,67 @@
+"""examples/verdict_only_rows.py: verdict-only training rows from a built data folder (the same
+short answer for every prompt), left-out sources with their translations, and rows `train` reads."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from mlx_safesig.data import load_dataset
+
+SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "verdict_only_rows.py"
+spec = importlib.util.spec_from_file_location("verdict_only_rows", SCRIPT)
+vor = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(vor)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def data(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for split in ("train", "dev"):
+        write_jsonl(d / f"harmful.{split}.jsonl", [
+            {"id": f"h1{split}", "text": f"request a {split}", "source": "a"},
+            {"id": f"h2{split}", "text": f"request b {split}", "source": "b_es"},
+            {"id": f"h3{split}", "source": "c", "messages": [
+                {"role": "user", "content": "first part"}, {"role": "assistant", "content": "ok"},
+                {"role": "user", "content": f"second part {split}"}]}])
+        write_jsonl(d / f"benign.{split}.jsonl", [
+            {"id": f"b1{split}", "text": f"question {split}", "source": "b"}])
+    (d / "heldout.jsonl").write_text("not json: never opened\n")
+    return d
+
+
+def test_rows_give_every_prompt_the_same_answer_and_train_reads_them(data, tmp_path, tokenizer,
+                                                                     capsys):
+    out = tmp_path / "rows"
+    report = vor.main(["--data", str(data), "--out", str(out), "--response", "Fine."])
+    assert report["counts"] == {"train": {"harmful": 3, "benign": 1},
+                                "dev": {"harmful": 3, "benign": 1}}
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [1, 1, 1, 0]
+    assert all(r["messages"][-1] == {"role": "assistant", "content": "Fine."} for r in rows)
+    assert rows[0]["messages"][0] == {"role": "user", "content": "request a train"}
+    assert [m["content"] for m in rows[2]["messages"][:3]] == ["first part", "ok", "second part train"]
+    train, valid = load_dataset(out, tokenizer, 512)
+    assert [ex.label for ex in train] == [1, 1, 1, 0] and len(valid) == 4
+    assert "request" not in capsys.readouterr().out  # counts only, never prompt text
+
+
+def test_leave_out_drops_a_source_and_its_translations(data, tmp_path):
+    out = tmp_path / "rows"
+    report = vor.main(["--data", str(data), "--out", str(out), "--leave-out", "b"])
+    assert report["counts"]["train"] == {"harmful": 2, "benign": 0}
+    assert report["left_out"] == ["b"] and report["trained_sources"] == 2
+    sources = {json.loads(x)["source"] for x in (out / "train.jsonl").read_text().splitlines()}
+    assert sources == {"a", "c"}
+    with pytest.raises(SystemExit, match="no training source named zz"):
+        vor.main(["--data", str(data), "--out", str(tmp_path / "x"), "--leave-out", "zz"])
+    (data / "benign.dev.jsonl").unlink()
+    with pytest.raises(SystemExit, match="benign.dev.jsonl does not exist"):
+        vor.main(["--data", str(data), "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "y").exists()
