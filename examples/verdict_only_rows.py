@@ -39,14 +39,14 @@ def family(source: str) -> str:
     return source
 
 
-def verdict_rows(rows: list, label: int, response: str, leave_out: set) -> list:
+def verdict_rows(rows: list, label: int, response: str, leave_out: set, max_chars: int) -> list:
     """One training row per prompt: its messages, the fixed ``response``, the label; rows of a
-    left-out source (or of its translations) are dropped."""
+    left-out source (or of its translations) and prompts longer than ``max_chars`` are dropped."""
     out = []
     for r in rows:
-        if family(r["source"]) in leave_out:
-            continue
         messages = r["messages"] if "messages" in r else [{"role": "user", "content": r["text"]}]
+        if family(r["source"]) in leave_out or sum(len(m["content"]) for m in messages) > max_chars:
+            continue
         out.append({"messages": [*messages, {"role": "assistant", "content": response}],
                     "label": label, "source": r["source"]})
     return out
@@ -59,6 +59,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--response", default="OK.", help="The answer every row gets (default: OK.).")
     ap.add_argument("--leave-out", default="",
                     help="Comma-separated training sources (and their translations) not written.")
+    ap.add_argument("--max-chars", type=int, default=1500,
+                    help="Leave out prompts longer than this many characters (default 1500: under "
+                         "train's --max-seq-length 768 even for code, at 2-3 characters a token).")
     args = ap.parse_args(argv)
     leave_out = {s for s in args.leave_out.split(",") if s}
     files = {(split, kind): args.data / f"{kind}.{split}.jsonl"
@@ -75,8 +78,8 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for split, name in FILES.items():
-        rows = (verdict_rows(data[(split, "harmful")], 1, args.response, leave_out)
-                + verdict_rows(data[(split, "benign")], 0, args.response, leave_out))
+        rows = (verdict_rows(data[(split, "harmful")], 1, args.response, leave_out, args.max_chars)
+                + verdict_rows(data[(split, "benign")], 0, args.response, leave_out, args.max_chars))
         counts[split] = {"harmful": sum(r["label"] for r in rows),
                          "benign": sum(1 - r["label"] for r in rows)}
         tmp = args.out / (name + ".tmp")

@@ -50,6 +50,8 @@ def test_rows_give_every_prompt_the_same_answer_and_train_reads_them(data, tmp_p
     train, valid = load_dataset(out, tokenizer, 512)
     assert [ex.label for ex in train] == [1, 1, 1, 0] and len(valid) == 4
     assert "request" not in capsys.readouterr().out  # counts only, never prompt text
+    report = vor.main(["--data", str(data), "--out", str(out), "--max-chars", "16"])
+    assert report["counts"]["train"] == {"harmful": 2, "benign": 1}  # "second part train": 27 + 2
 
 
 def test_leave_out_drops_a_source_and_its_translations(data, tmp_path):
