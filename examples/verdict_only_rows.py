@@ -20,6 +20,7 @@ sources only; the frozen held-out files are never opened. Prints counts, never t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -83,7 +84,9 @@ def main(argv=None) -> dict:
         counts[split] = {"harmful": sum(r["label"] for r in rows),
                          "benign": sum(1 - r["label"] for r in rows)}
         tmp = args.out / (name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        lines = sorted((json.dumps(r) for r in rows),  # both labels mixed: a partial validation
+                       key=lambda x: hashlib.sha256(x.encode()).hexdigest())  # sees both
+        tmp.write_text("".join(x + "\n" for x in lines))
         tmp.replace(args.out / name)
     report = {"counts": counts, "left_out": sorted(leave_out),
               "trained_sources": len(sources - leave_out)}

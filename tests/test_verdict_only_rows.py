@@ -1,6 +1,7 @@
 """examples/verdict_only_rows.py: verdict-only training rows from a built data folder (the same
 short answer for every prompt), left-out sources with their translations, and rows `train` reads."""
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -42,13 +43,16 @@ def test_rows_give_every_prompt_the_same_answer_and_train_reads_them(data, tmp_p
     report = vor.main(["--data", str(data), "--out", str(out), "--response", "Fine."])
     assert report["counts"] == {"train": {"harmful": 3, "benign": 1},
                                 "dev": {"harmful": 3, "benign": 1}}
-    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
-    assert [r["label"] for r in rows] == [1, 1, 1, 0]
+    lines = (out / "train.jsonl").read_text().splitlines()
+    assert lines == sorted(lines, key=lambda x: hashlib.sha256(x.encode()).hexdigest())  # mixed
+    rows = [json.loads(x) for x in lines]
+    assert sorted(r["label"] for r in rows) == [0, 1, 1, 1]
+    rows = sorted(rows, key=lambda r: (-r["label"], r["source"]))
     assert all(r["messages"][-1] == {"role": "assistant", "content": "Fine."} for r in rows)
     assert rows[0]["messages"][0] == {"role": "user", "content": "request a train"}
     assert [m["content"] for m in rows[2]["messages"][:3]] == ["first part", "ok", "second part train"]
     train, valid = load_dataset(out, tokenizer, 512)
-    assert [ex.label for ex in train] == [1, 1, 1, 0] and len(valid) == 4
+    assert sorted(ex.label for ex in train) == [0, 1, 1, 1] and len(valid) == 4
     assert "request" not in capsys.readouterr().out  # counts only, never prompt text
     report = vor.main(["--data", str(data), "--out", str(out), "--max-chars", "16"])
     assert report["counts"]["train"] == {"harmful": 2, "benign": 1}  # "second part train": 27 + 2
