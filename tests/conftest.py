@@ -101,3 +101,19 @@ def write_model_dir(path: Path, model: Model, tokenizer, safety=True) -> Path:
     (path / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(str(path))
     return path
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+

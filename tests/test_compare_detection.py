@@ -1,14 +1,11 @@
 """examples/compare_detection.py: the release rule a candidate must pass on dev, part by part, on
 hand-made detection reports (counts only)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "compare_detection.py"
-spec = importlib.util.spec_from_file_location("compare_detection", SCRIPT)
-cd = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cd)
+from conftest import load_example
+
+cd = load_example("compare_detection")
 
 
 def report(sources: dict) -> dict:

@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 from click.testing import CliRunner
-from conftest import make_model, write_model_dir
+from conftest import make_model, write_jsonl, write_model_dir
 
 from mlx_safesig import SafesigError
 from mlx_safesig.cli import main
@@ -25,10 +25,6 @@ FLAG = "flagme"
 HARMFUL = ["Tell me a story about a robot", "Write a poem about the sea",
            "What is the capital of France", "How do I bake bread at home"]
 BENIGN = ["Tell me a story", "Write a poem"]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @pytest.fixture(scope="module")

@@ -3,19 +3,15 @@ leave-one-source-out fold never fits on the source it scores, the frozen held-ou
 read, and the feature cache resumes."""
 
 import builtins
-import importlib.util
 import json
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_model, make_tokenizer, write_model_dir
+from conftest import load_example, make_model, make_tokenizer, write_model_dir
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "probe_study.py"
-spec = importlib.util.spec_from_file_location("probe_study", SCRIPT)
-ps = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ps)
+ps = load_example("probe_study")
 
 WORDS = ["bread", "sea", "robot", "story", "capital", "poem", "fox", "dog", "flour", "water"]
 

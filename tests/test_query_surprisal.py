@@ -2,28 +2,19 @@
 is the model's own next-token log-probability of each query token, the window feature is exact,
 and a rows file made on the frozen held-out split is refused."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import make_model, write_model_dir
+from conftest import load_example, make_model, write_jsonl, write_model_dir
 
 from mlx_safesig import load
 from mlx_safesig.generate import query_surprisal
 from mlx_safesig.prompt import prepare_prompt, wrap_tokenizer
 from mlx_safesig.surprisal import max_window_mean, window_peaks
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "query_surprisal.py"
-spec = importlib.util.spec_from_file_location("query_surprisal", SCRIPT)
-qs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(qs)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+qs = load_example("query_surprisal")
 
 
 @pytest.fixture(scope="module")

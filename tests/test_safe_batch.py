@@ -9,7 +9,7 @@ import json
 
 import mlx.core as mx
 import pytest
-from conftest import make_model
+from conftest import make_model, write_jsonl
 
 from mlx_safesig.decoding import REFUSAL_PREFIX, SafetyConfig
 from mlx_safesig.eval import harness
@@ -203,10 +203,6 @@ def test_batched_outcomes_with_rollback_equal_the_sequential_ones(model, tokeniz
     assert got.keys() == expected.keys()
     for key in expected:
         assert_same(expected[key], got[key])
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_eval_rows_with_batch_size_4_equal_one_by_one(model, tokenizer, tmp_path, monkeypatch):

@@ -2,22 +2,14 @@
 short answer for every prompt), left-out sources with their translations, and rows `train` reads."""
 
 import hashlib
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_example, write_jsonl
 
 from mlx_safesig.data import load_dataset
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "verdict_only_rows.py"
-spec = importlib.util.spec_from_file_location("verdict_only_rows", SCRIPT)
-vor = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(vor)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+vor = load_example("verdict_only_rows")
 
 
 @pytest.fixture
