@@ -25,19 +25,11 @@ import json
 import sys
 from pathlib import Path
 
+from mlx_safesig.align.records import row_messages
+from mlx_safesig.align.rows import read_jsonl
+from mlx_safesig.align.sources import base_source
+
 FILES = {"train": "train.jsonl", "dev": "valid.jsonl"}
-
-
-def read_jsonl(path: Path) -> list:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def family(source: str) -> str:
-    """A translated source's English original (``donotanswer_es`` -> ``donotanswer``)."""
-    for lang in ("_es", "_fr", "_de"):
-        if source.endswith(lang):
-            return source[: -len(lang)]
-    return source
 
 
 def verdict_rows(rows: list, label: int, response: str, leave_out: set, max_chars: int) -> list:
@@ -45,8 +37,8 @@ def verdict_rows(rows: list, label: int, response: str, leave_out: set, max_char
     left-out source (or of its translations) and prompts longer than ``max_chars`` are dropped."""
     out = []
     for r in rows:
-        messages = r["messages"] if "messages" in r else [{"role": "user", "content": r["text"]}]
-        if family(r["source"]) in leave_out or sum(len(m["content"]) for m in messages) > max_chars:
+        messages = row_messages(r)
+        if base_source(r["source"]) in leave_out or sum(len(m["content"]) for m in messages) > max_chars:
             continue
         out.append({"messages": [*messages, {"role": "assistant", "content": response}],
                     "label": label, "source": r["source"]})
@@ -71,7 +63,7 @@ def main(argv=None) -> dict:
         if not path.exists():
             raise SystemExit(f"verdict_only_rows: {path} does not exist (build the data first).")
     data = {key: read_jsonl(path) for key, path in files.items()}
-    sources = {family(r["source"]) for (split, _), rows in data.items() if split == "train"
+    sources = {base_source(r["source"]) for (split, _), rows in data.items() if split == "train"
                for r in rows}
     if leave_out - sources:
         raise SystemExit("verdict_only_rows: no training source named "

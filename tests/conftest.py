@@ -116,4 +116,3 @@ def load_example(name: str):
 
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-

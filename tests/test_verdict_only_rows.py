@@ -18,13 +18,13 @@ def data(tmp_path):
     d.mkdir()
     for split in ("train", "dev"):
         write_jsonl(d / f"harmful.{split}.jsonl", [
-            {"id": f"h1{split}", "text": f"request a {split}", "source": "a"},
-            {"id": f"h2{split}", "text": f"request b {split}", "source": "b_es"},
-            {"id": f"h3{split}", "source": "c", "messages": [
+            {"id": f"h1{split}", "text": f"request a {split}", "source": "advbench"},
+            {"id": f"h2{split}", "text": f"request b {split}", "source": "advbench_es"},
+            {"id": f"h3{split}", "source": "deepteam", "messages": [
                 {"role": "user", "content": "first part"}, {"role": "assistant", "content": "ok"},
                 {"role": "user", "content": f"second part {split}"}]}])
         write_jsonl(d / f"benign.{split}.jsonl", [
-            {"id": f"b1{split}", "text": f"question {split}", "source": "b"}])
+            {"id": f"b1{split}", "text": f"question {split}", "source": "exams_es"}])
     (d / "heldout.jsonl").write_text("not json: never opened\n")
     return d
 
@@ -51,12 +51,16 @@ def test_rows_give_every_prompt_the_same_answer_and_train_reads_them(data, tmp_p
 
 
 def test_leave_out_drops_a_source_and_its_translations(data, tmp_path):
+    """``advbench_es`` is a translation of ``advbench`` (it goes with it); ``exams_es`` is a source
+    of its own, natively Spanish, not a translation of an ``exams``."""
     out = tmp_path / "rows"
-    report = vor.main(["--data", str(data), "--out", str(out), "--leave-out", "b"])
-    assert report["counts"]["train"] == {"harmful": 2, "benign": 0}
-    assert report["left_out"] == ["b"] and report["trained_sources"] == 2
+    report = vor.main(["--data", str(data), "--out", str(out), "--leave-out", "advbench"])
+    assert report["counts"]["train"] == {"harmful": 1, "benign": 1}
+    assert report["left_out"] == ["advbench"] and report["trained_sources"] == 2
     sources = {json.loads(x)["source"] for x in (out / "train.jsonl").read_text().splitlines()}
-    assert sources == {"a", "c"}
+    assert sources == {"deepteam", "exams_es"}
+    with pytest.raises(SystemExit, match="no training source named exams"):
+        vor.main(["--data", str(data), "--out", str(tmp_path / "x"), "--leave-out", "exams"])
     with pytest.raises(SystemExit, match="no training source named zz"):
         vor.main(["--data", str(data), "--out", str(tmp_path / "x"), "--leave-out", "zz"])
     (data / "benign.dev.jsonl").unlink()
