@@ -27,8 +27,13 @@ LANGS = ("_es", "_fr")
 
 
 def sources(path: str) -> dict:
-    """``{(suite, source): (label, flagged, n)}`` of a detection.json."""
-    suites = json.load(open(path))["suites"]
+    """``{(suite, source): (label, flagged, n)}`` of a detection.json; a missing or unreadable
+    file is one line on stderr (exit 2), not a traceback."""
+    try:
+        suites = json.load(open(path))["suites"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not a detection.json of `mlx-safesig eval --suite "
+                         f"detection` ({type(e).__name__}: {e}).") from None
     return {(suite, name): (s["label"], s["flagged"], s["n"])
             for suite, report in suites.items() for name, s in report["sources"].items()}
 

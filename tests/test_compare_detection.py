@@ -3,6 +3,7 @@ hand-made detection reports (counts only)."""
 
 import json
 
+import pytest
 from conftest import load_example
 
 cd = load_example("compare_detection")
@@ -89,3 +90,17 @@ def test_sources_only_the_candidate_has_are_listed_new_and_take_no_part(tmp_path
     out = capsys.readouterr().out
     assert "exams_es" in out and out.count("(new)") == 2
     assert "rule 3 es: pass (harmful 15/20 -> 15/20, benign 2/20 -> 2/20)" in out
+
+
+def test_missing_or_bad_report_is_one_line(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(report(SHIPPED)))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    for argv, name in (([str(tmp_path / "absent.json"), str(good)], "absent.json"),
+                       ([str(good), str(bad)], "bad.json")):
+        with pytest.raises(SystemExit) as e:
+            cd.main(argv)
+        message = str(e.value.code)
+        assert message.startswith(f"error: {tmp_path / name}: not a detection.json")
+        assert "\n" not in message
