@@ -35,6 +35,18 @@ def save_atomic(path: Path, arrays: dict):
     os.replace(tmp, path)
 
 
+def add_lora(model: Model, num_layers: int, parameters: dict) -> int:
+    """LoRA on the last ``num_layers`` blocks (-1: all; 0: none, so only the ``[CLS]`` row and
+    head train: mlx-lm's ``layers[-0:]`` would take every block). Returns the number of blocks."""
+    n = len(model.layers) if num_layers == -1 else num_layers
+    if not 0 <= n <= len(model.layers):
+        raise SafesigError(f"--num-layers must be -1 (all), 0 (none) or up to the model's "
+                           f"{len(model.layers)} layers, got {num_layers}.")
+    if n:
+        linear_to_lora_layers(model, n, parameters)
+    return n
+
+
 def save_adapters(model: Model, path: Path, config, num_layers: int, prefix: str = ""):
     """LoRA weights (``adapters.safetensors``, mlx-lm's name and layout), the safety parts
     (``safety_adapter.safetensors``) and ``adapter_config.json`` (mlx-lm's keys + ours)."""
@@ -92,14 +104,14 @@ def load_adapters(model: Model, adapter_path) -> Model:
     config = json.loads(config_file.read_text())
     if config.get("fine_tune_type", "lora") != "lora":
         raise SafesigError(f"{config_file}: only LoRA adapters are supported.")
-    if config["num_layers"] > len(model.layers):
+    if not -1 <= config["num_layers"] <= len(model.layers):
         raise SafesigError(f"{path}: the adapters need {config['num_layers']} layers but the "
                            f"model has {len(model.layers)}.")
     decoding = config.get("safesig", {})
     unknown = set(decoding) - DECODING_KEYS
     if unknown:
         raise SafesigError(f"{config_file}: unknown safesig setting {sorted(unknown)[0]!r}.")
-    linear_to_lora_layers(model, config["num_layers"], config["lora_parameters"])
+    add_lora(model, config["num_layers"], config["lora_parameters"])
     weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
     params = dict(tree_flatten(model.parameters()))
     for name, w in weights.items():

@@ -37,10 +37,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from .adapters import (
     SAFETY_KEYS,
+    add_lora,
     load_adapter_weights,
     load_checkpoint,
     lora_parameters,
@@ -288,15 +288,10 @@ def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
 
 
 def prepare_model(model: Model, config: TrainConfig) -> int:
-    """Freeze the model, put LoRA on the last ``num_layers`` blocks, make the ``[CLS]`` row and the
-    head fully trainable. Returns the number of LoRA blocks."""
-    n = len(model.layers) if config.num_layers < 0 else config.num_layers
-    if n > len(model.layers):
-        raise SafesigError(
-            f"--num-layers is {n} but the model has only {len(model.layers)} layers."
-        )
+    """Freeze the model, put LoRA on the last ``num_layers`` blocks (``add_lora``; 0: none), make
+    the ``[CLS]`` row and the head fully trainable. Returns the number of LoRA blocks."""
     model.freeze()
-    linear_to_lora_layers(model, n, lora_parameters(config))
+    n = add_lora(model, config.num_layers, lora_parameters(config))
     model.unfreeze(keys=["cls_embed"], recurse=False)
     model.cls_head.unfreeze()
     return n

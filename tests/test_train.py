@@ -308,3 +308,41 @@ def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(t
     (tuned / ADAPTER_CONFIG).write_text(json.dumps({**config, "safesig": {"windw": 0.8}}))
     with pytest.raises(SafesigError, match="unknown safesig setting 'windw'"):
         load(base, adapter_path=tuned)
+
+
+def test_num_layers_zero_trains_only_the_cls_row_and_head(tmp_path, tokenizer):
+    """--num-layers 0: no LoRA at all (mlx-lm's ``layers[-0:]`` would put it on every block);
+    the adapters reload and fuse to a model whose blocks are the base's, bit for bit."""
+    from mlx.utils import tree_flatten
+
+    from mlx_safesig.adapters import SAFETY_KEYS, add_lora
+    from mlx_safesig.model import SafesigError
+    from mlx_safesig.train import prepare_model
+
+    model = make_model()
+    assert prepare_model(model, TrainConfig(num_layers=0)) == 0
+    assert set(dict(tree_flatten(model.trainable_parameters()))) == set(SAFETY_KEYS)
+    for bad in (-2, len(make_model().layers) + 1):
+        with pytest.raises(SafesigError, match="--num-layers must be -1 .all., 0 .none. or up to"):
+            add_lora(make_model(), bad, {"rank": 2, "scale": 1.0, "dropout": 0.0})
+
+    base = write_model_dir(tmp_path / "base", make_model(), tokenizer)
+    data = write_data(tmp_path / "data", synthetic(8, 0), synthetic(4, 1))
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
+        "--iters", "2", "--batch-size", "4", "--num-layers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "on 0 layers" in result.stderr
+    assert mx.load(str(tmp_path / "ad" / "adapters.safetensors")) == {}
+    fused, _ = load(fuse(base, tmp_path / "ad", tmp_path / "fused"))
+    plain, _ = load(base)
+    blocks = dict(tree_flatten([layer.parameters() for layer in plain.layers]))
+    fused_blocks = tree_flatten([layer.parameters() for layer in fused.layers])
+    assert len(fused_blocks) == len(blocks) > 0
+    for name, w in fused_blocks:
+        assert mx.array_equal(w, blocks[name]).item(), name
+    bad = CliRunner().invoke(main, [
+        "train", "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "b"),
+        "--iters", "1", "--num-layers", "-3"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
+    assert "--num-layers must be -1 (all), 0 (none) or up to" in bad.output

@@ -249,7 +249,8 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
 @click.option("--lora-rank", default=8, show_default=True, help="LoRA rank.")
 @click.option("--lora-scale", default=20.0, show_default=True, help="LoRA scale (mlx-lm's).")
 @click.option("--lora-dropout", default=0.0, show_default=True, help="LoRA dropout.")
-@click.option("--num-layers", default=16, show_default=True, help="LoRA on the last N blocks (-1: all).")
+@click.option("--num-layers", default=16, show_default=True,
+              help="LoRA on the last N blocks (-1: all; 0: none, only the [CLS] row and head train).")
 @click.option("--probes", default=4, show_default=True,
               help="Window-supervision probes per benign response / continuation (0: off).")
 @click.option("--probe-schedule", default="annealing", show_default=True, callback=check_schedule,
