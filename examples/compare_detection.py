@@ -28,7 +28,7 @@ LANGS = ("_es", "_fr")
 
 def sources(path: str) -> dict:
     """``{(suite, source): (label, flagged, n)}`` of a detection.json; a missing or unreadable
-    file is one line on stderr (exit 2), not a traceback."""
+    file is one line on stderr (exit status 1), not a traceback."""
     try:
         suites = json.load(open(path))["suites"]
     except (OSError, ValueError, KeyError, TypeError) as e:
