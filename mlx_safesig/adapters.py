@@ -35,28 +35,36 @@ def save_atomic(path: Path, arrays: dict):
     os.replace(tmp, path)
 
 
-def add_lora(model: Model, num_layers: int, parameters: dict) -> int:
+FINE_TUNE_TYPES = ("lora", "full")
+
+
+def add_lora(model: Model, num_layers: int, parameters: dict, fine_tune_type: str = "lora") -> int:
     """LoRA on the last ``num_layers`` blocks (-1: all; 0: none, so only the ``[CLS]`` row and
-    head train: mlx-lm's ``layers[-0:]`` would take every block). Returns the number of blocks."""
+    head train: mlx-lm's ``layers[-0:]`` would take every block); ``fine_tune_type="full"``
+    leaves those blocks as they are, for training all their weights. Returns the number of
+    blocks."""
     n = len(model.layers) if num_layers == -1 else num_layers
     if not 0 <= n <= len(model.layers):
         raise SafesigError(f"--num-layers must be -1 (all), 0 (none) or up to the model's "
                            f"{len(model.layers)} layers, got {num_layers}.")
-    if n:
+    if fine_tune_type not in FINE_TUNE_TYPES:
+        raise SafesigError(f"unknown fine-tune type {fine_tune_type!r} (lora or full).")
+    if n and fine_tune_type == "lora":
         linear_to_lora_layers(model, n, parameters)
     return n
 
 
 def save_adapters(model: Model, path: Path, config, num_layers: int, prefix: str = ""):
-    """LoRA weights (``adapters.safetensors``, mlx-lm's name and layout), the safety parts
-    (``safety_adapter.safetensors``) and ``adapter_config.json`` (mlx-lm's keys + ours)."""
+    """LoRA weights, or with full fine-tuning the trained blocks' weights (``adapters.safetensors``,
+    mlx-lm's name and layout), the safety parts (``safety_adapter.safetensors``) and
+    ``adapter_config.json`` (mlx-lm's keys + ours)."""
     path.mkdir(parents=True, exist_ok=True)
     trained = dict(tree_flatten(model.trainable_parameters()))
     lora = {k: v for k, v in trained.items() if k not in SAFETY_KEYS}
     save_atomic(path / f"{prefix}{ADAPTER_FILE}", lora)
     save_atomic(path / f"{prefix}{SAFETY_ADAPTER_FILE}", {k: trained[k] for k in SAFETY_KEYS})
     adapter_config = {
-        "fine_tune_type": "lora",
+        "fine_tune_type": config.fine_tune_type,
         "num_layers": num_layers,
         "lora_parameters": lora_parameters(config),
         "safesig_training": asdict(config),
@@ -91,19 +99,18 @@ def set_decoding_defaults(adapter_path, values: dict):
 
 
 def load_adapters(model: Model, adapter_path) -> Model:
-    """Apply adapters written by ``train`` to a loaded safety model (in place): LoRA layers from
-    ``adapters.safetensors``, the ``[CLS]`` row and head from ``safety_adapter.safetensors`` and
-    the decoding defaults of ``adapter_config.json``'s optional ``safesig`` block."""
+    """Apply adapters written by ``train`` to a loaded safety model (in place): LoRA layers (or
+    fully trained blocks) from ``adapters.safetensors``, the ``[CLS]`` row and head from
+    ``safety_adapter.safetensors`` and the decoding defaults of ``adapter_config.json``'s
+    optional ``safesig`` block."""
     path = Path(adapter_path)
     config_file = path / ADAPTER_CONFIG
     if not config_file.is_file():
         raise SafesigError(f"{path}: no {ADAPTER_CONFIG}; is it an adapter directory from `train`?")
-    for name in (ADAPTER_FILE, SAFETY_ADAPTER_FILE):
-        if not (path / name).is_file():
-            raise SafesigError(f"{path}: missing {name}.")
     config = json.loads(config_file.read_text())
-    if config.get("fine_tune_type", "lora") != "lora":
-        raise SafesigError(f"{config_file}: only LoRA adapters are supported.")
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in FINE_TUNE_TYPES:
+        raise SafesigError(f"{config_file}: fine_tune_type {kind!r} is not supported (lora, full).")
     if not -1 <= config["num_layers"] <= len(model.layers):
         raise SafesigError(f"{path}: the adapters need {config['num_layers']} layers but the "
                            f"model has {len(model.layers)}.")
@@ -111,13 +118,8 @@ def load_adapters(model: Model, adapter_path) -> Model:
     unknown = set(decoding) - DECODING_KEYS
     if unknown:
         raise SafesigError(f"{config_file}: unknown safesig setting {sorted(unknown)[0]!r}.")
-    add_lora(model, config["num_layers"], config["lora_parameters"])
-    weights = {**mx.load(str(path / ADAPTER_FILE)), **mx.load(str(path / SAFETY_ADAPTER_FILE))}
-    params = dict(tree_flatten(model.parameters()))
-    for name, w in weights.items():
-        if name not in params or params[name].shape != w.shape:
-            raise SafesigError(f"{path}: tensor {name} does not fit this model.")
-    model.load_weights(list(weights.items()), strict=False)
+    add_lora(model, config["num_layers"], config["lora_parameters"], kind)
+    load_adapter_weights(model, path)
     model.args.safesig.update(decoding)  # decoding defaults chosen for this adapter
     mx.eval(model.parameters())
     return model
@@ -139,12 +141,12 @@ def checkpoint_step(path: Path):
 
 
 def load_adapter_weights(model: Model, path: Path, prefix: str = ""):
-    """Put the LoRA, ``[CLS]`` row and head saved in ``path`` into ``model`` (after LoRA layers
-    are in place); every saved array must have a place of the same shape in the model."""
+    """Put the LoRA (or trained blocks), ``[CLS]`` row and head saved in ``path`` into ``model``
+    (after LoRA layers are in place); every saved array must have a place of the same shape."""
     path = Path(path)
     for name in (ADAPTER_FILE, SAFETY_ADAPTER_FILE):
         if not (path / f"{prefix}{name}").is_file():
-            raise SafesigError(f"{path}: no {prefix}{name} to start from.")
+            raise SafesigError(f"{path}: missing {prefix}{name}.")
     weights = {**mx.load(str(path / f"{prefix}{ADAPTER_FILE}")),
                **mx.load(str(path / f"{prefix}{SAFETY_ADAPTER_FILE}"))}
     have = dict(tree_flatten(model.parameters()))

@@ -71,6 +71,7 @@ class TrainConfig:
     lora_scale: float = 20.0
     lora_dropout: float = 0.0
     num_layers: int = 16  # LoRA on the last N blocks; -1: all
+    fine_tune_type: str = "lora"  # "full": every weight of those blocks trains, no LoRA
     probes: int = 4  # window probes per response/continuation branch; 0: no window supervision
     probe_schedule: str = "annealing"  # where in a branch the probes go: as this schedule probes
     min_window: Optional[int] = None  # no probe before this many tokens; None: the model's (1)
@@ -288,10 +289,15 @@ def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
 
 
 def prepare_model(model: Model, config: TrainConfig) -> int:
-    """Freeze the model, put LoRA on the last ``num_layers`` blocks (``add_lora``; 0: none), make
-    the ``[CLS]`` row and the head fully trainable. Returns the number of LoRA blocks."""
+    """Freeze the model, put LoRA on the last ``num_layers`` blocks (``add_lora``; 0: none) or,
+    with ``fine_tune_type="full"``, unfreeze those blocks whole (as mlx-lm's full fine-tuning
+    does: embeddings and the final norm stay frozen); make the ``[CLS]`` row and the head fully
+    trainable. Returns the number of trained blocks."""
     model.freeze()
-    n = add_lora(model, config.num_layers, lora_parameters(config))
+    n = add_lora(model, config.num_layers, lora_parameters(config), config.fine_tune_type)
+    if config.fine_tune_type == "full":
+        for block in model.layers[len(model.layers) - n:]:
+            block.unfreeze()
     model.unfreeze(keys=["cls_embed"], recurse=False)
     model.cls_head.unfreeze()
     return n
@@ -516,10 +522,10 @@ def train(
             + (f", probes acc {probe:.3f}" if probe is not None else ""))
 
     model.train()
+    how = f"LoRA rank {config.lora_rank} on" if config.fine_tune_type == "lora" else "full fine-tune of"
     say(f"training {config.iters} steps from step {start}: {len(train_set)} examples, "
-        f"batch {config.batch_size} x {world.size()} process(es), LoRA rank {config.lora_rank} "
-        f"on {num_layers} layers, lambda {config.lam}, {config.probes} probes per branch "
-        f"({config.probe_schedule})")
+        f"batch {config.batch_size} x {world.size()} process(es), {how} {num_layers} layers, "
+        f"lambda {config.lam}, {config.probes} probes per branch ({config.probe_schedule})")
     for it in range(start + 1, config.iters + 1):
         tic = time.perf_counter()
         batch, n_tokens = batcher(train_set, next(batches))

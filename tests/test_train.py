@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from conftest import make_model, make_tokenizer, write_model_dir
 
 from mlx_safesig import SafetyConfig, generate, load, score
-from mlx_safesig.adapters import load_adapters
+from mlx_safesig.adapters import ADAPTER_CONFIG, load_adapters
 from mlx_safesig.cli import main
 from mlx_safesig.data import tokenize_example
 from mlx_safesig.fuse import fuse
@@ -279,7 +279,6 @@ def test_validation_threshold_sweep_matches_the_main_report(tokenizer):
 
 
 def test_adapter_config_decoding_defaults_reach_the_model_and_the_fused_config(trained, tmp_path):
-    from mlx_safesig.adapters import ADAPTER_CONFIG
     from mlx_safesig.model import SafesigError
 
     base, adapters, _, _, _ = trained
@@ -346,3 +345,41 @@ def test_num_layers_zero_trains_only_the_cls_row_and_head(tmp_path, tokenizer):
         "--iters", "1", "--num-layers", "-3"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
     assert "--num-layers must be -1 (all), 0 (none) or up to" in bad.output
+
+
+def test_full_fine_tune_trains_whole_blocks_and_fuses_to_what_it_trained(tmp_path, tokenizer):
+    """--fine-tune-type full: the last --num-layers blocks train whole (no LoRA), the others and
+    the embeddings stay the base's; the adapters reload and fuse to the trained weights exactly."""
+    from mlx.utils import tree_flatten
+
+    from mlx_safesig.adapters import SAFETY_KEYS
+    from mlx_safesig.train import prepare_model
+
+    model = make_model()
+    n = len(model.layers)
+    assert prepare_model(model, TrainConfig(num_layers=1, fine_tune_type="full")) == 1
+    last = {f"layers.{n - 1}.{k}" for k, _ in tree_flatten(model.layers[-1].parameters())}
+    trainable = set(dict(tree_flatten(model.trainable_parameters())))
+    assert trainable == {f"model.{k}" for k in last} | set(SAFETY_KEYS)
+
+    base = write_model_dir(tmp_path / "base", make_model(), tokenizer)
+    data = write_data(tmp_path / "data", synthetic(8, 0), synthetic(4, 1))
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(base), "--data", str(data), "--adapter-path", str(tmp_path / "ad"),
+        "--iters", "2", "--batch-size", "4", "--num-layers", "1", "--fine-tune-type", "full"])
+    assert result.exit_code == 0, result.output
+    assert "full fine-tune of 1 layers" in result.stderr
+    saved = mx.load(str(tmp_path / "ad" / "adapters.safetensors"))
+    assert set(saved) == {f"model.{k}" for k in last}
+    config = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
+    assert config["fine_tune_type"] == "full" and config["num_layers"] == 1
+
+    plain, _ = load(base, lazy=True)  # lazy: projections unfused, names as trained
+    fused, _ = load(fuse(base, tmp_path / "ad", tmp_path / "fused"), lazy=True)
+    before = dict(tree_flatten(plain.parameters()))
+    after = dict(tree_flatten(fused.parameters()))
+    assert set(before) == set(after)
+    changed = {k for k in before if not mx.array_equal(before[k], after[k]).item()}
+    assert changed and changed <= set(saved) | set(SAFETY_KEYS)
+    for name in saved:
+        assert mx.array_equal(after[name], saved[name]).item(), name

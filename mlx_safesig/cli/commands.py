@@ -251,6 +251,9 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
 @click.option("--lora-dropout", default=0.0, show_default=True, help="LoRA dropout.")
 @click.option("--num-layers", default=16, show_default=True,
               help="LoRA on the last N blocks (-1: all; 0: none, only the [CLS] row and head train).")
+@click.option("--fine-tune-type", type=click.Choice(["lora", "full"]), default="lora",
+              show_default=True, help="lora, or full: every weight of the last --num-layers blocks "
+              "trains (larger adapters, more memory).")
 @click.option("--probes", default=4, show_default=True,
               help="Window-supervision probes per benign response / continuation (0: off).")
 @click.option("--probe-schedule", default="annealing", show_default=True, callback=check_schedule,
