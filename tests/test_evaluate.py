@@ -722,6 +722,44 @@ def test_detection_resume_reuses_the_verdicts_of_the_same_model_only(model_dir, 
     assert r.exit_code == 0 and "reused" not in r.stderr  # without --resume: starts over
 
 
+def test_detection_auc_reads_the_runs_verdicts_and_matches_score(model_dir, data_dir, tmp_path,
+                                                                  capsys, tokenizer):
+    """examples/detection_auc.py: the AUC of each harmful source against a benign one, from the
+    run's saved verdicts, equals the one from ``score`` of the same rows; rows the run did not
+    score are one error line, never computed."""
+    from conftest import load_example
+
+    from mlx_safesig import load, score
+
+    d = detection_data(data_dir, tmp_path / "data")
+    assert cli("--model", model_dir, "--data", d, "--out", tmp_path / "o", "--suite",
+               "detection").exit_code == 0
+    net, tok = load(str(model_dir))
+    p = {r["id"]: score(net, tok, [{"role": "user", "content": r["text"]}])
+         for name in ("harmful", "benign") for r in map(json.loads, open(d / f"{name}.dev.jsonl"))}
+    auc = load_example("detection_auc")
+    auc.main(["--model", str(model_dir), "--data", str(d), "--run", str(tmp_path / "o"),
+              "--harmful", "x,y", "--benign", "z"])
+    out = capsys.readouterr().out.splitlines()
+    harmful = {"x": [f"h{i}" for i in range(len(HARMFUL)) if i % 2],
+               "y": [f"h{i}" for i in range(len(HARMFUL)) if not i % 2]}
+    benign = [p[f"b{i}"] for i in range(len(BENIGN))]
+    want = [auc.auc([p[i] for i in harmful[h]], benign) for h in ("x", "y")]
+    assert [float(line.split("AUC ")[1]) for line in out] == pytest.approx(
+        [want[0], want[0], want[1], want[1]], abs=2e-3)  # vs z, vs all English benign (= z)
+    assert auc.auc([0.9, 0.4], [0.4, 0.1]) == 0.875  # a tie counts half
+    other = detection_data(data_dir, tmp_path / "other")
+    rows = [json.loads(x) for x in open(other / "harmful.dev.jsonl")]
+    write_jsonl(other / "harmful.dev.jsonl", [dict(r, text=r["text"] + " now") for r in rows])
+    with pytest.raises(SystemExit, match="not in the run's verdicts"):
+        auc.main(["--model", str(model_dir), "--data", str(other), "--run", str(tmp_path / "o"),
+                  "--harmful", "x", "--benign", "z"])
+    net2 = write_model_dir(tmp_path / "net2", make_model(seed=1), tokenizer)
+    with pytest.raises(SystemExit, match=r"^error: .*other settings \(model\)"):
+        auc.main(["--model", str(net2), "--data", str(d), "--run", str(tmp_path / "o"),
+                  "--harmful", "x", "--benign", "z"])
+
+
 def detection_plan_sizes(data_dir):
     from mlx_safesig.eval.detection import detection_plan
 
