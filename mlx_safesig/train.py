@@ -37,6 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .adapters import (
     SAFETY_KEYS,
@@ -523,9 +524,11 @@ def train(
 
     model.train()
     how = f"LoRA rank {config.lora_rank} on" if config.fine_tune_type == "lora" else "full fine-tune of"
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     say(f"training {config.iters} steps from step {start}: {len(train_set)} examples, "
-        f"batch {config.batch_size} x {world.size()} process(es), {how} {num_layers} layers, "
-        f"lambda {config.lam}, {config.probes} probes per branch ({config.probe_schedule})")
+        f"batch {config.batch_size} x {world.size()} process(es), {how} {num_layers} layers "
+        f"({trainable:,} trainable parameters), lambda {config.lam}, "
+        f"{config.probes} probes per branch ({config.probe_schedule})")
     for it in range(start + 1, config.iters + 1):
         tic = time.perf_counter()
         batch, n_tokens = batcher(train_set, next(batches))

@@ -332,6 +332,8 @@ def test_num_layers_zero_trains_only_the_cls_row_and_head(tmp_path, tokenizer):
         "--iters", "2", "--batch-size", "4", "--num-layers", "0"])
     assert result.exit_code == 0, result.output
     assert "on 0 layers" in result.stderr
+    cls_and_head = sum(v.size for k, v in tree_flatten(model.trainable_parameters()))
+    assert f"({cls_and_head:,} trainable parameters)" in result.stderr
     assert mx.load(str(tmp_path / "ad" / "adapters.safetensors")) == {}
     fused, _ = load(fuse(base, tmp_path / "ad", tmp_path / "fused"))
     plain, _ = load(base)
