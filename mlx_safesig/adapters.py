@@ -14,7 +14,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from .decoding import MODEL_DEFAULTS
 from .model import Model, SafesigError
 
-ADAPTER_FILE = "adapters.safetensors"  # LoRA only: what mlx-lm's loader reads
+ADAPTER_FILE = "adapters.safetensors"  # LoRA or full blocks: what mlx-lm's loader reads
 SAFETY_ADAPTER_FILE = "safety_adapter.safetensors"  # cls_embed, cls_head.*
 ADAPTER_CONFIG = "adapter_config.json"
 SAFETY_KEYS = ("cls_embed", "cls_head.weight", "cls_head.bias")

@@ -385,3 +385,8 @@ def test_full_fine_tune_trains_whole_blocks_and_fuses_to_what_it_trained(tmp_pat
     assert changed and changed <= set(saved) | set(SAFETY_KEYS)
     for name in saved:
         assert mx.array_equal(after[name], saved[name]).item(), name
+    from mlx_safesig.model import SafesigError
+
+    (tmp_path / "ad" / ADAPTER_CONFIG).write_text(json.dumps({**config, "fine_tune_type": "dora"}))
+    with pytest.raises(SafesigError, match=r"fine_tune_type 'dora' is not supported .lora, full.\.$"):
+        load(base, adapter_path=tmp_path / "ad")
