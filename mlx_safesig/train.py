@@ -48,6 +48,7 @@ from .adapters import (
     save_adapters,
     save_checkpoint,
 )
+from .adversarial import mean_embedding_norm, perturbation
 from .attention import cls_row, sft_mask
 from .data import Example, balanced_order, load_dataset, special_token_ids
 from .decoding import SafetyConfig, SafetyMonitor, scheduled
@@ -77,6 +78,8 @@ class TrainConfig:
     probe_schedule: str = "annealing"  # where in a branch the probes go: as this schedule probes
     min_window: Optional[int] = None  # no probe before this many tokens; None: the model's (1)
     window_query: bool = False  # window probes see the query span too (experimental)
+    adv_epsilon: float = 0.0  # query embeddings perturbed within this x mean token norm; 0: off
+    adv_steps: int = 1  # gradient steps of that perturbation (adversarial.py)
     oversample: bool = True
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
@@ -107,6 +110,7 @@ class Row:
     lm_slots: np.ndarray  # slots whose logits predict ...
     lm_targets: np.ndarray  # ... these tokens
     cls_slots: np.ndarray  # query [CLS] first, then probes
+    query_slots: np.ndarray  # the query tokens the query [CLS] reads
     cls_labels: np.ndarray
     n_tokens: int  # sequence tokens (no [CLS] rows)
 
@@ -190,6 +194,7 @@ def layout(ex: Example, probes: Sequence[Probe], cls_id: int, probe_position) ->
         lm_targets=np.array(ex.response[ex.lm_start:], dtype=np.int32),
         cls_slots=np.array([0, *range(p0, length)], dtype=np.int32),
         cls_labels=np.array([ex.label, *[p.label for p in probes]], dtype=np.float32),
+        query_slots=np.array(query, dtype=np.int32),
         n_tokens=ex.n_tokens,
     )
 
@@ -203,7 +208,8 @@ def collate(rows: Sequence[Row], totals: Dict[str, float], world: int = 1) -> Di
     ``query`` examples, ``probe`` probes) that turn sums into global means; multiplied by
     ``world`` because the gradient all-reduce averages over processes.
 
-    Returns ids / positions [B, L], mask [B, 1, L, L], and flat gathers: ``lm_index`` [N] into
+    Returns ids / positions [B, L], mask [B, 1, L, L], ``query_tokens`` [B, L] (1 at the query
+    tokens the query ``[CLS]`` reads), and flat gathers: ``lm_index`` [N] into
     B * L with ``lm_target`` and weights ``lm_weight``; ``cls_index`` [M] with ``cls_label``,
     ``query_weight`` and ``probe_weight``. Padding rows see only themselves, padding gathers
     weigh 0."""
@@ -212,10 +218,12 @@ def collate(rows: Sequence[Row], totals: Dict[str, float], world: int = 1) -> Di
     ids = np.zeros((B, L), np.int32)
     positions = np.zeros((B, L), np.int32)
     mask = np.broadcast_to(np.eye(L, dtype=bool), (B, L, L)).copy()
+    query_tokens = np.zeros((B, L), np.float32)
     lm_index, lm_target, cls_index, cls_label, is_query = [], [], [], [], []
     for b, r in enumerate(rows):
         n = len(r.ids)
         ids[b, :n], positions[b, :n], mask[b, :n, :n] = r.ids, r.positions, r.mask
+        query_tokens[b, r.query_slots] = 1.0
         lm_index.append(b * L + r.lm_slots)
         lm_target.append(r.lm_targets)
         cls_index.append(b * L + r.cls_slots)
@@ -235,6 +243,7 @@ def collate(rows: Sequence[Row], totals: Dict[str, float], world: int = 1) -> Di
     scale = float(world)
     return {
         "ids": mx.array(ids), "positions": mx.array(positions), "mask": mx.array(mask[:, None]),
+        "query_tokens": mx.array(query_tokens),
         "lm_index": mx.array(padded(lm_index, np.int32, N)),
         "lm_target": mx.array(padded(lm_target, np.int32, N)),
         "lm_weight": mx.array((np.arange(N) < n_lm) * scale / totals["lm"], dtype=mx.float32),
@@ -257,11 +266,14 @@ def head_loss(z: mx.array, labels: mx.array) -> mx.array:
 
 def forward(model: Model, batch: dict, checkpoint: bool = False) -> mx.array:
     """Final-norm hidden states [B, L, D] of a collated batch (per-layer gradient checkpointing
-    if ``checkpoint``)."""
+    if ``checkpoint``); a batch's ``delta`` [B, L, D] (``adversarial.perturbation``) is added to
+    its query tokens' embeddings."""
     ids, mask, positions = batch["ids"], batch["mask"], batch["positions"]
-    if not checkpoint:
-        return model.hidden(ids, mask=mask, positions=positions)
     h = model.embed(ids)
+    if "delta" in batch:
+        h = h + batch["delta"] * batch["query_tokens"][..., None]
+    if not checkpoint:
+        return model.hidden(ids, mask=mask, positions=positions, input_embeddings=h)
     for layer in model.layers:
 
         def block(params, h, layer=layer):
@@ -272,6 +284,18 @@ def forward(model: Model, batch: dict, checkpoint: bool = False) -> mx.array:
     return model.model.norm(h)
 
 
+def cls_bce(model: Model, batch: dict, h: mx.array) -> mx.array:
+    """BCE [M] of every ``[CLS]`` slot of a batch, from its flat hidden states ``h`` [B * L, D]."""
+    z = model.cls_head(h[batch["cls_index"]].astype(model.cls_head.weight.dtype))
+    return head_loss(z.astype(mx.float32), batch["cls_label"])
+
+
+def query_loss(model: Model, batch: dict, checkpoint: bool = False) -> mx.array:
+    """The query ``[CLS]`` BCE of a batch, as ``joint_loss`` weighs it."""
+    h = forward(model, batch, checkpoint)
+    return (cls_bce(model, batch, h.reshape(-1, h.shape[-1])) * batch["query_weight"]).sum()
+
+
 def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
     """``L_lm + lam * (BCE_query + BCE_probes)`` and its three parts (global means, see
     ``collate``)."""
@@ -279,8 +303,7 @@ def joint_loss(model: Model, batch: dict, lam: float, checkpoint: bool = False):
     h = h.reshape(-1, h.shape[-1])
     logits = model.logits(h[batch["lm_index"]]).astype(mx.float32)
     lm = (nn.losses.cross_entropy(logits, batch["lm_target"]) * batch["lm_weight"]).sum()
-    z = model.cls_head(h[batch["cls_index"]].astype(model.cls_head.weight.dtype))
-    bce = head_loss(z.astype(mx.float32), batch["cls_label"])
+    bce = cls_bce(model, batch, h)
     query = (bce * batch["query_weight"]).sum()
     probe = (bce * batch["probe_weight"]).sum()
     return lm + lam * (query + probe), (lm, query, probe)
@@ -455,9 +478,13 @@ def make_step(model: Model, optimizer, config: TrainConfig, world):
         model, partial(joint_loss, lam=config.lam, checkpoint=config.grad_checkpoint)
     )
     state = [model.state, optimizer.state, mx.random.state]
+    radius = config.adv_epsilon * mean_embedding_norm(model) if config.adv_epsilon else 0.0
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch):
+        if radius:
+            attacked = partial(query_loss, model, checkpoint=config.grad_checkpoint)
+            batch = dict(batch, delta=perturbation(model, batch, radius, config.adv_steps, attacked))
         (loss, parts), grad = loss_and_grad(model, batch)
         if world.size() > 1:
             grad = nn.average_gradients(grad)
@@ -528,7 +555,9 @@ def train(
     say(f"training {config.iters} steps from step {start}: {len(train_set)} examples, "
         f"batch {config.batch_size} x {world.size()} process(es), {how} {num_layers} layers "
         f"({trainable:,} trainable parameters), lambda {config.lam}, "
-        f"{config.probes} probes per branch ({config.probe_schedule})")
+        f"{config.probes} probes per branch ({config.probe_schedule})"
+        + (f", query embeddings attacked within {config.adv_epsilon} x their mean norm "
+           f"({config.adv_steps} step(s))" if config.adv_epsilon else ""))
     for it in range(start + 1, config.iters + 1):
         tic = time.perf_counter()
         batch, n_tokens = batcher(train_set, next(batches))

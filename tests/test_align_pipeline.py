@@ -303,6 +303,18 @@ def test_wrapped_shares_reach_the_rows_stage_and_are_recorded_with_it(tmp_path):
     assert (rows["--wrapped-harmful"], rows["--wrapped-benign"]) == (0.25, 0.05)
 
 
+def test_adversarial_training_options_reach_training_and_are_recorded_with_it(tmp_path):
+    from mlx_safesig.align.pipeline import Recipe, Run, recorded_options
+
+    recipe = Recipe(adv_epsilon=0.1, adv_steps=2)
+    config = Run(recipe, tmp_path, tmp_path, log=lambda _: None).train_config()
+    assert (config.adv_epsilon, config.adv_steps) == (0.1, 2)
+    assert Run(recipe, tmp_path, tmp_path, log=lambda _: None).train_config(iters=5).adv_epsilon == 0.1
+    train = recorded_options(recipe)["train"]
+    assert (train["--adv-epsilon"], train["--adv-steps"]) == (0.1, 2)
+    assert recorded_options(Recipe())["train"]["--adv-epsilon"] == 0.0  # off by default
+
+
 def test_stop_after_ends_the_run_after_that_stage_and_the_same_command_goes_on(inputs, finished):
     out = inputs / "stopped"
     r = cli(*args(inputs, out, "--stop-after", "data"))
@@ -538,3 +550,14 @@ def test_bad_harden_options_are_one_line_and_write_nothing(inputs, tmp_path):
     r = cli(*args(inputs, tmp_path / "x", "--harden-rounds", "-1"))
     assert r.returncode == 1 and not (tmp_path / "x").exists()
     assert "Invalid value for '--harden-rounds': -1 is not in the range x>=0." in r.stderr
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--adv-epsilon", "-0.1", "Invalid value for '--adv-epsilon': -0.1 is not in the range x>=0."),
+    ("--adv-steps", "0", "Invalid value for '--adv-steps': 0 is not in the range x>=1."),
+])
+def test_bad_adversarial_options_are_one_line_and_write_nothing(inputs, tmp_path, option, value,
+                                                                message):
+    r = cli(*args(inputs, tmp_path / "x", option, value))
+    assert r.returncode == 1 and not (tmp_path / "x").exists()
+    assert message in r.stderr

@@ -93,6 +93,8 @@ class Recipe:
     max_seq_length: int = 768
     warmup: int = 20
     seed: int = 0
+    adv_epsilon: float = 0.0  # embedding-space adversarial training of the verdict (adversarial.py)
+    adv_steps: int = 1
     save_every: int = 25  # checkpoints: where a killed run resumes; no effect on the weights
     # harden (harden.py): 0 rounds = none
     harden_rounds: int = 0
@@ -115,7 +117,7 @@ STAGE_OPTIONS = {
              "framings", "framed_harmful", "framed_benign", "benign_sources", "wrappers",
              "wrapped_harmful", "wrapped_benign", "conversations", "leave_out", "trim_loops"),
     "train": ("iters", "batch_size", "learning_rate", "lam", "num_layers", "lora_rank", "probes",
-              "max_seq_length", "warmup", "seed"),
+              "max_seq_length", "warmup", "seed", "adv_epsilon", "adv_steps"),
     "harden": ("harden_rounds", "harden_requests", "harden_steps", "harden_iters"),
     "fuse": ("keep_verdict",), "eval": ("detection_limit", "eval_limit", "eval_max_tokens"), "card": (),
 }
@@ -351,7 +353,8 @@ class Run:
         config = TrainConfig(iters=r.iters, batch_size=r.batch_size, learning_rate=r.learning_rate,
                              lam=r.lam, num_layers=r.num_layers, lora_rank=r.lora_rank,
                              probes=r.probes, max_seq_length=r.max_seq_length, warmup=r.warmup,
-                             seed=r.seed, steps_per_eval=r.iters,
+                             seed=r.seed, steps_per_eval=r.iters, adv_epsilon=r.adv_epsilon,
+                             adv_steps=r.adv_steps,
                              val_batches=25,  # 200 dev rows, once at the end: a log line, not a
                              save_every=r.save_every)  # choice (the whole set cost ~15 min here)
         if iters is not None:

@@ -266,6 +266,12 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
 @click.option("--window-query/--no-window-query", default=False, show_default=True,
               help="Experimental: window probes see the query span too (written to the adapter's "
               "decoding defaults, so generation checks alike).")
+@click.option("--adv-epsilon", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Adversarial training of the query verdict: each step perturbs the query "
+              "tokens' embeddings against the row's label within this many x their mean norm "
+              "(0: off; about 2.3x the time per step).")
+@click.option("--adv-steps", type=click.IntRange(1), default=1, show_default=True,
+              help="Gradient steps of that perturbation (each one more forward and backward).")
 @click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
 @click.option("--max-seq-length", default=2048, show_default=True,
               help="Longest training row in tokens; longer examples are an error.")
