@@ -92,6 +92,15 @@ def test_sources_only_the_candidate_has_are_listed_new_and_take_no_part(tmp_path
     assert "rule 3 es: pass (harmful 15/20 -> 15/20, benign 2/20 -> 2/20)" in out
 
 
+def test_runs_too_small_for_a_rule_fail_it_as_not_judged(tmp_path, capsys):
+    small = {k: (label, min(f, 10), min(n, 10)) for k, (label, f, n) in SHIPPED.items()}
+    assert run(tmp_path, small, small) is False
+    out = capsys.readouterr().out
+    assert ("rule 1 harmful sources: FAIL (not judged: no harmful source "
+            f"with {cd.MIN_ROWS} rows or more (a run with --limit {cd.MIN_ROWS}+))") in out
+    assert "rule 5 conversation split: FAIL (not judged" in out
+
+
 def test_missing_or_bad_report_is_one_line(tmp_path):
     good = tmp_path / "good.json"
     good.write_text(json.dumps(report(SHIPPED)))
