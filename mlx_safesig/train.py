@@ -53,6 +53,7 @@ from .attention import cls_row, sft_mask
 from .data import Example, balanced_order, load_dataset, special_token_ids
 from .decoding import SafetyConfig, SafetyMonitor, scheduled
 from .loading import load
+from .metrics import confusion, f1_report, rates
 from .model import Model, SafesigError
 
 PAD_TO = 8  # row padding: small, the [CLS] and probe rows already lengthen a row
@@ -375,28 +376,6 @@ class Batcher:
         return collate(mine, totals, size), sum(r.n_tokens for r in rows)
 
 
-def f1_report(tp, fp, fn, tn) -> dict:
-    precision = tp / max(tp + fp, 1)
-    recall = tp / max(tp + fn, 1)
-    return {
-        "accuracy": (tp + tn) / max(tp + fp + fn + tn, 1),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / max(precision + recall, 1e-12),
-    }
-
-
-def confusion(rows, pred, label) -> list:
-    """True positives, false positives, false negatives, true negatives among ``rows``."""
-    return [(rows & pred & label).sum(), (rows & pred & ~label).sum(),
-            (rows & ~pred & label).sum(), (rows & ~pred & ~label).sum()]
-
-
-def _rates(tp, fp, fn, tn) -> dict:
-    return {"recall": tp / (tp + fn) if tp + fn else None,
-            "false_positive_rate": fp / (fp + tn) if fp + tn else None}
-
-
 def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_size: int,
              num_batches: int = -1, sweep: Sequence[float] = ()) -> dict:
     """Validation: LM loss per response token, the query ``[CLS]`` accuracy / precision / recall /
@@ -437,14 +416,14 @@ def evaluate(model: Model, examples: Sequence[Example], batcher: Batcher, batch_
     totals = mx.distributed.all_sum(totals, stream=mx.cpu).tolist()
     report = {"lm_loss": totals[0] / max(totals[1], 1), **f1_report(*totals[2:6])}
     tp, fp, fn, tn = totals[6:10]
-    probe = _rates(tp, fp, fn, tn)
+    probe = rates(tp, fp, fn, tn)
     report["probe_accuracy"] = (tp + tn) / (tp + fp + fn + tn) if tp + fp + fn + tn else None
     report["probe_recall"] = probe["recall"]
     report["probe_false_positive_rate"] = probe["false_positive_rate"]
     report["probes"] = int(tp + fp + fn + tn)
     if sweep:
         swept = mx.distributed.all_sum(swept, stream=mx.cpu).tolist()
-        report["sweep"] = {t: {"query": _rates(*row[:4]), "probe": _rates(*row[4:])}
+        report["sweep"] = {t: {"query": rates(*row[:4]), "probe": rates(*row[4:])}
                            for t, row in zip(sweep, swept)}
     return report
 
