@@ -13,7 +13,9 @@ Rules (r1, r2, r3 and tau from ``SafetyConfig``):
 [ours] no check of the generated text before the response holds ``min_window`` tokens;
 [ours] with ``window_query`` the probes of rules 2-3 see the query span too;
 [ours] with ``surprisal_gate`` a query whose highest window surprisal is above it is refused as a
-malicious verdict is (``start``'s ``peak``, computed by the prefill: ``surprisal.py``).
+malicious verdict is (``start``'s ``peak``, computed by the prefill: ``surprisal.py``);
+[ours] with ``smooth_copies`` the query verdict is the mean over randomly perturbed copies of the
+prompt (``smoothing.py``; the engine computes it and ``start`` is given it).
 The query verdict malicious inserts the refusal at once (after any prefill); otherwise tau consecutive
 malicious probes insert it. At most one insertion. A probability equal to the threshold is malicious.
 
@@ -40,8 +42,10 @@ SCHEDULES = ("each", "first", "periodic:N", "annealing")
 
 # the SafetyConfig fields a model's (or an adapter's) ``safesig`` block may set
 MODEL_DEFAULTS = ("threshold", "window_threshold", "tau", "min_window", "window_query", "r1", "r2",
-                  "r3", "refusal_prefix", "keep_verdict", "surprisal_gate", "surprisal_window")
+                  "r3", "refusal_prefix", "keep_verdict", "surprisal_gate", "surprisal_window",
+                  "smooth_copies", "smooth_rate")
 SURPRISAL_WINDOW = 8
+SMOOTH_RATE = 0.1  # SmoothLLM's middle setting (it swept 5-20% of characters)
 
 
 @dataclass
@@ -77,7 +81,13 @@ class SafetyConfig:
     consecutive query tokens is above this, whatever the verdict: optimised adversarial suffixes
     are text no one writes. None: the model's value, else off. ``surprisal_window``: None: the
     model's value, else 8. Off by default: on dev text it also stops some machine-translated
-    benign prompts (MODEL_CARD.md)."""
+    benign prompts (MODEL_CARD.md).
+
+    ``smooth_copies`` [ours, issue 26]: the query verdict is the mean p(malicious) of this many
+    copies of the prompt in which each query token is replaced, with probability ``smooth_rate``,
+    by a random printable token (randomized smoothing, ``smoothing.py``; the draw is seeded by the
+    prompt, so a prompt always gets the same verdict). Costs that many extra prefills of the
+    prompt. None: the model's value, else 0 (off). ``smooth_rate``: None: the model's, else 0.1."""
 
     enabled: bool = True
     threshold: Optional[float] = None
@@ -94,15 +104,20 @@ class SafetyConfig:
     keep_verdict: Optional[str] = None
     surprisal_gate: Optional[float] = None
     surprisal_window: Optional[int] = None
+    smooth_copies: Optional[int] = None
+    smooth_rate: Optional[float] = None
 
     def __post_init__(self):
         parse_schedule(self.schedule)
         if self.keep_verdict not in (None, "always", "flagged"):
             raise ValueError(f"keep_verdict must be 'always' or 'flagged', got {self.keep_verdict!r}.")
-        for name in ("threshold", "window_threshold"):
+        for name in ("threshold", "window_threshold", "smooth_rate"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be between 0 and 1, got {value}.")
+        if self.smooth_copies is not None and (not isinstance(self.smooth_copies, int)
+                                               or self.smooth_copies < 0):
+            raise ValueError(f"smooth_copies must be 0 or more, got {self.smooth_copies!r}.")
         if self.surprisal_gate is not None and not self.surprisal_gate > 0:
             raise ValueError(f"surprisal_gate must be above 0, got {self.surprisal_gate}.")
         for name in ("tau", "min_window", "r1", "r2", "r3", "surprisal_window"):
@@ -125,15 +140,20 @@ class SafetyConfig:
         values["window_query"] = bool(values["window_query"])
         values["keep_verdict"] = values["keep_verdict"] or "always"
         values["surprisal_window"] = values["surprisal_window"] or SURPRISAL_WINDOW
+        values["smooth_copies"] = values["smooth_copies"] or 0
+        values["smooth_rate"] = values["smooth_rate"] or SMOOTH_RATE
         return SafetyConfig(**values)
 
 
 def config_fingerprint(config: SafetyConfig) -> dict:
     """A config's fields as recorded beside evaluation rows (a resume must match them); the gate's
-    only with a gate, so runs recorded before it existed still resume."""
+    only with a gate and smoothing's only with smoothing, so runs recorded before they existed
+    still resume."""
     out = asdict(config)
     if config.surprisal_gate is None:
         out.pop("surprisal_gate"), out.pop("surprisal_window")
+    if not config.smooth_copies:
+        out.pop("smooth_copies"), out.pop("smooth_rate")
     return out
 
 

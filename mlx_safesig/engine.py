@@ -63,6 +63,7 @@ from .prefill import (
 )
 from .prompt import PreparedPrompt, prompt_with_prefill, special_ids, wrap_tokenizer
 from .sampling import seeded_sampler  # noqa: F401  (the engine's rows' samplers)
+from .smoothing import Smoother
 from .steps import RetractStep, SafetySignal, Step, TokenStep
 from .surprisal import query_peak
 
@@ -164,6 +165,7 @@ class SafeBatchGenerator:
             special_table=token_table(max(vocab, model.cls_token_id + 1), ids),
         )
         self.fused_probe = fused_probe
+        self.smoother = Smoother(model, self.tokenizer)  # ``smooth_copies``: the query verdict
         self._cls = mx.array([model.cls_token_id])
         self.kv = (kv_bits, kv_group_size, quantized_kv_start)
         self.rows: List[_Row] = []  # in batch order; their y is in flight in ``self._out``
@@ -274,6 +276,9 @@ class SafeBatchGenerator:
         cache, h, verdict, peak = prefilled or prefill_query(
             model, prompt.ids, prompt.query_slots, prompt_cache,
             None if config.surprisal_gate is None else config.surprisal_window)
+        if config.smooth_copies:
+            verdict = mx.array(self.smoother(prompt.ids, prompt.query_slots, config.smooth_copies,
+                                             config.smooth_rate))
         self._maybe_quantize(cache)
         logits = model.logits(h[None])
         monitor = SafetyMonitor(config, n_prefill=len(prefill_ids))

@@ -26,6 +26,7 @@ from .prefill import (
     prefill_with_verdict,
 )
 from .prompt import Prompt, check_context, prepare_prompt, prompt_with_prefill, wrap_tokenizer
+from .smoothing import Smoother
 from .steps import RetractStep, SafetySignal, Step, TokenStep
 from .surprisal import query_peak
 
@@ -115,6 +116,31 @@ def score_and_peaks(model: Model, tokenizer, items: Sequence[Union[str, Sequence
     (p, the query's highest mean surprisal over ``window`` consecutive query tokens), the peak
     equal to ``query_surprisal``'s. ``cache`` keeps the peaks too (key ``verdict_key|peak<w>``)."""
     return _verdicts(model, tokenizer, items, batch_size, progress, cache, window)
+
+
+def smoothed_scores(model: Model, tokenizer, items: Sequence[Union[str, Sequence[dict]]],
+                    copies: int, rate: float, progress: Optional[Callable[[int], None]] = None,
+                    cache: Optional[MutableMapping[str, float]] = None,
+                    smoother: Optional[Smoother] = None) -> List[float]:
+    """The smoothed query verdict (``SafetyConfig.smooth_copies``, ``smoothing.py``) of each item,
+    as generation computes it, one item (its copies batched) at a time; ``progress(1)`` after
+    each. ``cache`` as ``score_many``'s (key ``verdict_key|smooth<copies>@<rate>``)."""
+    tokenizer = wrap_tokenizer(tokenizer)
+    smoother = smoother or Smoother(model, tokenizer)
+    out = []
+    for item in items:
+        ids, slots = _verdict_input(model, tokenizer, item)
+        key = f"{verdict_key(ids, slots)}|smooth{copies}@{rate:g}"
+        if cache is not None and key in cache:
+            p = cache[key]
+        else:
+            p = smoother(ids, slots, copies, rate)
+            if cache is not None:
+                cache[key] = p
+        out.append(p)
+        if progress:
+            progress(1)
+    return out
 
 
 SHARED_PREFIX = 256  # leading tokens two prompts must share to run on one cache, not batched

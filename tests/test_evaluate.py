@@ -838,3 +838,27 @@ def test_detection_with_a_surprisal_gate_counts_what_it_refuses(model_dir, data_
     assert "surprisal gate" in r.stdout and "with the gate" in r.stdout
     assert f"verdicts reused from {tmp_path / 'g'}" in r.stderr
     assert json.loads((tmp_path / "g" / "detection.json").read_text()) == report
+
+
+def test_detection_with_smoothing_counts_the_smoothed_verdict(model_dir, data_dir, tmp_path):
+    """``--smooth-copies``: every count is of the smoothed verdict generation starts from
+    (``smoothed_scores``), kept apart from plain verdicts in the run's verdicts file."""
+    from mlx_safesig import load
+    from mlx_safesig.generate import smoothed_scores
+
+    d = detection_data(data_dir, tmp_path / "data")
+    net, tok = load(str(model_dir))
+    smooth = {t: smoothed_scores(net, tok, [[{"role": "user", "content": t}]], 3, 0.4)[0]
+              for t in HARMFUL + BENIGN}
+    ordered = sorted(smooth.values())
+    cut = (ordered[2] + ordered[3]) / 2  # a threshold between two smoothed verdicts
+    args = ("--model", model_dir, "--data", d, "--suite", "detection", "--smooth-copies", 3,
+            "--smooth-rate", 0.4, "--threshold", cut)
+    r = cli(*args, "--out", tmp_path / "s", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["smooth"] == {"copies": 3, "rate": 0.4} and "3 copies" in report["judge"]
+    z = report["suites"]["plain"]["sources"]["z"]
+    assert z["flagged"] == sum(smooth[t] >= cut for t in BENIGN)
+    r = cli(*args, "--out", tmp_path / "s", "--resume", "--json")
+    assert json.loads(r.stdout) == report and "verdicts reused" in r.stderr

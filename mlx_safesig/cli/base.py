@@ -133,6 +133,13 @@ decoding_rule_options = options(
                  "the model's, else off; 9 is measured in MODEL_CARD.md)."),
     click.option("--surprisal-window", type=click.IntRange(1), default=None,
                  help="Query tokens per window of --surprisal-gate (default: the model's, else 8)."),
+    click.option("--smooth-copies", type=click.IntRange(0), default=None,
+                 help="Judge the query by the mean verdict of this many copies of the prompt with "
+                 "random tokens swapped in (randomized smoothing against optimised suffixes; costs "
+                 "that many extra prefills; default: the model's, else 0 = off)."),
+    click.option("--smooth-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 default=None, help="Chance each query token of a --smooth-copies copy is "
+                 "replaced (default: the model's, else 0.1)."),
 )
 
 safety_options = options(
@@ -194,15 +201,13 @@ def load_model(model, **kwargs):
     return load(model, **kwargs)
 
 
-def safety_config(no_safety, schedule, threshold, window_threshold, tau, min_window, window_query,
-                  keep_verdict, surprisal_gate, surprisal_window, rollback, refusal_prefix):
+def safety_config(no_safety=False, rollback=False, refusal_prefix=None, **rules):
+    """The ``SafetyConfig`` of the safety options (``rules``: ``decoding_rule_options``' values,
+    named as the config's fields)."""
     from ..decoding import SafetyConfig
 
-    return SafetyConfig(enabled=not no_safety, schedule=schedule, threshold=threshold,
-                        window_threshold=window_threshold, tau=tau, min_window=min_window,
-                        window_query=window_query, keep_verdict=keep_verdict, rollback=rollback,
-                        refusal_prefix=refusal_prefix, surprisal_gate=surprisal_gate,
-                        surprisal_window=surprisal_window)
+    return SafetyConfig(enabled=not no_safety, rollback=rollback, refusal_prefix=refusal_prefix,
+                        **rules)
 
 
 def sampling_kwargs(temp, top_p, top_k, min_p, seed):

@@ -131,9 +131,9 @@ adaptive_options = options(
 def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exclude_categories,
                  max_tokens, temp, top_p, top_k, seed, grid_size, safety, schedule, threshold,
                  window_threshold, tau, min_window, window_query, keep_verdict, surprisal_gate,
-                 surprisal_window, base_model, judge_model, batch_size, attacks, objectives,
-                 step_budgets, suffix_len, time_budget, universal_requests, response_tokens,
-                 loss_floor, resume, as_json):
+                 surprisal_window, smooth_copies, smooth_rate, base_model, judge_model,
+                 batch_size, attacks, objectives, step_budgets, suffix_len, time_budget,
+                 universal_requests, response_tokens, loss_floor, resume, as_json):
     """Attack suites with safety on and off: ASR per judge, over-refusal, [CLS] detection.
 
     The sampling options apply to every suite but decoding (which sweeps its own grid). Greedy
@@ -158,7 +158,8 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
         sampling=dict(temp=temp, top_p=top_p, top_k=top_k), seed=seed, schedule=schedule,
         threshold=threshold, window_threshold=window_threshold, tau=tau, min_window=min_window,
         window_query=window_query, keep_verdict=keep_verdict, surprisal_gate=surprisal_gate,
-        surprisal_window=surprisal_window, model_name=Path(model).name if model else "Assistant",
+        surprisal_window=surprisal_window, smooth_copies=smooth_copies, smooth_rate=smooth_rate,
+        model_name=Path(model).name if model else "Assistant",
         exclude_categories=tuple(exclude_categories), batch_size=batch_size,
     )
     if suites:  # bad data fails before the model loads
@@ -171,8 +172,11 @@ def eval_command(model, add_safety, suites, data_dir, split, out_dir, limit, exc
                                   loss_floor)
     judge = load_judge(judge_model) if judge_model else None
     net, tokenizer = load_model(model, add_safety=add_safety)
-    config = safety_config(False, schedule, threshold, window_threshold, tau, min_window,
-                           window_query, keep_verdict, surprisal_gate, surprisal_window, False, None)
+    config = safety_config(schedule=schedule, threshold=threshold, window_threshold=window_threshold,
+                           tau=tau, min_window=min_window, window_query=window_query,
+                           keep_verdict=keep_verdict, surprisal_gate=surprisal_gate,
+                           surprisal_window=surprisal_window, smooth_copies=smooth_copies,
+                           smooth_rate=smooth_rate)
     if "detection" in extra:
         _detection(net, tokenizer, data_dir, split, limit, threshold, exclude_categories,
                    Path(out_dir), resume, as_json, config.resolved(net.args.safesig))
@@ -206,7 +210,9 @@ def _detection(net, tokenizer, data_dir, split, limit, threshold, exclude, out_d
 
     report = detect_split(net, tokenizer, data_dir, split, out_dir, limit, threshold, exclude,
                           resume=resume, log=say, gate=config.surprisal_gate,
-                          window=config.surprisal_window)
+                          window=config.surprisal_window,
+                          smooth=(config.smooth_copies, config.smooth_rate)
+                          if config.smooth_copies else None)
     if as_json:
         click.echo(json.dumps(report))
         return

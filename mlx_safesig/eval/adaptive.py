@@ -50,7 +50,9 @@ from ..decoding import SafetyConfig, SafetyMonitor
 from ..model import Model, SafesigError
 from ..prefill import cls_logits_mask, prefill_with_verdict, probe_position
 from ..prompt import PreparedPrompt, prepare_prompt, special_ids, wrap_tokenizer
+from ..smoothing import printable_tokens
 from ..surprisal import token_surprisal, window_peaks
+from .adaptive_smooth import smoothed_gradient, smoothed_losses
 
 ATTACKS = ("gcg", "random")
 OBJECTIVES = ("verdict", "windows")
@@ -92,17 +94,9 @@ def _decoder(tokenizer):
 
 
 def allowed_tokens(model: Model, tokenizer) -> np.ndarray:
-    """Ids a suffix may use: printable ASCII, not whitespace only, not special, not ``[CLS]``."""
-    tokenizer = wrap_tokenizer(tokenizer)
-    raw = getattr(tokenizer, "_tokenizer", tokenizer)
-    vocab = model.model.embed_tokens.weight.shape[0]
-    texts = raw.batch_decode([[t] for t in range(vocab)], clean_up_tokenization_spaces=False)
-    banned = special_ids(tokenizer) | {model.cls_token_id}
-    ok = [t for t, s in enumerate(texts)
-          if t not in banned and s.strip() and s.isascii() and s.isprintable()]
-    if not ok:
-        raise SafesigError("the tokenizer has no printable ASCII token a suffix could use.")
-    return np.array(ok, dtype=np.int64)
+    """Ids a suffix may use: printable ASCII, not whitespace only, not special, not ``[CLS]``
+    (``smoothing.printable_tokens``, the pool smoothing draws from too)."""
+    return printable_tokens(model, tokenizer)
 
 
 class SuffixPrompt:
@@ -170,7 +164,9 @@ class Layout:
     positions: mx.array  # [T]
     heads: List[int]  # rows whose [CLS] head enters the loss: the verdict first
     start: int  # slot of the first suffix token
-    prefix: Optional[list] = None  # keys/values of the slots before the suffix (``prefix_state``)
+    cut: int  # the slots before this are the same for every candidate (the suffix's start, or the
+    # first query slot under smoothing, whose copies change query tokens before the suffix)
+    prefix: Optional[list] = None  # keys/values of the slots before ``cut`` (``prefix_state``)
     n_prompt: int = 0  # prompt tokens (slots 0 .. n_prompt - 1)
     prefix_surprisal: Optional[np.ndarray] = None  # [start] surprisal of the tokens before the suffix
     next_logits: Optional[mx.array] = None  # [V] the logits that predict the first suffix token
@@ -178,9 +174,10 @@ class Layout:
 
 def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
            response: Sequence[int] = (), windows: Sequence[tuple] = (),
-           kept: bool = False, surprisal: bool = False) -> Layout:
+           kept: bool = False, surprisal: bool = False, cut: Optional[int] = None) -> Layout:
     """``windows``: (response index t, include the query?, response indices seen) per probe;
-    ``surprisal``: also keep what ``batch_losses`` needs to score the query's surprisal."""
+    ``surprisal``: also keep what ``batch_losses`` needs to score the query's surprisal; ``cut``:
+    where the shared prefix ends (default: the suffix's start)."""
     ids = target.ids(suffix)
     n, m = len(ids), len(response)
     T = n + 1 + m + len(windows)
@@ -201,7 +198,10 @@ def layout(model: Model, target: SuffixPrompt, suffix: Sequence[int],
         heads.append(row)
     tokens = np.array(ids + [model.cls_token_id] + list(response)
                       + [model.cls_token_id] * len(windows), dtype=np.int64)
-    lay = Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start, n_prompt=n)
+    cut = target.start if cut is None else cut
+    if surprisal and cut != target.start:
+        raise SafesigError("the surprisal terms need the prefix to end at the suffix.")
+    lay = Layout(tokens, mx.array(mask), mx.array(positions), heads, target.start, cut, n_prompt=n)
     lay.prefix = prefix_state(model, lay, surprisal)
     return lay
 
@@ -215,12 +215,12 @@ def log_p_malicious(model: Model, h_cls: mx.array) -> mx.array:
 
 
 def prefix_state(model: Model, lay: Layout, surprisal: bool = False) -> list:
-    """Keys and values of the slots before the suffix (the same for every candidate): computed
-    once per layout, so a candidate's forward runs only the suffix and what follows it. With
-    ``surprisal``, also the layout's surprisal of those slots and the logits predicting the first
-    suffix token."""
+    """Keys and values of the slots before ``lay.cut`` (the same for every candidate): computed
+    once per layout, so a candidate's forward runs only the suffix (from the cut) and what
+    follows it. With ``surprisal``, also the layout's surprisal of those slots and the logits
+    predicting the first suffix token."""
     cache = model.make_cache()
-    s = lay.start
+    s = lay.cut
     h = model.hidden(mx.array(lay.tokens[None, :s]), cache, mask=lay.mask[:s, :s],
                      positions=lay.positions[:s])[0]
     states = [(c.keys[..., : c.offset, :], c.values[..., : c.offset, :]) for c in cache]
@@ -237,11 +237,11 @@ def prefix_state(model: Model, lay: Layout, surprisal: bool = False) -> list:
 
 def _forward_after_prefix(model: Model, lay: Layout, states: list, tokens: np.ndarray,
                           embeddings: Optional[mx.array] = None) -> mx.array:
-    """Final-norm states [B, T - start, D] of ``tokens`` [B, T] from the suffix on, on a copy of
+    """Final-norm states [B, T - cut, D] of ``tokens`` [B, T] from ``lay.cut`` on, on a copy of
     the prefix's keys and values for each row."""
     from mlx_lm.models.cache import KVCache
 
-    B, s = tokens.shape[0], lay.start
+    B, s = tokens.shape[0], lay.cut
     cache = []
     for k, v in states:
         c = KVCache()
@@ -271,7 +271,7 @@ def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray,
     tokens = np.repeat(lay.tokens[None], B, axis=0)
     tokens[:, lay.start : lay.start + L] = suffixes
     h = _forward_after_prefix(model, lay, lay.prefix, tokens)
-    heads = [i - lay.start for i in lay.heads]
+    heads = [i - lay.cut for i in lay.heads]
     logp = log_p_malicious(model, h[:, heads])  # [B, heads]
     loss, p = head_loss(logp, floor), model.safety_prob(h[:, heads[0]])
     out = [loss, p]
@@ -295,7 +295,8 @@ def suffix_logits(model: Model, lay: Layout, suffix: Sequence[int]) -> mx.array:
     view of which tokens are fluent at each suffix position)."""
     tokens = lay.tokens[None].copy()
     tokens[0, lay.start : lay.start + len(suffix)] = suffix
-    h = _forward_after_prefix(model, lay, lay.prefix, tokens)[0, : len(suffix) - 1]
+    off = lay.start - lay.cut
+    h = _forward_after_prefix(model, lay, lay.prefix, tokens)[0, off : off + len(suffix) - 1]
     return mx.concatenate([lay.next_logits[None], model.logits(h)], axis=0)
 
 
@@ -304,15 +305,15 @@ def suffix_gradient(model: Model, lay: Layout, length: int,
     """d loss / d one-hot suffix [L, V]: the gradient w.r.t. the suffix embeddings times the
     embedding matrix (what ``one_hot @ E`` would give, without building it)."""
     tokens = lay.tokens[None]
-    base = model.embed(mx.array(tokens[:, lay.start :]))
-    heads = [i - lay.start for i in lay.heads]
+    base = model.embed(mx.array(tokens[:, lay.cut :]))
+    heads, off = [i - lay.cut for i in lay.heads], lay.start - lay.cut
 
     def loss_fn(e):
-        h = mx.concatenate([e[None], base[:, length:]], axis=1)
+        h = mx.concatenate([base[:, :off], e[None], base[:, off + length :]], axis=1)
         h = _forward_after_prefix(model, lay, lay.prefix, tokens, embeddings=h)
         return head_loss(log_p_malicious(model, h[0, heads]), floor)
 
-    g = mx.grad(loss_fn)(base[0, :length])
+    g = mx.grad(loss_fn)(base[0, off : off + length])
     return model.model.embed_tokens.as_linear(g.astype(base.dtype))
 
 
@@ -398,6 +399,10 @@ class Attack:
         self.eos = set(self.tokenizer.eos_token_ids) | {self.tokenizer.eos_token_id}
         self.allowed_mask = np.full(model.model.embed_tokens.weight.shape[0], np.inf)
         self.allowed_mask[allowed] = 0.0
+        self.smooth = config.smooth_copies or 0  # the attacker computes the smoothed verdict
+        if self.smooth and (settings.objective != "verdict" or settings.surprisal_gate is not None):
+            raise SafesigError("an attack on a smoothed verdict (smooth_copies) supports the "
+                               "verdict objective without a surprisal gate only.")
 
     def _relayout(self, refresh: bool):
         kept = self.config.keep_verdict == "always"
@@ -408,7 +413,8 @@ class Attack:
             windows = (probe_windows(self.config, t.response, self.special)
                        if self.s.objective == "windows" else [])
             t.lay = layout(self.model, t.prompt, self.suffix, t.response, windows, kept,
-                           surprisal=self.s.surprisal_gate is not None)
+                           surprisal=self.s.surprisal_gate is not None,
+                           cut=min(t.prompt.slots) if self.smooth else None)
 
     def evaluate(self, suffixes: np.ndarray) -> tuple:
         """Loss [B] summed over the targets, the verdict p [B, targets] and how far the highest
@@ -416,9 +422,13 @@ class Attack:
         losses, ps, top = np.zeros(len(suffixes)), [], np.zeros(len(suffixes))
         gate = self.s.surprisal_gate
         for t in self.targets:
-            loss, p, peaks = batch_losses(self.model, t.lay, suffixes,
-                                          None if gate is None else t.prompt.slots,
-                                          self.s.surprisal_window, self.s.loss_floor)
+            if self.smooth:
+                loss, p, peaks = smoothed_losses(self.model, t.lay, suffixes, t.prompt.slots,
+                                                 self.allowed, *self._smoothing())
+            else:
+                loss, p, peaks = batch_losses(self.model, t.lay, suffixes,
+                                              None if gate is None else t.prompt.slots,
+                                              self.s.surprisal_window, self.s.loss_floor)
             losses += loss
             ps.append(p)
             if gate is not None:
@@ -426,6 +436,9 @@ class Attack:
         self.peaks = top  # the highest window surprisal over the targets [B]
         excess = np.maximum(top - gate, 0.0) if gate is not None else top * 0.0
         return losses, np.stack(ps, axis=1), excess
+
+    def _smoothing(self) -> tuple:
+        return self.smooth, self.config.smooth_rate, self.s.loss_floor
 
     def fluent(self) -> np.ndarray:
         """[L, V] bool: the ``fluent_k`` tokens the language model finds most probable at each
@@ -444,7 +457,9 @@ class Attack:
         positions = self.rng.integers(0, L, size=B)
         fluent = self.fluent() if self.s.surprisal_gate is not None else None
         if self.s.attack == "gcg":
-            grad = sum(suffix_gradient(self.model, t.lay, L, self.s.loss_floor)
+            grad = sum(smoothed_gradient(self.model, t.lay, L, t.prompt.slots, self.allowed,
+                                         *self._smoothing()) if self.smooth
+                       else suffix_gradient(self.model, t.lay, L, self.s.loss_floor)
                        for t in self.targets)
             grad = np.array(grad.astype(mx.float32)) + self.allowed_mask[None]
             if fluent is not None:

@@ -20,13 +20,14 @@ from typing import Callable, Dict, Iterable, List, MutableMapping, Optional, Seq
 
 from ..align.records import row_messages
 from ..decoding import SURPRISAL_WINDOW
-from ..generate import score_and_peaks, score_many
+from ..generate import score_and_peaks, score_many, smoothed_scores
 from ..model import SafesigError
 from .shapes import conversation_rows
 from .shapes import pick as _pick
 
 JUDGE = "[CLS] query verdict, p >= threshold"
 GATE_JUDGE = "; with the gate: or the query's surprisal peak > gate"
+SMOOTH_JUDGE = " (smoothed: the mean over {0} copies with {1:g} of the query tokens replaced)"
 
 NO_NEAR_TRAINING = " (no near-training rows)"  # suffix of the source counted without those rows
 
@@ -279,23 +280,33 @@ def run_detection(model, tokenizer, plan: Dict[str, List[dict]], split: str,
                   threshold: Optional[float] = None, sweep: Sequence[float] = (),
                   progress: Optional[Callable[[int], None]] = None,
                   cache: Optional[MutableMapping[str, float]] = None,
-                  gate: Optional[float] = None, window: int = SURPRISAL_WINDOW) -> Dict:
+                  gate: Optional[float] = None, window: int = SURPRISAL_WINDOW,
+                  smooth: Optional[tuple] = None) -> Dict:
     """The query verdict per source on each suite of ``plan`` (``detection_plan``; ``cache`` as
     ``score_many``'s); with a surprisal ``gate`` (nats, over ``window`` query tokens) also what
-    the gate refuses, from the same forwards (``detection_counts``). Returns ``{"split", "judge",
-    "threshold", "suites": {suite: detection_counts(...)}}`` (and ``"gate": {gate, window}``)."""
+    the gate refuses, from the same forwards (``detection_counts``); with ``smooth`` (copies,
+    rate) the smoothed verdict generation would start from (``generate.smoothed_scores``).
+    Returns ``{"split", "judge", "threshold", "suites": {suite: detection_counts(...)}}`` (and
+    ``"gate": {gate, window}``, ``"smooth": {copies, rate}``)."""
     threshold = model.args.safesig["threshold"] if threshold is None else threshold
     report = {"split": split, "judge": JUDGE, "threshold": threshold, "suites": {}}
+    if smooth:
+        report["judge"] += SMOOTH_JUDGE.format(*smooth)
+        report["smooth"] = {"copies": smooth[0], "rate": smooth[1]}
     if gate is not None:
-        report["judge"] = JUDGE + GATE_JUDGE
+        report["judge"] += GATE_JUDGE
         report["gate"] = {"gate": gate, "window": window}
     for suite, suite_rows in plan.items():
-        if gate is None:
-            scores, peaks = score_rows(model, tokenizer, suite_rows, progress, cache), None
-        else:
-            pairs = score_and_peaks(model, tokenizer, [row_messages(row) for row in suite_rows],
-                                    window, progress=progress, cache=cache)
+        messages = [row_messages(row) for row in suite_rows]
+        scores, peaks = None, None
+        if gate is not None:
+            pairs = score_and_peaks(model, tokenizer, messages, window,
+                                    progress=None if smooth else progress, cache=cache)
             scores, peaks = [p for p, _ in pairs], [pk for _, pk in pairs]
+        if smooth:
+            scores = smoothed_scores(model, tokenizer, messages, *smooth, progress, cache)
+        elif scores is None:
+            scores = score_rows(model, tokenizer, suite_rows, progress, cache)
         report["suites"][suite] = detection_counts(suite_rows, scores, threshold, sweep, peaks, gate)
     return report
 
@@ -306,7 +317,8 @@ SWEEP = (0.3, 0.7, 0.9)  # thresholds reported beside the model's
 def detect_split(model, tokenizer, data_dir, split: str, out_dir, limit: Optional[int] = None,
                  threshold: Optional[float] = None, exclude: Sequence[str] = (),
                  resume: bool = False, log: Optional[Callable[[str], None]] = None,
-                 gate: Optional[float] = None, window: int = SURPRISAL_WINDOW) -> Dict:
+                 gate: Optional[float] = None, window: int = SURPRISAL_WINDOW,
+                 smooth: Optional[tuple] = None) -> Dict:
     """``eval --suite detection``: the query verdict on every detection suite of ``split``
     (``detection_plan``; with a surprisal ``gate``, what the gate refuses too), with a progress
     bar on stderr; the report (``run_detection``, swept at ``SWEEP``) is written to
@@ -323,7 +335,8 @@ def detect_split(model, tokenizer, data_dir, split: str, out_dir, limit: Optiona
     cache = VerdictCache(Path(out_dir) / VERDICTS_FILE, model, resume)
     with progress_bar(sum(map(len, plan.values())), "verdicts", "row") as bar:
         report = run_detection(model, tokenizer, plan, split, threshold, sweep=SWEEP,
-                               progress=bar.update, cache=cache, gate=gate, window=window)
+                               progress=bar.update, cache=cache, gate=gate, window=window,
+                               smooth=smooth)
     if log and cache.reused:
         log(f"[detection: {cache.reused} verdicts reused from {Path(out_dir) / VERDICTS_FILE}]")
     atomic_write(Path(out_dir) / DETECTION_FILE, json.dumps(report, indent=1))

@@ -200,6 +200,8 @@ class EvalSettings:
     keep_verdict: Optional[str] = None
     surprisal_gate: Optional[float] = None
     surprisal_window: Optional[int] = None
+    smooth_copies: Optional[int] = None
+    smooth_rate: Optional[float] = None
     model_name: str = "Assistant"
     exclude_categories: Sequence[str] = ()
     batch_size: int = 8
@@ -262,7 +264,8 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                           min_window=settings.min_window, window_query=settings.window_query,
                           keep_verdict=settings.keep_verdict,
                           surprisal_gate=settings.surprisal_gate,
-                          surprisal_window=settings.surprisal_window)
+                          surprisal_window=settings.surprisal_window,
+                          smooth_copies=settings.smooth_copies, smooth_rate=settings.smooth_rate)
     resolved = safety.resolved(model.args.safesig)
     threshold = resolved.threshold
     out = Path(out_dir)
@@ -349,6 +352,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
                          "window_query": resolved.window_query,
                          "keep_verdict": resolved.keep_verdict,
                          "surprisal_gate": resolved.surprisal_gate,
+                         "smooth_copies": resolved.smooth_copies,
                          "judge_model": judge_id or None}
     write_outputs(results, [log.rows[j.key] for j in jobs if j.key in log.rows], out)
     return results

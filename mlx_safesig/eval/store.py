@@ -85,7 +85,7 @@ class VerdictCache:
         return self.store.get(self.KIND, key, "") is not None
 
     def __getitem__(self, key: str) -> float:
-        self.reused += "|" not in key  # a verdict, not the surprisal peak kept beside it
+        self.reused += "|peak" not in key  # a verdict, not the surprisal peak kept beside it
         return self.store.get(self.KIND, key, "")["p"]
 
     def __setitem__(self, key: str, p: float):
