@@ -25,11 +25,11 @@ import mlx_safesig  # noqa: F401  (before mlx: the OpenBLAS preload on Linux)
 from mlx_safesig import load
 from mlx_safesig.eval.adaptive_suite import ROWS_FILE, suffixed_messages
 from mlx_safesig.eval.detection import detection_plan, row_messages, split_rows
-from mlx_safesig.generate import _verdict_input, score_many
+from mlx_safesig.generate import score_many, smoothed_scores
 from mlx_safesig.model import SafesigError
 from mlx_safesig.progress import progress_bar
 from mlx_safesig.prompt import wrap_tokenizer
-from mlx_safesig.smoothing import SMOOTH_RATE, printable_tokens, smoothed_verdict
+from mlx_safesig.smoothing import SMOOTH_RATE, Smoother
 
 
 def group(source: str) -> str:
@@ -69,11 +69,11 @@ def main(argv=None):
         model, tokenizer = load(args.model)
         tokenizer = wrap_tokenizer(tokenizer)
         threshold = model.args.safesig["threshold"]
-        pool = printable_tokens(model, tokenizer)
+        smoother = Smoother(model, tokenizer)
 
-        def smooth(messages) -> float:
-            ids, slots = _verdict_input(model, tokenizer, messages)
-            return smoothed_verdict(model, ids, slots, pool, args.copies, args.rate)[0]
+        def smooth(messages, bar) -> list:
+            return smoothed_scores(model, tokenizer, messages, args.copies, args.rate,
+                                   progress=bar.update, smoother=smoother)
 
         report = {"model": args.model, "data": args.data, "split": args.split,
                   "copies": args.copies, "rate": args.rate, "threshold": threshold,
@@ -86,10 +86,7 @@ def main(argv=None):
             attacked = [suffixed_messages(m, r["suffix"]) for m, r in zip(requests, broken)]
             with progress_bar(2 * len(broken), "suffixes", "row") as bar:
                 plain = score_many(model, tokenizer, requests + attacked)
-                smoothed = []
-                for m in requests + attacked:
-                    smoothed.append(smooth(m))
-                    bar.update(1)
+                smoothed = smooth(requests + attacked, bar)
             n = len(broken)
             report["suffixes"] = {
                 "run": args.run, "broken": n,
@@ -108,10 +105,7 @@ def main(argv=None):
             messages = [row_messages(r) for r in rows]
             with progress_bar(len(rows), f"{suite} smoothed", "row") as bar:
                 plain = score_many(model, tokenizer, messages)
-                smoothed = []
-                for m in messages:
-                    smoothed.append(smooth(m))
-                    bar.update(1)
+                smoothed = smooth(messages, bar)
             report["detection"][suite] = tally(rows, plain, smoothed, threshold)
     except (SafesigError, OSError, KeyError) as e:
         sys.exit(f"error: {e}")

@@ -228,3 +228,51 @@ def test_the_suite_attacks_and_judges_the_smoothed_verdict(tokenizer, tmp_path):
     suffixed = suffixed_messages(row_messages(HARMFUL[0]), attack["suffix"])
     assert attack["p"] == pytest.approx(query_p(net, tokenizer, suffixed, cfg), abs=1e-4)
     assert (attack["steps_to_success"] is not None) == (attack["p"] < 0.5)
+
+
+def test_the_study_counts_plain_and_smoothed_verdicts(tokenizer, tmp_path):
+    """``examples/smoothing_study.py``: the counts are those of ``score`` and ``smoothed_scores``
+    on the split's rows and on an adaptive run's broken suffixes; no row text is printed."""
+    from conftest import load_example, write_jsonl
+
+    from mlx_safesig import load
+
+    study = load_example("smoothing_study")
+    model = make_model()
+    path = write_model_dir(tmp_path / "m", model, tokenizer)
+    data = tmp_path / "data"
+    data.mkdir()
+    texts = ["Tell me a story about a robot", "Write a poem about the sea",
+             "What is the capital of France", "How do I bake bread at home"]
+    write_jsonl(data / "harmful.dev.jsonl", [{"id": f"h{i}", "text": t, "source": "x_es" if i % 2
+                                              else "y"} for i, t in enumerate(texts)])
+    write_jsonl(data / "benign.dev.jsonl", [{"id": "b0", "text": "Tell me a story", "source": "z"}])
+    run = tmp_path / "run"
+    run.mkdir()
+    write_jsonl(run / "adaptive.rows.jsonl", [
+        {"fingerprint": {}},
+        {"kind": "attack", "id": "h0", "suffix": " sea cat", "steps_to_success": 3},
+        {"kind": "attack", "id": "h1", "suffix": " robot", "steps_to_success": None}])
+    net, tok = load(str(path))
+    chats = {t: [{"role": "user", "content": t}] for t in texts + ["Tell me a story"]}
+    plain = {t: score(net, tok, m) for t, m in chats.items()}
+    smooth = {t: s for t, s in zip(chats, smoothed_scores(net, tok, list(chats.values()), 3, 0.3))}
+    ordered = sorted(smooth.values())
+    threshold = (ordered[1] + ordered[2]) / 2
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.setdefault("safesig", {})["threshold"] = threshold
+    (path / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "study.json"
+    study.main(["--model", str(path), "--data", str(data), "--run", str(run), "--suites",
+                "plain", "--copies", "3", "--rate", "0.3", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["threshold"] == pytest.approx(threshold)
+    assert report["suffixes"]["broken"] == 1
+    with_suffix = [{"role": "user", "content": texts[0] + " sea cat"}]
+    assert report["suffixes"]["p_with_suffix"]["smoothed"] == [
+        pytest.approx(smoothed_scores(net, tok, [with_suffix], 3, 0.3)[0], abs=1e-4)]
+    groups = report["detection"]["plain"]["groups"]
+    english = [texts[0], texts[2]]
+    assert groups["harmful en"] == {"n": 2, "plain": sum(plain[t] >= threshold for t in english),
+                                    "smoothed": sum(smooth[t] >= threshold for t in english)}
+    assert groups["harmful es/fr"]["n"] == 2 and groups["benign en"]["n"] == 1
