@@ -862,3 +862,36 @@ def test_detection_with_smoothing_counts_the_smoothed_verdict(model_dir, data_di
     assert z["flagged"] == sum(smooth[t] >= cut for t in BENIGN)
     r = cli(*args, "--out", tmp_path / "s", "--resume", "--json")
     assert json.loads(r.stdout) == report and "verdicts reused" in r.stderr
+
+
+def test_a_second_run_on_the_same_out_is_one_line_while_the_first_writes(model_dir, data_dir,
+                                                                          tmp_path):
+    """Two runs appending to one rows file interleave: the second stops at once, naming it; the
+    same process may open its own file again (a resume), and a finished run's lock is gone."""
+    import subprocess
+    import time
+
+    from mlx_safesig.eval.store import RowStore
+    from mlx_safesig.model import SafesigError
+
+    d = detection_data(data_dir, tmp_path / "data")
+    out = tmp_path / "o"
+    rows = out / "detection.verdicts.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom pathlib import Path\nfrom mlx_safesig.eval.store import lock_rows\n"
+        f"lock_rows(Path({str(rows)!r}))\nprint('held', flush=True)\ntime.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SafesigError, match="another run is writing .*detection.verdicts"):
+            RowStore(rows, {}, False)
+        r = cli("--model", model_dir, "--data", d, "--out", out, "--suite", "detection")
+        assert r.exit_code == 1 and "another run is writing" in r.stderr
+        assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    r = cli("--model", model_dir, "--data", d, "--out", out, "--suite", "detection")
+    assert r.exit_code == 0, r.output
+    RowStore(rows, {}, False)  # this process again: its own lock

@@ -30,6 +30,7 @@ from ..prompt import prompt_with_prefill, wrap_tokenizer
 from ..safe_batch import outcome, safe_batch, safe_batchable
 from .judges import judge_response
 from .report import atomic_write, summarize, write_outputs
+from .store import lock_rows
 from .suites import (
     HARMFUL_SUITES,
     MODES,
@@ -270,6 +271,7 @@ def run_eval(model, tokenizer, data_dir, out_dir, settings: EvalSettings, *, mod
     threshold = resolved.threshold
     out = Path(out_dir)
     fingerprint = settings.fingerprint(model_id, config_fingerprint(resolved))
+    lock_rows(out / ROWS_FILE)  # one run at a time appends to an --out
     _check_resume(out, fingerprint, resume)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / RUN_FILE, json.dumps(fingerprint, indent=1))

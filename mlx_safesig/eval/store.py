@@ -10,15 +10,37 @@ from typing import Optional
 from ..model import SafesigError
 from .report import atomic_write
 
+_LOCKS: dict = {}  # row files this process writes: their lock files, held until it ends
+
+
+def lock_rows(path: Path):
+    """Take ``path``'s lock (``<path>.lock``, an exclusive ``flock``) for this process, or fail
+    with one line when another process holds it: two runs appending to one file interleave."""
+    import fcntl
+
+    key = str(Path(path).resolve())
+    if key in _LOCKS:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    f = open(f"{path}.lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SafesigError(f"another run is writing {path}; wait for it to end or use "
+                           "another --out.") from None
+    _LOCKS[key] = f
+
 
 class RowStore:
     """A JSONL file: a header with the run's fingerprint, then one row per finished unit of work
     keyed by ``(kind, key, id)``; ``resume`` keeps the rows of a run with the same fingerprint
     (another fingerprint is an error naming the settings that differ), otherwise the file starts
-    over."""
+    over. One process at a time writes it (``lock_rows``)."""
 
     def __init__(self, path: Path, fingerprint: dict, resume: bool):
         self.path, self.rows = path, {}
+        lock_rows(path)
         if resume and path.is_file():
             text = path.read_text()
             if text and not text.endswith("\n"):  # a line torn by a killed run: cut it off
