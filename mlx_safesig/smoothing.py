@@ -54,6 +54,15 @@ def perturbed_copies(ids: Sequence[int], slots: Sequence[int], pool: np.ndarray,
     return out
 
 
+def noised_ids(ids: mx.array, query: mx.array, pool: mx.array, rate: float) -> mx.array:
+    """Training's smoothing noise (``train --query-noise``): each query token of ``ids`` [B, L]
+    (``query`` [B, L] 1 there) replaced, with probability ``rate``, by a random ``pool`` token, as
+    ``perturbed_copies`` does at inference; drawn with ``mx.random`` (inside a compiled step)."""
+    hit = (mx.random.uniform(shape=ids.shape) < rate) & (query > 0)
+    drawn = pool[mx.random.randint(0, pool.shape[0], ids.shape)].astype(ids.dtype)
+    return mx.where(hit, drawn, ids)
+
+
 def smoothed_verdict(model: Model, ids: Sequence[int], slots: Sequence[int], pool: np.ndarray,
                      copies: int, rate: float, seed: int = 0) -> Tuple[float, np.ndarray]:
     """(the mean p(malicious) of the copies' query verdicts, each copy's p [copies]): the copies

@@ -55,6 +55,7 @@ from .decoding import SafetyConfig, SafetyMonitor, scheduled
 from .loading import load
 from .metrics import confusion, f1_report, rates
 from .model import Model, SafesigError
+from .smoothing import noised_ids, printable_tokens
 
 PAD_TO = 8  # row padding: small, the [CLS] and probe rows already lengthen a row
 
@@ -81,6 +82,7 @@ class TrainConfig:
     window_query: bool = False  # window probes see the query span too (experimental)
     adv_epsilon: float = 0.0  # query embeddings perturbed within this x mean token norm; 0: off
     adv_steps: int = 1  # gradient steps of that perturbation (adversarial.py)
+    query_noise: float = 0.0  # query tokens replaced at random at this rate (smoothing.noised_ids)
     oversample: bool = True
     max_seq_length: int = 2048
     grad_checkpoint: bool = False
@@ -450,9 +452,10 @@ def make_optimizer(config: TrainConfig) -> optim.MultiOptimizer:
     )
 
 
-def make_step(model: Model, optimizer, config: TrainConfig, world):
+def make_step(model: Model, optimizer, config: TrainConfig, world, pool: Optional[mx.array] = None):
     """The compiled training step ``step(batch) -> [loss, lm, query bce, probe bce]`` (updates
-    ``model`` and ``optimizer``; gradients averaged over ``world``) and the state to evaluate."""
+    ``model`` and ``optimizer``; gradients averaged over ``world``) and the state to evaluate.
+    ``pool``: the tokens ``query_noise`` draws from."""
     loss_and_grad = nn.value_and_grad(
         model, partial(joint_loss, lam=config.lam, checkpoint=config.grad_checkpoint)
     )
@@ -461,6 +464,9 @@ def make_step(model: Model, optimizer, config: TrainConfig, world):
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(batch):
+        if config.query_noise:
+            batch = dict(batch, ids=noised_ids(batch["ids"], batch["query_tokens"], pool,
+                                               config.query_noise))
         if radius:
             attacked = partial(query_loss, model, checkpoint=config.grad_checkpoint)
             batch = dict(batch, delta=perturbation(model, batch, radius, config.adv_steps, attacked))
@@ -511,7 +517,8 @@ def train(
     for _ in range(start):  # resume: the same batches follow
         next(batches)
 
-    step, state = make_step(model, optimizer, config, world)
+    pool = mx.array(printable_tokens(model, tokenizer)) if config.query_noise else None
+    step, state = make_step(model, optimizer, config, world, pool)
 
     history = []
     sums, tokens, seconds, steps = mx.zeros((4,)), 0, 0.0, 0
@@ -536,7 +543,8 @@ def train(
         f"({trainable:,} trainable parameters), lambda {config.lam}, "
         f"{config.probes} probes per branch ({config.probe_schedule})"
         + (f", query embeddings attacked within {config.adv_epsilon} x their mean norm "
-           f"({config.adv_steps} step(s))" if config.adv_epsilon else ""))
+           f"({config.adv_steps} step(s))" if config.adv_epsilon else "")
+        + (f", query tokens replaced at rate {config.query_noise}" if config.query_noise else ""))
     for it in range(start + 1, config.iters + 1):
         tic = time.perf_counter()
         batch, n_tokens = batcher(train_set, next(batches))

@@ -272,6 +272,10 @@ def chat(model, adapter_path, system_prompt, max_tokens, temp, top_p, top_k, min
               "(0: off; about 2.3x the time per step).")
 @click.option("--adv-steps", type=click.IntRange(1), default=1, show_default=True,
               help="Gradient steps of that perturbation (each one more forward and backward).")
+@click.option("--query-noise", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Replace each query token of a training row, with this "
+              "probability, by a random printable token (noise for --smooth-copies decoding, "
+              "whose --smooth-rate it should match; 0: off).")
 @click.option("--no-oversample", is_flag=True, help="Do not oversample the minority label.")
 @click.option("--max-seq-length", default=2048, show_default=True,
               help="Longest training row in tokens; longer examples are an error.")
