@@ -31,6 +31,10 @@ swaps draw from the ``fluent_k`` tokens the language model finds most probable a
 (ordered by the gradient for ``gcg``), and a success is checked only within the gate (the check, a
 real generation with the config's gate on, would refuse the others).
 
+Under ``smooth_copies`` (``SafetyConfig``; ``smoothing.py``) the attacker computes the smoothed
+verdict each candidate gets, exactly (the copies are seeded by the prompt), and GCG's gradient
+over the current suffix's copies (``adaptive_smooth.py``; the ``verdict`` objective only).
+
 Tokens a suffix may hold: not special, not ``[CLS]``, printable ASCII, not whitespace only; and a
 candidate suffix is kept only if rendering the chat with its text and tokenizing again gives back
 exactly the attacked ids (the usual GCG filter), so every suffix found is text a user can paste.
