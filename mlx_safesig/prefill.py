@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import BatchKVCache, trim_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, KVCache, trim_prompt_cache
 
 from .attention import prompt_verdict_mask, window_row
 from .model import Model, SafesigError
@@ -110,6 +110,19 @@ def prefill_batch_with_verdict(model: Model, prompts: Sequence[Sequence[int]],
     for b, out in enumerate(nats or []):
         out.update(slot_surprisal(model, h[b, pads[b] : L], prompts[b], 0, slot_sets[b]))
     return [([c.extract(b) for c in cache], h[b, L - 1], ps[b]) for b in range(B)]
+
+
+def forward_on_prefix(model: Model, states: Sequence[tuple], tokens: mx.array, mask: mx.array,
+                      positions: mx.array, embeddings: Optional[mx.array] = None) -> mx.array:
+    """Final-norm states [B, T, D] of ``tokens`` [B, T] run after one sequence's keys and values
+    (``states``: (keys, values) per layer), copied for each row: many continuations of one
+    prefix in one forward (the adaptive attacks' candidates)."""
+    B, cache = tokens.shape[0], []
+    for k, v in states:
+        c = KVCache()
+        c.update_and_fetch(mx.repeat(k, B, axis=0), mx.repeat(v, B, axis=0))
+        cache.append(c)
+    return model.hidden(tokens, cache, mask=mask, positions=positions, input_embeddings=embeddings)
 
 
 def probe(model: Model, cache, slots: Sequence[int], position: int = 0, keep: bool = False):

@@ -56,7 +56,7 @@ from ..prefill import cls_logits_mask, prefill_with_verdict, probe_position
 from ..prompt import PreparedPrompt, prepare_prompt, special_ids, wrap_tokenizer
 from ..smoothing import printable_tokens
 from ..surprisal import token_surprisal, window_peaks
-from .adaptive_smooth import smoothed_gradient, smoothed_losses
+from .adaptive_smooth import forward_after_cut, smoothed_gradient, smoothed_losses
 
 ATTACKS = ("gcg", "random")
 OBJECTIVES = ("verdict", "windows")
@@ -239,22 +239,6 @@ def prefix_state(model: Model, lay: Layout, surprisal: bool = False) -> list:
     return states
 
 
-def _forward_after_prefix(model: Model, lay: Layout, states: list, tokens: np.ndarray,
-                          embeddings: Optional[mx.array] = None) -> mx.array:
-    """Final-norm states [B, T - cut, D] of ``tokens`` [B, T] from ``lay.cut`` on, on a copy of
-    the prefix's keys and values for each row."""
-    from mlx_lm.models.cache import KVCache
-
-    B, s = tokens.shape[0], lay.cut
-    cache = []
-    for k, v in states:
-        c = KVCache()
-        c.update_and_fetch(mx.repeat(k, B, axis=0), mx.repeat(v, B, axis=0))
-        cache.append(c)
-    return model.hidden(mx.array(tokens[:, s:]), cache, mask=lay.mask[s:], positions=lay.positions[s:],
-                        input_embeddings=embeddings)
-
-
 def head_loss(logp: mx.array, floor: Optional[float]) -> mx.array:
     """The attacker's loss over heads (last axis): the sum of their log p(malicious), each held at
     ``log(floor)`` at least. Without a floor, one head pushed ever lower (log p has no bound) can
@@ -274,7 +258,7 @@ def batch_losses(model: Model, lay: Layout, suffixes: np.ndarray,
     B, L = suffixes.shape
     tokens = np.repeat(lay.tokens[None], B, axis=0)
     tokens[:, lay.start : lay.start + L] = suffixes
-    h = _forward_after_prefix(model, lay, lay.prefix, tokens)
+    h = forward_after_cut(model, lay, tokens)
     heads = [i - lay.cut for i in lay.heads]
     logp = log_p_malicious(model, h[:, heads])  # [B, heads]
     loss, p = head_loss(logp, floor), model.safety_prob(h[:, heads[0]])
@@ -300,7 +284,7 @@ def suffix_logits(model: Model, lay: Layout, suffix: Sequence[int]) -> mx.array:
     tokens = lay.tokens[None].copy()
     tokens[0, lay.start : lay.start + len(suffix)] = suffix
     off = lay.start - lay.cut
-    h = _forward_after_prefix(model, lay, lay.prefix, tokens)[0, off : off + len(suffix) - 1]
+    h = forward_after_cut(model, lay, tokens)[0, off : off + len(suffix) - 1]
     return mx.concatenate([lay.next_logits[None], model.logits(h)], axis=0)
 
 
@@ -314,7 +298,7 @@ def suffix_gradient(model: Model, lay: Layout, length: int,
 
     def loss_fn(e):
         h = mx.concatenate([base[:, :off], e[None], base[:, off + length :]], axis=1)
-        h = _forward_after_prefix(model, lay, lay.prefix, tokens, embeddings=h)
+        h = forward_after_cut(model, lay, tokens, embeddings=h)
         return head_loss(log_p_malicious(model, h[0, heads]), floor)
 
     g = mx.grad(loss_fn)(base[0, off : off + length])

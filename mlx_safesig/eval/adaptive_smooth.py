@@ -15,9 +15,19 @@ import mlx.core as mx
 import numpy as np
 
 from ..model import Model
+from ..prefill import forward_on_prefix
 from ..smoothing import perturbed_copies
 
 ROWS_PER_FORWARD = 64  # copies of candidates per forward (bounds the activations)
+
+
+def forward_after_cut(model: Model, lay, tokens: np.ndarray,
+                      embeddings: Optional[mx.array] = None) -> mx.array:
+    """Final-norm states [B, T - cut, D] of ``tokens`` [B, T] (rows of an ``adaptive.Layout``)
+    from ``lay.cut`` on, after the layout's prefix keys and values (``prefix_state``)."""
+    s = lay.cut
+    return forward_on_prefix(model, lay.prefix, mx.array(tokens[:, s:]), lay.mask[s:],
+                             lay.positions[s:], embeddings)
 
 
 def _copies(lay, tokens: np.ndarray, slots: Sequence[int], pool: np.ndarray, copies: int,
@@ -39,8 +49,6 @@ def smoothed_losses(model: Model, lay, suffixes: np.ndarray, slots: Sequence[int
                     pool: np.ndarray, copies: int, rate: float,
                     floor: Optional[float] = None) -> tuple:
     """Each suffix [B, L] put in ``lay``: (loss [B], the smoothed verdict [B], None), numpy."""
-    from .adaptive import _forward_after_prefix  # (adaptive imports this module)
-
     B, L = suffixes.shape
     tokens = np.repeat(lay.tokens[None], B, axis=0)
     tokens[:, lay.start : lay.start + L] = suffixes
@@ -48,7 +56,7 @@ def smoothed_losses(model: Model, lay, suffixes: np.ndarray, slots: Sequence[int
     head = lay.heads[0] - lay.cut
     ps = []
     for i in range(0, len(rows), ROWS_PER_FORWARD):
-        h = _forward_after_prefix(model, lay, lay.prefix, rows[i : i + ROWS_PER_FORWARD])
+        h = forward_after_cut(model, lay, rows[i : i + ROWS_PER_FORWARD])
         ps.append(model.safety_prob(h[:, head]).astype(mx.float32))
         mx.eval(ps[-1])
     p = mx.concatenate(ps).reshape(B, copies).mean(axis=1)
@@ -61,8 +69,6 @@ def smoothed_gradient(model: Model, lay, length: int, slots: Sequence[int],
                       pool: np.ndarray, copies: int, rate: float,
                       floor: Optional[float] = None) -> mx.array:
     """d loss / d one-hot suffix [L, V] of the current suffix's smoothed verdict."""
-    from .adaptive import _forward_after_prefix
-
     rows = _copies(lay, lay.tokens[None], slots, pool, copies, rate)
     s, off = lay.start, lay.start - lay.cut
     kept = mx.array(rows[:, s : s + length] == lay.tokens[None, s : s + length])[..., None]
@@ -72,7 +78,7 @@ def smoothed_gradient(model: Model, lay, length: int, slots: Sequence[int],
     def loss_fn(e):
         suffix = mx.where(kept, e[None], base[:, off : off + length])
         h = mx.concatenate([base[:, :off], suffix, base[:, off + length :]], axis=1)
-        h = _forward_after_prefix(model, lay, lay.prefix, rows, embeddings=h)
+        h = forward_after_cut(model, lay, rows, embeddings=h)
         return _loss(model.safety_prob(h[:, head]).mean(), floor)
 
     g = mx.grad(loss_fn)(model.embed(mx.array(lay.tokens[s : s + length])))
